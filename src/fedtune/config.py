@@ -92,6 +92,10 @@ class DataConfig:
         "Column used by the label-based partitioners (dirichlet, pathological, shard, natural-id).",
     )
     dirichlet_alpha: float = _key("data.dirichlet-alpha", "Concentration of `dirichlet`.")
+    classes_per_partition: int = _key(
+        "data.classes-per-partition",
+        "Labels per client for `pathological`; shards per client for `shard`.",
+    )
     seed: int = _key(
         "data.seed", "Shuffle seed before partitioning (42 in the challenge, as flwr-datasets)."
     )
@@ -223,6 +227,7 @@ DEFAULTS: dict[str, Any] = {
     "data.partitioner": "iid",
     "data.partition-by": "",
     "data.dirichlet-alpha": 0.5,
+    "data.classes-per-partition": 2,
     "data.seed": 42,
     "federation.num-clients": 20,
     "strategy.fraction-train": 0.1,
@@ -436,6 +441,7 @@ def validate(config: RunConfig) -> None:
             bool(d.partition_by), "data.partition-by", f"{d.partitioner} needs a label column"
         )
     _require(d.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0")
+    _require(d.classes_per_partition >= 1, "data.classes-per-partition", "must be >= 1")
     _require(fed.num_rounds >= 1, "num-server-rounds", f"must be >= 1, got {fed.num_rounds}")
     _require(fed.num_clients >= 1, "federation.num-clients", f"must be >= 1, got {fed.num_clients}")
     _require(

@@ -1,0 +1,167 @@
+"""The ClientApp: one client's local instruction tuning per round.
+
+The server sends the resolved run configuration with every train message, so `flwr run` and
+`fedtune run` clients train with exactly the server's configuration. A client keeps its base
+model and its tokenized partition between rounds (simulation actors live across rounds; a
+deployment SuperNode starts a process per message and reloads).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.config import RunConfig, build_config
+
+app = ClientApp()
+
+CONFIG_RECORD = "config"
+ARRAY_RECORD = "arrays"
+METRIC_RECORD = "metrics"
+
+
+@dataclass
+class ClientWorker:
+    """What a client keeps between rounds: base model with adapter, tokenizer, partitions."""
+
+    model_key: tuple[Any, ...]
+    model: Any
+    tokenizer: Any
+    device: str
+    partitions: dict[tuple[Any, ...], tuple[list[Any], dict[str, int]]] = field(default_factory=dict)
+
+
+_WORKER: dict[str, ClientWorker] = {}
+
+
+def _model_key(config: RunConfig) -> tuple[Any, ...]:
+    return (config.model, config.lora, config.train.seed)
+
+
+def get_worker(config: RunConfig) -> ClientWorker:
+    """The cached worker for this model setup, (re)loading the base model only when it changed."""
+    from fedtune.model.adapters import attach_adapter
+    from fedtune.model.loading import load_model, load_tokenizer, pick_device, resolve_model
+
+    key = _model_key(config)
+    worker = _WORKER.get("worker")
+    if worker is not None and worker.model_key == key:
+        return worker
+    _WORKER.pop("worker", None)
+    source = resolve_model(config.model.name)
+    device = pick_device()
+    model = load_model(
+        source, dtype=config.model.dtype, quantization=config.model.quantization, device=device
+    )
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = attach_adapter(model, config.lora, config.train.seed, config.model.name)
+    worker = ClientWorker(key, peft_model, load_tokenizer(source), device)
+    _WORKER["worker"] = worker
+    return worker
+
+
+def get_partition(
+    worker: ClientWorker, config: RunConfig, partition_id: int, num_partitions: int
+) -> tuple[list[Any], dict[str, int]]:
+    """Tokenized examples of this client's partition, and the counts of what was dropped."""
+    from fedtune.data.partition import load_partition
+    from fedtune.data.prompts import tokenize_rows
+    from fedtune.data.sources import clean_rows, resolve_data
+
+    key = (config.data, config.train.seq_length, partition_id, num_partitions)
+    if key not in worker.partitions:
+        rows = load_partition(resolve_data(config.data.name), config.data, partition_id, num_partitions)
+        clean, skipped = clean_rows(rows)
+        examples, stats = tokenize_rows(
+            worker.tokenizer,
+            clean,
+            config.train.seq_length,
+            include_input=config.data.include_input,
+            append_eos=config.data.append_eos,
+        )
+        if not examples:
+            raise ValueError(
+                f"partition {partition_id} has no usable example "
+                f"({len(rows)} rows, {skipped} skipped, {stats.dropped_no_response} without a "
+                "response token after truncation)"
+            )
+        counts = {
+            "partition-rows": len(rows),
+            "skipped-rows": skipped,
+            "truncated": stats.truncated,
+            "dropped-no-response": stats.dropped_no_response,
+        }
+        worker.partitions[key] = (examples, counts)
+    return worker.partitions[key]
+
+
+def local_train(msg: Message, context: Context) -> Message:
+    """Load the global adapter, train locally for one round, reply with the new adapter."""
+    from fedtune.model.adapters import adapter_state, load_adapter_state
+    from fedtune.training.local import cosine_annealing, train_local
+
+    started = time.perf_counter()
+    flat = dict(msg.content[CONFIG_RECORD])
+    server_round = int(flat.pop("server-round"))
+    config = build_config(flat)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    if num_partitions != config.federation.num_clients:
+        raise ValueError(
+            f"this federation has {num_partitions} nodes but federation.num-clients is "
+            f"{config.federation.num_clients}"
+        )
+    worker = get_worker(config)
+    load_adapter_state(worker.model, msg.content[ARRAY_RECORD].to_torch_state_dict())
+    examples, counts = get_partition(worker, config, partition_id, num_partitions)
+    train = config.train
+    learning_rate = cosine_annealing(
+        server_round, config.federation.num_rounds, train.learning_rate_max, train.learning_rate_min
+    )
+    seed = train.seed + (server_round if train.dynamic_data_seed else 0)
+    result = train_local(
+        worker.model,
+        examples,
+        steps=train.local_steps,
+        batch_size=train.batch_size,
+        grad_accumulation=train.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        seed=seed,
+        pad_id=worker.tokenizer.pad_token_id,
+        max_grad_norm=train.max_grad_norm,
+        weight_decay=train.weight_decay,
+        device=worker.device,
+    )
+    metrics = {
+        "train-loss": result.train_loss,
+        # FedAvg weights by the data a client holds, as the template does (len(trainset)).
+        "num-examples": len(examples),
+        "examples-seen": result.examples,
+        "tokens": result.tokens,
+        "response-tokens": result.response_tokens,
+        "padded-tokens": result.padded_tokens,
+        "train-seconds": result.seconds,
+        "seconds": time.perf_counter() - started,
+        "learning-rate": learning_rate,
+        "partition-id": partition_id,
+        **counts,
+    }
+    content = RecordDict(
+        {
+            ARRAY_RECORD: ArrayRecord(adapter_state(worker.model)),
+            METRIC_RECORD: MetricRecord(metrics),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Flower entry point for train messages."""
+    return local_train(msg, context)

@@ -1,0 +1,156 @@
+"""PEFT LoRA/DoRA adapters: build, extract, and load with explicit checks.
+
+Only adapter tensors travel between server and clients. A receiver checks the keys, shapes and
+dtypes of what it got against its own adapter before loading anything, and refuses a mismatch:
+PEFT's own loader is non-strict and would silently leave missing tensors at their initial values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fedtune.config import LoraConfig, target_modules
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+
+class AdapterMismatch(ValueError):
+    """Adapter tensors do not fit the model they are meant for."""
+
+
+def peft_config(lora: LoraConfig, base_model_name: str = "") -> Any:
+    """The peft.LoraConfig for fedtune's LoRA settings."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules(lora),
+        use_dora=lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name or None,
+    )
+
+
+def attach_adapter(
+    model: PreTrainedModel, lora: LoraConfig, seed: int, base_model_name: str = ""
+) -> PeftModel:
+    """Wrap the frozen base model with a freshly initialised adapter (deterministic in `seed`).
+
+    Raises:
+        AdapterMismatch: target modules that do not exist in this model.
+    """
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(model, peft_config(lora, base_model_name))
+    except ValueError as exc:
+        raise AdapterMismatch(f"model.lora.target-modules: {exc}") from exc
+    return peft_model
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter tensors (PEFT's saved-checkpoint key names), detached, on CPU, contiguous."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        key: value.detach().to("cpu").contiguous()
+        for key, value in get_peft_model_state_dict(model).items()
+    }
+
+
+TensorSpec = tuple[tuple[int, ...], str]
+
+
+def state_spec(state: Mapping[str, Any]) -> dict[str, TensorSpec]:
+    """key → (shape, dtype name) for tensors or numpy arrays."""
+    spec: dict[str, TensorSpec] = {}
+    for key, value in state.items():
+        dtype = str(value.dtype).replace("torch.", "")
+        spec[key] = (tuple(int(d) for d in value.shape), dtype)
+    return spec
+
+
+def check_state(expected: Mapping[str, TensorSpec], received: Mapping[str, TensorSpec]) -> None:
+    """Refuse a received adapter whose keys, shapes or dtypes differ from the expected ones.
+
+    Raises:
+        AdapterMismatch: listing what is missing, unexpected, or of another shape/dtype.
+    """
+    missing = sorted(set(expected) - set(received))
+    unexpected = sorted(set(received) - set(expected))
+    problems: list[str] = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    for key in sorted(set(expected) & set(received)):
+        (want_shape, want_dtype), (got_shape, got_dtype) = expected[key], received[key]
+        if want_shape != got_shape:
+            problems.append(f"{key}: shape {got_shape}, expected {want_shape}")
+        elif want_dtype != got_dtype:
+            problems.append(f"{key}: dtype {got_dtype}, expected {want_dtype}")
+        if len(problems) >= 4:
+            break
+    if problems:
+        raise AdapterMismatch("adapter does not fit this model: " + "; ".join(problems))
+
+
+def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Check, then copy received adapter tensors into the model in place.
+
+    Raises:
+        AdapterMismatch: see check_state.
+    """
+    import torch
+
+    own = dict(model.named_parameters())
+    targets = _state_key_to_parameter(model, state.keys(), own)
+    check_state(state_spec({k: own[targets[k]] for k in targets}), state_spec(state))
+    with torch.no_grad():
+        for key, value in state.items():
+            own[targets[key]].copy_(value)
+
+
+def _state_key_to_parameter(
+    model: PeftModel, keys: Any, own: Mapping[str, Any]
+) -> dict[str, str]:
+    """Map saved-checkpoint keys (no adapter name) to the model's parameter names."""
+    adapter = model.active_adapter
+    expected = adapter_state(model)
+    mapping: dict[str, str] = {}
+    for key in expected:
+        candidates = [
+            key.replace(".lora_A.weight", f".lora_A.{adapter}.weight")
+            .replace(".lora_B.weight", f".lora_B.{adapter}.weight")
+            .replace(".lora_magnitude_vector", f".lora_magnitude_vector.{adapter}.weight"),
+        ]
+        for candidate in candidates:
+            if candidate in own:
+                mapping[key] = candidate
+                break
+        else:  # pragma: no cover - a PEFT layout this code does not know
+            raise AdapterMismatch(f"cannot locate the parameter for adapter key {key}")
+    missing = sorted(set(keys) - set(mapping))
+    if missing:
+        raise AdapterMismatch(
+            f"adapter does not fit this model: {len(missing)} unexpected (e.g. {missing[0]})"
+        )
+    extra = sorted(set(mapping) - set(keys))
+    if extra:
+        raise AdapterMismatch(
+            f"adapter does not fit this model: {len(extra)} missing (e.g. {extra[0]})"
+        )
+    return mapping
+
+
+def count_parameters(state: Mapping[str, Any]) -> int:
+    return int(sum(int(value.numel()) if hasattr(value, "numel") else value.size for value in state.values()))
