@@ -1,9 +1,198 @@
-"""`fedtune leaderboard`: submissions, ranking, the web app (registered by the leaderboard package)."""
+"""`fedtune leaderboard`: submit a run, show the ranking, serve the web app, manage entries.
+
+    fedtune leaderboard submit RUN_DIR --team T --code URL [--track general-nlp|open]
+    fedtune leaderboard show [--track all|general-nlp|open] [--format table|markdown|csv|json]
+    fedtune leaderboard serve [--host 127.0.0.1] [--port 8000]
+    fedtune leaderboard get ID | token NAME | verify ID
+
+Every command takes `--data-dir` (default $FEDTUNE_LEADERBOARD_DIR or
+~/.local/share/fedtune/leaderboard); `submit --server URL --token T` sends to a running server
+instead of the local store.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from typing import Any
+
+from fedtune.leaderboard.entry import TRACKS
+
+_DATA_DIR_HELP = "leaderboard data directory (default: $FEDTUNE_LEADERBOARD_DIR or ~/.local/share/fedtune/leaderboard)"  # noqa: E501
 
 
 def register(subparsers: Any) -> None:
-    """Add the `leaderboard` command group. Filled in by the leaderboard package."""
+    """Add the `leaderboard` command group."""
+    parser = subparsers.add_parser(
+        "leaderboard",
+        help="submit runs, show the ranking, serve the web page and API",
+        description="The fedtune leaderboard: MMLU scores against communication cost.",
+    )
+    commands = parser.add_subparsers(dest="leaderboard_command", required=True, metavar="ACTION")
+
+    submit = commands.add_parser("submit", help="turn an evaluated run directory into an entry")
+    submit.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with eval/ results")
+    submit.add_argument("--team", required=True, help="team name shown on the board")
+    submit.add_argument("--code", required=True, metavar="URL", help="http(s) link to the code")
+    submit.add_argument("--track", choices=TRACKS, default="general-nlp")
+    submit.add_argument("--base-model", help="base model name to show (default: from the run)")
+    submit.add_argument("--eval", dest="eval_name", help="which evaluation under RUN_DIR/eval/")
+    submit.add_argument("--server", help="submit to this leaderboard server instead of locally")
+    submit.add_argument("--token", help="API token for --server")
+    submit.add_argument(
+        "--dry-run", action="store_true", help="check and print the submission only"
+    )
+    submit.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    submit.set_defaults(handler=_submit)
+
+    show = commands.add_parser("show", help="print the ranking")
+    show.add_argument("--track", choices=("all", *TRACKS), default="all")
+    show.add_argument("--model", help="only this base model")
+    show.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
+    show.add_argument(
+        "--no-reference", action="store_true", help="hide the constant-answer reference rows"
+    )
+    show.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    show.set_defaults(handler=_show)
+
+    serve = commands.add_parser("serve", help="serve the web page and the JSON API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    serve.set_defaults(handler=_serve)
+
+    get = commands.add_parser("get", help="print one entry as JSON")
+    get.add_argument("entry_id", type=int, metavar="ID")
+    get.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    get.set_defaults(handler=_get)
+
+    token = commands.add_parser("token", help="create an API token for submissions")
+    token.add_argument("name", help="who the token is for (recorded with their submissions)")
+    token.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    token.set_defaults(handler=_token)
+
+    verify = commands.add_parser("verify", help="mark an entry verified (after re-evaluating it)")
+    verify.add_argument("entry_id", type=int, metavar="ID")
+    verify.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    verify.set_defaults(handler=_verify)
+
+
+def _fail(message: str) -> int:
+    print(f"fedtune leaderboard: {message}", file=sys.stderr)
+    return 2
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from fedtune.leaderboard.store import Store
+
+    return Store.in_dir(args.data_dir)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.runs import RunDirError, build_submission
+    from fedtune.leaderboard.store import DuplicateEntry
+    from fedtune.leaderboard.validation import SubmissionError, validate_submission
+
+    try:
+        payload = build_submission(
+            args.run_dir,
+            team=args.team,
+            code_url=args.code,
+            track=args.track,
+            base_model=args.base_model,
+            eval_name=args.eval_name,
+        )
+        entry = validate_submission(payload)
+    except (RunDirError, SubmissionError) as exc:
+        return _fail(f"refused: {exc}")
+    if args.dry_run:
+        print(json.dumps(payload, indent=2))
+        return 0
+    if args.server:
+        return _submit_remote(args.server, args.token, payload)
+    store = _store(args)
+    try:
+        new_id = store.add(entry)
+    except DuplicateEntry as exc:
+        return _fail(str(exc))
+    from fedtune.leaderboard.ranking import rank
+
+    position = next(p for p, e in rank(store.entries(entry.track)) if e.id == new_id)
+    print(
+        f"entry {new_id}: {entry.team} · {entry.base_model} · Average {entry.average:.2f} · "
+        f"{entry.board_gb} · rank {position} in {entry.track} ({store.path})"
+    )
+    return 0
+
+
+def _submit_remote(server: str, token: str | None, payload: dict[str, Any]) -> int:
+    import httpx
+
+    if not token:
+        return _fail("--server needs --token (create one with `fedtune leaderboard token NAME`)")
+    try:
+        reply = httpx.post(
+            server.rstrip("/") + "/api/entries",
+            json=payload,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+    except httpx.HTTPError as exc:
+        return _fail(f"cannot reach {server}: {exc}")
+    body = (
+        reply.json() if reply.headers.get("content-type", "").startswith("application/json") else {}
+    )
+    if reply.status_code != 201:
+        return _fail(f"refused by {server} ({reply.status_code}): {body.get('error', reply.text)}")
+    print(
+        f"entry {body['id']}: rank {body['rank']} in {body['track']} · "
+        f"{server.rstrip('/')}{body['url']}"
+    )
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.ranking import board_rows
+    from fedtune.leaderboard.reference import constant_answer_rows
+    from fedtune.leaderboard.render import render
+
+    references = [] if args.no_reference else constant_answer_rows()
+    rows = board_rows(_store(args).entries(), references, track=args.track, base_model=args.model)
+    sys.stdout.write(render(rows, args.format, with_track=args.track == "all"))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fedtune.leaderboard.web.app import create_app
+
+    store = _store(args)
+    print(f"fedtune leaderboard: {store.path} · http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(create_app(store), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    entry = _store(args).get(args.entry_id)
+    if entry is None:
+        return _fail(f"no entry {args.entry_id}")
+    print(json.dumps(entry.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    print(_store(args).new_token(args.name))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.store import StoreError
+
+    try:
+        _store(args).set_status(args.entry_id, "verified")
+    except StoreError as exc:
+        return _fail(str(exc))
+    print(f"entry {args.entry_id} verified")
+    return 0

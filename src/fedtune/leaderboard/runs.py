@@ -1,0 +1,305 @@
+"""From a run directory to a submission: collect, cross-check, refuse what does not add up.
+
+A run is refused, with the reason, when:
+- it did not finish (status.json not "completed" or "stopped-budget");
+- its ledger is missing, unreadable, or its totals differ from summary.json (or from the per-round
+  metrics), or a completed round has no ledger line;
+- its adapter on disk is not the one summary.json names (sha256), or the evaluation was of another
+  adapter (sha256 or path);
+- the evaluation is partial (flagged incomplete, or fewer questions than the test split; the latter
+  is checked by `validation`);
+- the track's rules are broken (General NLP: Alpaca-GPT4, 20 clients, the `flowertune` protocol;
+  also checked by `validation`, which the server repeats).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from fedtune.leaderboard.entry import today_utc
+from fedtune.leaderboard.evalresults import (
+    EvalResults,
+    EvalResultsError,
+    find_results,
+    read_results,
+)
+
+FINISHED_STATES = ("completed", "stopped-budget")
+# Display names of the embedded models (the board shows the model's own name, not a hub id).
+EMBEDDED_MODEL_NAMES = {"embedded:smollm2-135m-instruct": "SmolLM2-135M-Instruct"}
+
+
+class RunDirError(ValueError):
+    """The run directory cannot become a submission; the message says why."""
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise RunDirError(f"{path.name} is missing from {path.parent}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RunDirError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise RunDirError(f"{path.name} line {number} is not JSON: {exc}") from exc
+        if not isinstance(row, dict):
+            raise RunDirError(f"{path.name} line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _count(row: dict[str, Any], key: str, where: str) -> int:
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RunDirError(f"{where}: {key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_ledger(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check the ledger against summary.json (and metrics.jsonl if present); return per-round rows.
+
+    Returns:
+        One row per round: round, downlink_bytes, uplink_bytes, clients, train_loss (or None).
+    Raises:
+        RunDirError: missing or inconsistent ledger.
+    """
+    ledger_path = run_dir / "ledger.jsonl"
+    if not ledger_path.is_file():
+        raise RunDirError(f"no communication ledger (ledger.jsonl) in {run_dir}")
+    per_round: dict[int, dict[str, int]] = {}
+    for i, row in enumerate(_read_jsonl(ledger_path), start=1):
+        where = f"ledger.jsonl line {i}"
+        number = _count(row, "round", where)
+        cell = per_round.setdefault(number, {"downlink_bytes": 0, "uplink_bytes": 0, "clients": 0})
+        cell["downlink_bytes"] += _count(row, "downlink_bytes", where)
+        cell["uplink_bytes"] += _count(row, "uplink_bytes", where)
+        cell["clients"] += 1
+    if not per_round:
+        raise RunDirError("the communication ledger (ledger.jsonl) is empty")
+    comm = summary.get("communication")
+    if not isinstance(comm, dict):
+        raise RunDirError("summary.json has no communication totals")
+    down = sum(c["downlink_bytes"] for c in per_round.values())
+    up = sum(c["uplink_bytes"] for c in per_round.values())
+    for key, value in (("downlink_bytes", down), ("uplink_bytes", up), ("total_bytes", down + up)):
+        if comm.get(key) != value:
+            raise RunDirError(
+                f"ledger and summary disagree: the ledger's {key} add up to {value:,}, "
+                f"summary.json says {comm.get(key)!r}"
+            )
+    rounds_completed = summary.get("rounds_completed")
+    if isinstance(rounds_completed, int):
+        missing = sorted(set(range(1, rounds_completed + 1)) - set(per_round))
+        extra = sorted(set(per_round) - set(range(1, rounds_completed + 1)))
+        if missing or extra:
+            raise RunDirError(
+                f"the ledger does not cover rounds 1–{rounds_completed}: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+    losses = _check_metrics(run_dir, per_round)
+    return [{"round": r, **per_round[r], "train_loss": losses.get(r)} for r in sorted(per_round)]
+
+
+def _check_metrics(run_dir: Path, per_round: dict[int, dict[str, int]]) -> dict[int, float | None]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    losses: dict[int, float | None] = {}
+    for row in _read_jsonl(path):
+        number = row.get("round")
+        if number not in per_round:
+            raise RunDirError(f"metrics.jsonl has round {number!r}, which the ledger does not")
+        for key in ("downlink_bytes", "uplink_bytes"):
+            if key in row and row[key] != per_round[number][key]:
+                raise RunDirError(
+                    f"metrics.jsonl round {number}: {key} {row[key]!r} but the ledger adds up "
+                    f"to {per_round[number][key]:,}"
+                )
+        loss = row.get("train_loss")
+        losses[number] = float(loss) if isinstance(loss, int | float) else None
+    return losses
+
+
+def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) -> dict[str, str]:
+    """The run's final adapter, checked on disk and against what was evaluated.
+
+    Raises:
+        RunDirError: the adapter changed since the run, or the evaluation is of another adapter.
+    """
+    relative = summary.get("adapter") or "adapter"
+    recorded = summary.get("adapter_sha256")
+    weights = run_dir / str(relative) / "adapter_model.safetensors"
+    if not isinstance(recorded, str) or not recorded:
+        raise RunDirError("summary.json does not record the adapter's sha256 (adapter_sha256)")
+    if not weights.is_file():
+        raise RunDirError(f"the run's adapter is missing: {weights}")
+    actual = file_sha256(weights)
+    if actual != recorded:
+        raise RunDirError(
+            f"{weights} has sha256 {actual[:12]}…, summary.json records {recorded[:12]}…: "
+            "the adapter changed after the run"
+        )
+    if results.adapter_sha256:
+        if results.adapter_sha256 != recorded:
+            raise RunDirError(
+                f"the evaluation is of another adapter (sha256 {results.adapter_sha256[:12]}…, "
+                f"the run's is {recorded[:12]}…)"
+            )
+    elif isinstance(results.adapter_path, str) and results.adapter_path:
+        evaluated = Path(results.adapter_path)
+        if not evaluated.is_absolute():
+            evaluated = run_dir / evaluated
+        if evaluated.resolve() != (run_dir / str(relative)).resolve():
+            raise RunDirError(
+                f"the evaluation is of another adapter ({results.adapter_path}, "
+                f"the run's is {relative})"
+            )
+    else:
+        raise RunDirError(
+            f"{results.path.name} does not say which adapter was evaluated (adapter sha256 or path)"
+        )
+    return {"location": str(run_dir / str(relative)), "sha256": recorded}
+
+
+def display_model_name(name: str) -> str:
+    """The board's name of a base model: the embedded model's name, or a hub id without its org."""
+    if name in EMBEDDED_MODEL_NAMES:
+        return EMBEDDED_MODEL_NAMES[name]
+    return name.rstrip("/").split("/")[-1] if "/" in name and not name.startswith("/") else name
+
+
+def build_submission(
+    run_dir: str | Path,
+    *,
+    team: str,
+    code_url: str,
+    track: str,
+    base_model: str | None = None,
+    eval_name: str | None = None,
+) -> dict[str, Any]:
+    """Collect and cross-check a run directory into a submission (see validation.py's shape).
+
+    Raises:
+        RunDirError: the run is unfinished, its ledger or adapter do not add up, or its
+            evaluation is partial or of another adapter.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a directory")
+    status_path = run_dir / "status.json"
+    if status_path.is_file():
+        state = _read_json(status_path).get("state")
+        if state not in FINISHED_STATES:
+            raise RunDirError(f"the run has not finished (status.json state {state!r})")
+    config_doc = _read_json(run_dir / "config.json")
+    config = config_doc.get("config") if isinstance(config_doc, dict) else None
+    if not isinstance(config, dict):
+        raise RunDirError("config.json has no resolved configuration ('config')")
+    summary = _read_json(run_dir / "summary.json")
+    environment = (
+        _read_json(run_dir / "environment.json") if (run_dir / "environment.json").is_file() else {}
+    )
+    rounds = check_ledger(run_dir, summary)
+    try:
+        results = read_results(find_results(run_dir, eval_name))
+    except EvalResultsError as exc:
+        raise RunDirError(str(exc)) from exc
+    if results.complete is False:
+        raise RunDirError(f"partial evaluation: {results.path} is marked incomplete")
+    adapter = check_adapter(run_dir, summary, results)
+    comm = summary["communication"]
+    clients_per_round = max((r["clients"] for r in rounds), default=0)
+    model_name = base_model or display_model_name(
+        str(results.base_model or config.get("model.name", ""))
+    )
+    git = environment.get("git") or {}
+    command = environment.get("command")
+    return {
+        "team": team,
+        "code_url": code_url,
+        "base_model": model_name,
+        "track": track,
+        "date": today_utc(),
+        "scores": _scores(results),
+        "communication": {
+            "total_bytes": comm["total_bytes"],
+            "downlink_bytes": comm["downlink_bytes"],
+            "uplink_bytes": comm["uplink_bytes"],
+        },
+        "evaluation": {
+            "protocol": results.protocol,
+            "protocol_version": results.protocol_version,
+            "split": results.split,
+            "subjects": results.subjects,
+            "answer_distribution": results.answer_distribution,
+            "extra": results.extra,
+        },
+        "adapter": adapter,
+        "setup": _setup(config, len(rounds), clients_per_round),
+        "provenance": {
+            "run": run_dir.name,
+            "config_digest": config_doc.get("digest"),
+            "commit": git.get("commit"),
+            "dirty": git.get("dirty"),
+            "command": shlex.join(command) if isinstance(command, list) else command,
+            "versions": environment.get("packages") or {},
+            "python": environment.get("python"),
+            "device": environment.get("device"),
+            "started_at": environment.get("started_at"),
+            "evaluation_file": str(results.path.relative_to(run_dir)),
+        },
+        "config": {k: v for k, v in config.items() if not isinstance(v, dict | list)},
+        "rounds": [
+            {k: r[k] for k in ("round", "train_loss", "downlink_bytes", "uplink_bytes", "clients")}
+            for r in rounds
+        ],
+    }
+
+
+def _setup(config: dict[str, Any], num_rounds: int, clients_per_round: int) -> dict[str, Any]:
+    setup: dict[str, Any] = {"dataset": str(config.get("data.name", "")), "rounds": num_rounds}
+    if isinstance(config.get("federation.num-clients"), int):
+        setup["num_clients"] = config["federation.num-clients"]
+    if clients_per_round:
+        setup["clients_per_round"] = clients_per_round
+    return setup
+
+
+def _scores(results: EvalResults) -> dict[str, float]:
+    """Category scores in percent from the per-subject counts (the numbers exist once)."""
+    from fedtune.evaluation.subjects import SCORED_CATEGORIES, SUBJECT_CATEGORY
+
+    scores = {}
+    for category in SCORED_CATEGORIES:
+        cells = [c for s, c in results.subjects.items() if SUBJECT_CATEGORY[s] == category]
+        try:
+            total = sum(int(c["total"]) for c in cells)
+            correct = sum(int(c["correct"]) for c in cells)
+        except (TypeError, ValueError) as exc:
+            raise RunDirError(f"{results.path}: per-subject counts are not integers") from exc
+        if total == 0:
+            raise RunDirError(f"partial evaluation: no {category} questions were evaluated")
+        scores[category] = 100.0 * correct / total
+    return scores

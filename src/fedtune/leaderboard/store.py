@@ -1,0 +1,316 @@
+"""The leaderboard's storage: one SQLite file, versioned migrations, safe under concurrent writers.
+
+Every call opens its own connection, so one `Store` can be shared by the web server's worker
+threads and several processes can write the same file. Writes run in `BEGIN IMMEDIATE`
+transactions (the write lock is taken up front, so two writers never deadlock on a lock upgrade)
+and the file is in WAL mode (readers never block the writer). A busy file is waited on for up to
+`timeout_s` seconds.
+
+The schema version is SQLite's `PRAGMA user_version`; `MIGRATIONS[i]` takes the file from version
+i to i + 1. Migration 2 imports the published board, so a fresh store already holds those rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fedtune.leaderboard.entry import STATUSES, Entry
+from fedtune.leaderboard.published import published_entries
+
+DATA_DIR_ENV = "FEDTUNE_LEADERBOARD_DIR"
+DB_NAME = "leaderboard.sqlite3"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or an operation on it is impossible."""
+
+
+class DuplicateEntry(StoreError):
+    """The same submission (same fingerprint) is already stored.
+
+    Attributes:
+        existing_id: the id of the stored entry.
+    """
+
+    def __init__(self, existing_id: int) -> None:
+        super().__init__(f"the same submission is already stored as entry {existing_id}")
+        self.existing_id = existing_id
+
+
+def default_data_dir() -> Path:
+    """$FEDTUNE_LEADERBOARD_DIR, or ~/.local/share/fedtune/leaderboard."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env) if env else Path.home() / ".local" / "share" / "fedtune" / "leaderboard"
+
+
+def fingerprint(entry: Entry) -> str:
+    """What makes two submissions the same: everything but date, status and id.
+
+    A client that retries after a lost reply sends the same payload again; the fingerprint's
+    UNIQUE index turns that into a `DuplicateEntry` instead of a second row.
+    """
+    fields = entry.to_dict()
+    for volatile in ("id", "status", "date", "submitted_at", "comm_gb"):
+        fields.pop(volatile)
+    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --- migrations -----------------------------------------------------------------------------------
+
+
+def _create_tables(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE entries (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            status TEXT NOT NULL,
+            track TEXT NOT NULL,
+            team TEXT NOT NULL,
+            code_url TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            comm_bytes INTEGER NOT NULL CHECK (comm_bytes >= 0),
+            average REAL NOT NULL CHECK (average BETWEEN 0 AND 100),
+            stem REAL NOT NULL CHECK (stem BETWEEN 0 AND 100),
+            social_sciences REAL NOT NULL CHECK (social_sciences BETWEEN 0 AND 100),
+            humanities REAL NOT NULL CHECK (humanities BETWEEN 0 AND 100),
+            date TEXT NOT NULL,
+            submitted_at TEXT NOT NULL,
+            fingerprint TEXT NOT NULL UNIQUE,
+            details TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX entries_track ON entries (track)")
+    db.execute(
+        """CREATE TABLE tokens (
+            token_sha256 TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+
+
+def _import_published(db: sqlite3.Connection) -> None:
+    for entry in published_entries():
+        _insert(db, entry, f"published:{entry.details['published_rank']}")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_tables, _import_published)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# --- the store ------------------------------------------------------------------------------------
+
+
+class Store:
+    """A leaderboard database file (created and migrated on first use)."""
+
+    def __init__(self, path: str | Path, *, timeout_s: float = 30.0, migrate: bool = True) -> None:
+        """Open (and by default create or migrate) the database at `path`.
+
+        Raises:
+            StoreError: the file was written by a newer fedtune (unknown schema version).
+        """
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if migrate:
+            self.migrate()
+
+    @classmethod
+    def in_dir(cls, data_dir: str | Path | None = None, **kwargs: Any) -> Store:
+        """The store of a data directory (default: `default_data_dir()`)."""
+        return cls(Path(data_dir or default_data_dir()) / DB_NAME, **kwargs)
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A fresh autocommit connection; closed on exit."""
+        db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+            db.execute("PRAGMA foreign_keys = ON")
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the database's write lock from the start."""
+        with self.connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        """The file's schema version (0 for a new file)."""
+        with self.connect() as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self, target: int = SCHEMA_VERSION) -> int:
+        """Apply the missing migrations up to `target`, all in one transaction.
+
+        Returns:
+            The schema version reached.
+        Raises:
+            StoreError: the file's version is newer than this code knows.
+        """
+        with self.connect() as db:
+            # WAL is a property of the file; switching needs no transaction and is idempotent.
+            db.execute("PRAGMA journal_mode = WAL")
+        with self.write() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has schema version {version}; this fedtune knows up to "
+                    f"{SCHEMA_VERSION} (upgrade fedtune)"
+                )
+            for step in range(version, target):
+                MIGRATIONS[step](db)
+            if target > version:
+                db.execute(f"PRAGMA user_version = {int(target)}")
+            return max(version, target)
+
+    # --- entries
+
+    def add(self, entry: Entry) -> int:
+        """Store an entry and return its new id.
+
+        Raises:
+            DuplicateEntry: the same submission is already stored.
+        """
+        key = fingerprint(entry)
+        with self.write() as db:
+            row = db.execute("SELECT id FROM entries WHERE fingerprint = ?", (key,)).fetchone()
+            if row is not None:
+                raise DuplicateEntry(int(row[0]))
+            return _insert(db, entry, key)
+
+    def get(self, entry_id: int) -> Entry | None:
+        """The entry with this id, or None."""
+        with self.connect() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        return _entry(row) if row else None
+
+    def entries(self, track: str | None = None) -> list[Entry]:
+        """All entries (of one track if given), in id order."""
+        query = f"SELECT {_COLUMNS} FROM entries"
+        args: Sequence[Any] = ()
+        if track:
+            query += " WHERE track = ?"
+            args = (track,)
+        with self.connect() as db:
+            rows = db.execute(query + " ORDER BY id", args).fetchall()
+        return [_entry(row) for row in rows]
+
+    def count(self) -> int:
+        """The number of stored entries."""
+        with self.connect() as db:
+            return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def set_status(self, entry_id: int, status: str) -> None:
+        """Mark an entry submitted or verified (published rows stay published).
+
+        Raises:
+            StoreError: unknown id or status, or a published row.
+        """
+        if status not in STATUSES or status == "published":
+            raise StoreError(f"status must be submitted or verified, got {status!r}")
+        with self.write() as db:
+            row = db.execute("SELECT status FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no entry {entry_id}")
+            if row[0] == "published":
+                raise StoreError(f"entry {entry_id} is a published row; its status is fixed")
+            db.execute("UPDATE entries SET status = ? WHERE id = ?", (status, entry_id))
+
+    # --- API tokens (only their sha256 is stored)
+
+    def new_token(self, name: str) -> str:
+        """Create an API token for `name` and return it (it is shown once, stored hashed)."""
+        token = secrets.token_urlsafe(32)
+        with self.write() as db:
+            db.execute(
+                "INSERT INTO tokens (token_sha256, name, created_at) VALUES (?, ?, ?)",
+                (_sha256(token), name, _now()),
+            )
+        return token
+
+    def token_owner(self, token: str) -> str | None:
+        """The name a token was issued to, or None if it is unknown."""
+        with self.connect() as db:
+            row = db.execute(
+                "SELECT name FROM tokens WHERE token_sha256 = ?", (_sha256(token),)
+            ).fetchone()
+        return str(row[0]) if row else None
+
+
+_COLUMNS = (
+    "id, status, track, team, code_url, base_model, comm_bytes, average, stem, social_sciences,"
+    " humanities, date, submitted_at, details"
+)
+
+
+def _insert(db: sqlite3.Connection, entry: Entry, key: str) -> int:
+    cursor = db.execute(
+        """INSERT INTO entries (status, track, team, code_url, base_model, comm_bytes, average,
+            stem, social_sciences, humanities, date, submitted_at, fingerprint, details)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            entry.status,
+            entry.track,
+            entry.team,
+            entry.code_url,
+            entry.base_model,
+            entry.comm_bytes,
+            entry.average,
+            entry.stem,
+            entry.social_sciences,
+            entry.humanities,
+            entry.date,
+            entry.submitted_at or _now(),
+            key,
+            json.dumps(entry.details, sort_keys=True),
+        ),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def _entry(row: Sequence[Any]) -> Entry:
+    (id_, status, track, team, code_url, base_model, comm_bytes, average, stem, social,
+     humanities, date, submitted_at, details) = row  # fmt: skip
+    return Entry(
+        id=int(id_),
+        status=status,
+        track=track,
+        team=team,
+        code_url=code_url,
+        base_model=base_model,
+        comm_bytes=int(comm_bytes),
+        average=float(average),
+        stem=float(stem),
+        social_sciences=float(social),
+        humanities=float(humanities),
+        date=date,
+        submitted_at=submitted_at,
+        details=json.loads(details),
+    )
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,509 @@
+"""Checking a submission (the JSON the API and `submit` exchange) and turning it into an entry.
+
+A submission is refused, with the field and the reason, when it is malformed (missing or unknown
+fields, wrong types, out-of-range numbers, over-long text, control characters), when it does not
+add up (category scores that disagree with the per-subject counts, an Average that is not the mean
+of the three categories, per-round bytes that do not sum to the total), when the evaluation is
+partial (a scored subject missing, or a category with fewer questions than the test split), or when
+it breaks the rules of its track. Text that merely looks like HTML is accepted, and escaped
+wherever it is shown.
+
+The shape (every key below the top level is optional unless stated):
+
+    {"team": str, "code_url": "https://…", "base_model": str, "track": "general-nlp" | "open",
+     "date": "YYYY-MM-DD",
+     "scores": {"stem": %, "social_sciences": %, "humanities": %, "average": %},   # required
+     "communication": {"total_bytes": int, "downlink_bytes": int, "uplink_bytes": int},
+     "evaluation": {"protocol": str, "protocol_version": str, "split": "test",
+                    "subjects": {subject: {"correct": int, "total": int}},        # required
+                    "answer_distribution": {letter: int}, "extra": {name: number}},
+     "adapter": {"location": str, "sha256": hex64},
+     "setup": {"dataset": str, "num_clients": int, "rounds": int, "clients_per_round": int},
+     "provenance": {...}, "config": {key: scalar},
+     "rounds": [{"round": int, "train_loss": float | null, "downlink_bytes": int,
+                 "uplink_bytes": int}]}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from fedtune.evaluation.subjects import (
+    CATEGORY_SUBJECTS,
+    EXPECTED_TEST_QUESTIONS,
+    SCORED_CATEGORIES,
+    SUBJECT_CATEGORY,
+)
+from fedtune.leaderboard.entry import GENERAL_NLP, SUBMITTED, TRACKS, Entry, today_utc
+
+# The General NLP rules (FlowerTune): the data set and the 20 clients are fixed, and scores must
+# come from the official evaluation protocol.
+GENERAL_NLP_DATASETS = frozenset({"flwrlabs/alpaca-gpt4", "vicgalle/alpaca-gpt4"})
+GENERAL_NLP_CLIENTS = 20
+OFFICIAL_PROTOCOL = "flowertune"
+
+MAX_BODY_BYTES = 2 * 1024 * 1024  # a full submission with 5,000 rounds is ~0.5 MiB
+MAX_ROUNDS = 5000
+MAX_NAME_CHARS = 100
+MAX_URL_CHARS = 500
+MAX_TEXT_CHARS = 4000
+MAX_ITEMS = 1000
+# Scores given with the board's two decimals can be off by 0.005 each; the mean of three such
+# numbers by as much again. 0.01 points is below what the board shows.
+SCORE_TOLERANCE = 0.01
+
+TOP_LEVEL_KEYS = frozenset(
+    {
+        "team", "code_url", "base_model", "track", "date", "scores", "communication",
+        "evaluation", "adapter", "setup", "provenance", "config", "rounds",
+    }
+)  # fmt: skip
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHORT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_ALLOWED_FORMAT_CHARS = {"\u200d"}  # zero-width joiner, used inside emoji
+
+
+class SubmissionError(ValueError):
+    """A submission is malformed, inconsistent, partial or against its track's rules.
+
+    Attributes:
+        field: the dotted path of the offending field ("" for the whole submission).
+        reason: the human-readable reason.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+def validate_submission(payload: Any, *, today: str | None = None) -> Entry:
+    """Check a submission and build the entry it describes (status "submitted", no id yet).
+
+    Args:
+        payload: the decoded JSON object.
+        today: the current ISO day (for the "date in the future" check); defaults to UTC today.
+    Returns:
+        The entry, with `details` holding the normalised evaluation, setup, provenance, ….
+    Raises:
+        SubmissionError: the first problem found, naming the field.
+    """
+    obj = _mapping(payload, "")
+    unknown = sorted(set(obj) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise SubmissionError(
+            unknown[0], f"unknown field; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}"
+        )
+    track = _text(obj, "track", "", 20, required=False) or GENERAL_NLP
+    if track not in TRACKS:
+        raise SubmissionError("track", f"must be one of {', '.join(TRACKS)}, got {track!r}")
+    scores = _scores(obj.get("scores"))
+    evaluation = _evaluation(obj.get("evaluation"), scores)
+    communication = _communication(obj.get("communication"))
+    rounds = _rounds(obj.get("rounds"), communication["total_bytes"])
+    details: dict[str, Any] = {
+        "evaluation": evaluation,
+        "communication": communication,
+        "rounds": rounds,
+        "adapter": _adapter(obj.get("adapter")),
+        "setup": _setup(obj.get("setup")),
+        "provenance": _plain(obj.get("provenance", {}), "provenance", depth=3),
+        "config": _plain(obj.get("config", {}), "config", depth=1),
+    }
+    if track == GENERAL_NLP:
+        check_general_nlp_rules(details)
+    return Entry(
+        team=_name(obj, "team"),
+        code_url=_url(obj.get("code_url")),
+        base_model=_name(obj, "base_model"),
+        track=track,
+        comm_bytes=communication["total_bytes"],
+        average=scores["average"],
+        stem=scores["stem"],
+        social_sciences=scores["social_sciences"],
+        humanities=scores["humanities"],
+        date=_date(obj.get("date"), today or today_utc()),
+        status=SUBMITTED,
+        details=details,
+    )
+
+
+def check_general_nlp_rules(details: Mapping[str, Any]) -> None:
+    """The General NLP track's rules: Alpaca-GPT4, 20 clients, the official evaluation protocol.
+
+    Raises:
+        SubmissionError: naming the rule that is broken and suggesting the open track.
+    """
+    hint = "; the open track (--track open) accepts other setups"
+    setup = details.get("setup") or {}
+    dataset = setup.get("dataset")
+    if dataset not in GENERAL_NLP_DATASETS:
+        raise SubmissionError(
+            "setup.dataset",
+            f"General NLP requires the Alpaca-GPT4 data set "
+            f"({', '.join(sorted(GENERAL_NLP_DATASETS))}), got {dataset!r}{hint}",
+        )
+    clients = setup.get("num_clients")
+    if clients != GENERAL_NLP_CLIENTS:
+        raise SubmissionError(
+            "setup.num_clients",
+            f"General NLP requires {GENERAL_NLP_CLIENTS} clients, got {clients!r}{hint}",
+        )
+    protocol = details.get("evaluation", {}).get("protocol")
+    if protocol != OFFICIAL_PROTOCOL:
+        raise SubmissionError(
+            "evaluation.protocol",
+            f"General NLP requires the official {OFFICIAL_PROTOCOL!r} evaluation protocol, "
+            f"got {protocol!r}{hint}",
+        )
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+
+def _scores(value: Any) -> dict[str, float]:
+    obj = _mapping(value, "scores", required=True)
+    _no_unknown(obj, "scores", {*SCORED_CATEGORIES, "average"})
+    scores = {c: _percent(obj.get(c), f"scores.{c}", required=True) for c in SCORED_CATEGORIES}
+    mean = sum(scores.values()) / len(scores)
+    given = _percent(obj.get("average"), "scores.average", required=False)
+    if given is not None and abs(given - mean) > SCORE_TOLERANCE:
+        raise SubmissionError(
+            "scores.average",
+            f"{given} is not the mean of STEM, Social Sciences and Humanities ({mean:.4f})",
+        )
+    scores["average"] = given if given is not None else mean
+    return scores
+
+
+def _evaluation(value: Any, scores: Mapping[str, float]) -> dict[str, Any]:
+    obj = _mapping(value, "evaluation", required=True)
+    _no_unknown(
+        obj,
+        "evaluation",
+        {"protocol", "protocol_version", "split", "subjects", "answer_distribution", "extra"},
+    )
+    split = _text(obj, "split", "evaluation", 20, required=False) or "test"
+    if split != "test":
+        raise SubmissionError(
+            "evaluation.split", f"the board scores the MMLU test split, got {split!r}"
+        )
+    subjects = _subjects(obj.get("subjects"))
+    _check_complete_and_consistent(subjects, scores)
+    evaluated = sum(s["total"] for s in subjects.values())
+    return {
+        "protocol": _text(obj, "protocol", "evaluation", MAX_NAME_CHARS, required=True),
+        "protocol_version": _text(
+            obj, "protocol_version", "evaluation", MAX_NAME_CHARS, required=False
+        ),
+        "split": split,
+        "subjects": subjects,
+        "answer_distribution": _answer_distribution(obj.get("answer_distribution"), evaluated),
+        "extra": _extra(obj.get("extra")),
+    }
+
+
+def _subjects(value: Any) -> dict[str, dict[str, int]]:
+    obj = _mapping(value, "evaluation.subjects", required=True)
+    subjects: dict[str, dict[str, int]] = {}
+    for name, counts in obj.items():
+        where = f"evaluation.subjects.{_short(name)}"
+        if name not in SUBJECT_CATEGORY:
+            raise SubmissionError(where, "not an MMLU subject")
+        item = _mapping(counts, where, required=True)
+        _no_unknown(item, where, {"correct", "total"})
+        total = _int(item.get("total"), f"{where}.total", minimum=1)
+        correct = _int(item.get("correct"), f"{where}.correct", minimum=0)
+        if correct > total:
+            raise SubmissionError(where, f"{correct} correct out of {total} questions")
+        subjects[name] = {"correct": correct, "total": total}
+    return subjects
+
+
+def _check_complete_and_consistent(
+    subjects: Mapping[str, Mapping[str, int]], scores: Mapping[str, float]
+) -> None:
+    for category in SCORED_CATEGORIES:
+        missing = [s for s in CATEGORY_SUBJECTS[category] if s not in subjects]
+        if missing:
+            raise SubmissionError(
+                "evaluation.subjects",
+                f"partial evaluation: {len(missing)} {category} subject(s) missing "
+                f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})",
+            )
+        total = sum(subjects[s]["total"] for s in CATEGORY_SUBJECTS[category])
+        expected = EXPECTED_TEST_QUESTIONS[category]
+        if total != expected:
+            raise SubmissionError(
+                "evaluation.subjects",
+                f"partial evaluation: {category} has {total:,} questions, "
+                f"the test split {expected:,}",
+            )
+        correct = sum(subjects[s]["correct"] for s in CATEGORY_SUBJECTS[category])
+        accuracy = 100.0 * correct / total
+        if abs(accuracy - scores[category]) > SCORE_TOLERANCE:
+            raise SubmissionError(
+                f"scores.{category}",
+                f"{scores[category]} disagrees with the subjects' counts "
+                f"({correct}/{total} = {accuracy:.4f})",
+            )
+
+
+def _answer_distribution(value: Any, evaluated: int) -> dict[str, int]:
+    obj = _mapping(value, "evaluation.answer_distribution", required=False)
+    if len(obj) > 16:
+        raise SubmissionError("evaluation.answer_distribution", "more than 16 answers")
+    counts = {}
+    for key, count in obj.items():
+        where = f"evaluation.answer_distribution.{_short(key)}"
+        if not _SHORT_KEY.match(str(key)):
+            raise SubmissionError(where, "answer labels are short names like A, B, none")
+        counts[str(key)] = _int(count, where, minimum=0)
+    if counts and sum(counts.values()) != evaluated:
+        raise SubmissionError(
+            "evaluation.answer_distribution",
+            f"counts sum to {sum(counts.values()):,} but {evaluated:,} questions were evaluated",
+        )
+    return counts
+
+
+def _extra(value: Any) -> dict[str, float]:
+    obj = _mapping(value, "evaluation.extra", required=False)
+    if len(obj) > 64:
+        raise SubmissionError("evaluation.extra", "more than 64 figures")
+    extra = {}
+    for key, number in obj.items():
+        where = f"evaluation.extra.{_short(key)}"
+        if not _SHORT_KEY.match(str(key)):
+            raise SubmissionError(where, "names are letters, digits and _.:- (at most 64)")
+        extra[str(key)] = _finite(number, where)
+    return extra
+
+
+def _communication(value: Any) -> dict[str, int]:
+    obj = _mapping(value, "communication", required=True)
+    _no_unknown(obj, "communication", {"total_bytes", "downlink_bytes", "uplink_bytes"})
+    total = _int(obj.get("total_bytes"), "communication.total_bytes", minimum=1)
+    result = {"total_bytes": total}
+    if "downlink_bytes" in obj or "uplink_bytes" in obj:
+        down = _int(obj.get("downlink_bytes"), "communication.downlink_bytes", minimum=0)
+        up = _int(obj.get("uplink_bytes"), "communication.uplink_bytes", minimum=0)
+        if down + up != total:
+            raise SubmissionError(
+                "communication.total_bytes",
+                f"{total:,} is not downlink + uplink ({down:,} + {up:,} = {down + up:,})",
+            )
+        result.update(downlink_bytes=down, uplink_bytes=up)
+    return result
+
+
+def _rounds(value: Any, total_bytes: int) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SubmissionError("rounds", "must be a list of per-round records")
+    if len(value) > MAX_ROUNDS:
+        raise SubmissionError("rounds", f"{len(value):,} rounds; at most {MAX_ROUNDS:,}")
+    rounds: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        where = f"rounds[{i}]"
+        obj = _mapping(item, where, required=True)
+        _no_unknown(
+            obj, where, {"round", "train_loss", "downlink_bytes", "uplink_bytes", "clients"}
+        )
+        number = _int(obj.get("round"), f"{where}.round", minimum=1)
+        if rounds and number <= rounds[-1]["round"]:
+            raise SubmissionError(f"{where}.round", "rounds must be listed in increasing order")
+        loss = obj.get("train_loss")
+        rounds.append(
+            {
+                "round": number,
+                "train_loss": None if loss is None else _finite(loss, f"{where}.train_loss"),
+                "downlink_bytes": _int(
+                    obj.get("downlink_bytes"), f"{where}.downlink_bytes", minimum=0
+                ),
+                "uplink_bytes": _int(obj.get("uplink_bytes"), f"{where}.uplink_bytes", minimum=0),
+                "clients": _int(obj.get("clients", 0), f"{where}.clients", minimum=0),
+            }
+        )
+    summed = sum(r["downlink_bytes"] + r["uplink_bytes"] for r in rounds)
+    if rounds and summed != total_bytes:
+        raise SubmissionError(
+            "rounds",
+            f"per-round bytes sum to {summed:,}, not communication.total_bytes {total_bytes:,}",
+        )
+    return rounds
+
+
+def _adapter(value: Any) -> dict[str, str]:
+    obj = _mapping(value, "adapter", required=False)
+    _no_unknown(obj, "adapter", {"location", "sha256"})
+    adapter = {}
+    location = _text(obj, "location", "adapter", MAX_URL_CHARS, required=False)
+    if location:
+        adapter["location"] = location
+    digest = _text(obj, "sha256", "adapter", 64, required=False)
+    if digest:
+        if not _SHA256.match(digest):
+            raise SubmissionError("adapter.sha256", "must be 64 lower-case hex digits")
+        adapter["sha256"] = digest
+    return adapter
+
+
+def _setup(value: Any) -> dict[str, Any]:
+    obj = _mapping(value, "setup", required=False)
+    _no_unknown(obj, "setup", {"dataset", "num_clients", "rounds", "clients_per_round"})
+    setup: dict[str, Any] = {}
+    dataset = _text(obj, "dataset", "setup", MAX_URL_CHARS, required=False)
+    if dataset:
+        setup["dataset"] = dataset
+    for key in ("num_clients", "rounds", "clients_per_round"):
+        if key in obj:
+            setup[key] = _int(obj[key], f"setup.{key}", minimum=1)
+    return setup
+
+
+# --- primitives -----------------------------------------------------------------------------------
+
+
+def _mapping(value: Any, where: str, required: bool = True) -> Mapping[str, Any]:
+    if value is None and not required:
+        return {}
+    if not isinstance(value, Mapping):
+        what = where if where else "the submission"
+        raise SubmissionError(where, f"{what} must be a JSON object")
+    return value
+
+
+def _no_unknown(obj: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise SubmissionError(
+            f"{where}.{_short(unknown[0])}", f"unknown field; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _short(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
+def _clean(text: str, where: str, max_chars: int) -> str:
+    text = text.strip()
+    if len(text) > max_chars:
+        raise SubmissionError(where, f"{len(text):,} characters; at most {max_chars:,}")
+    for ch in text:
+        # Control and bidi-override characters garble terminals and can disguise a name.
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co") and ch not in _ALLOWED_FORMAT_CHARS:
+            raise SubmissionError(where, f"contains the control character U+{ord(ch):04X}")
+    return text
+
+
+def _text(obj: Mapping[str, Any], key: str, section: str, max_chars: int, required: bool) -> str:
+    where = f"{section}.{key}" if section else key
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise SubmissionError(where, "missing")
+        return ""
+    if not isinstance(value, str):
+        raise SubmissionError(where, "must be a string")
+    return _clean(value, where, max_chars)
+
+
+def _name(obj: Mapping[str, Any], key: str) -> str:
+    text = _text(obj, key, "", MAX_NAME_CHARS, required=True)
+    if not text:
+        raise SubmissionError(key, "must not be empty")
+    return text
+
+
+def _url(value: Any) -> str:
+    if value is None:
+        raise SubmissionError("code_url", "missing")
+    if not isinstance(value, str):
+        raise SubmissionError("code_url", "must be a string")
+    url = _clean(value, "code_url", MAX_URL_CHARS)
+    parts = urlsplit(url)
+    # Only web links: a javascript: or data: URL in an href would run in readers' browsers.
+    if parts.scheme not in ("http", "https") or not parts.netloc or re.search(r"[\s<>\"'`]", url):
+        raise SubmissionError("code_url", f"must be an http(s) URL of the code, got {url!r}")
+    return url
+
+
+def _date(value: Any, today: str) -> str:
+    if value is None:
+        return today
+    if not isinstance(value, str):
+        raise SubmissionError("date", "must be an ISO date string (YYYY-MM-DD)")
+    try:
+        day = dt.date.fromisoformat(value)
+    except ValueError:
+        raise SubmissionError("date", f"not an ISO date (YYYY-MM-DD): {value!r}") from None
+    if day > dt.date.fromisoformat(today) + dt.timedelta(days=1):
+        raise SubmissionError("date", f"{value} is in the future")
+    return day.isoformat()
+
+
+def _finite(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SubmissionError(where, "must be a number")
+    if not math.isfinite(value):
+        raise SubmissionError(where, "must be a finite number")
+    return float(value)
+
+
+def _percent(value: Any, where: str, required: bool) -> float | None:
+    if value is None:
+        if required:
+            raise SubmissionError(where, "missing")
+        return None
+    number = _finite(value, where)
+    if not 0.0 <= number <= 100.0:
+        raise SubmissionError(where, f"{number} is not a percentage in [0, 100]")
+    return number
+
+
+def _int(value: Any, where: str, minimum: int) -> int:
+    if value is None:
+        raise SubmissionError(where, "missing")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SubmissionError(where, "must be an integer")
+    if value < minimum:
+        raise SubmissionError(where, f"{value:,} is below {minimum}")
+    if value >= 2**63:  # SQLite's INTEGER
+        raise SubmissionError(where, f"{value:,} is too large")
+    return value
+
+
+def _plain(value: Any, where: str, depth: int) -> Any:
+    """Bounded plain JSON: objects (depth-limited) of strings, numbers, booleans and null."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return _finite(value, where) if isinstance(value, float) else value
+    if isinstance(value, str):
+        return _clean(value, where, MAX_TEXT_CHARS)
+    if isinstance(value, Mapping):
+        if depth <= 0:
+            raise SubmissionError(where, "nested too deeply")
+        if len(value) > MAX_ITEMS:
+            raise SubmissionError(where, f"more than {MAX_ITEMS:,} keys")
+        result = {}
+        for key, item in value.items():
+            name = _clean(str(key), f"{where} key", 200)
+            result[name] = _plain(item, f"{where}.{_short(name)}", depth - 1)
+        return result
+    if isinstance(value, list):
+        if depth <= 0:
+            raise SubmissionError(where, "nested too deeply")
+        if len(value) > MAX_ITEMS:
+            raise SubmissionError(where, f"more than {MAX_ITEMS:,} items")
+        return [_plain(item, f"{where}[{i}]", depth - 1) for i, item in enumerate(value)]
+    raise SubmissionError(where, f"unsupported value of type {type(value).__name__}")

@@ -1,0 +1,235 @@
+"""The leaderboard web app (Starlette): the board, entry pages and a JSON API.
+
+    GET  /                       the ranked board (?track=all|general-nlp|open&model=<base model>)
+    GET  /entry/{id}             one entry
+    GET  /api/entries            ranked rows of a view (same query), constant-answer rows included
+    GET  /api/entries/{id}       one entry with all details and its rank in its track
+    POST /api/entries            submit (Authorization: Bearer <token>; JSON, see validation.py)
+    GET  /api/reference          the constant-answer reference rows
+    GET  /healthz                liveness
+
+Submissions are refused with a JSON `{"error": reason, "field": …}`: 400 malformed JSON, 401 no or
+unknown token, 409 the same submission again, 413 a body over the limit, 415 not JSON, 422 a
+submission that fails validation or its track's rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fedtune.leaderboard.entry import TRACKS, Entry
+from fedtune.leaderboard.ranking import ALL_TRACKS, board_rows, pareto_front, rank
+from fedtune.leaderboard.reference import constant_answer_rows
+from fedtune.leaderboard.render import row_record
+from fedtune.leaderboard.store import DuplicateEntry, Store
+from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError, validate_submission
+from fedtune.leaderboard.web.charts import score_vs_cost
+from fedtune.leaderboard.web.pages import board_page, entry_page, not_found_page
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# No inline script or style and nothing from another origin: an escaping slip cannot run code.
+SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+     b"connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+]  # fmt: skip
+
+
+class _SecurityHeaders:
+    """Pure ASGI middleware adding SECURITY_HEADERS to every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _error(status: int, reason: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": reason, **extra}, status_code=status)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # a lying or absent Content-Length is caught while reading
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    """The ASGI app over a store.
+
+    Args:
+        store: where entries and API tokens live.
+        max_body_bytes: submissions above this size get 413.
+    """
+    references = constant_answer_rows()
+
+    def view(request: Request) -> tuple[str, str | None]:
+        track = request.query_params.get("track") or ALL_TRACKS
+        model = request.query_params.get("model") or None
+        return track, model
+
+    def board(request: Request) -> Response:
+        track, model = view(request)
+        if track not in (ALL_TRACKS, *TRACKS):
+            track = ALL_TRACKS
+        entries = store.entries()
+        in_track = [e for e in entries if track == ALL_TRACKS or e.track == track]
+        models = sorted({e.base_model for e in in_track}, key=str.lower)
+        if model not in models:
+            model = None
+        rows = board_rows(entries, references, track=track, base_model=model)
+        shown = [r.entry for r in rows if r.entry is not None]
+        chart = score_vs_cost(shown, pareto_front(shown), references)
+        html = board_page(
+            rows,
+            track=track,
+            base_model=model,
+            models=models,
+            chart=chart,
+            shown_entries=len(shown),
+        )
+        return HTMLResponse(html)
+
+    def entry(request: Request) -> Response:
+        found = _ranked_entry(store, int(request.path_params["entry_id"]))
+        if found is None:
+            return HTMLResponse(not_found_page("No such entry."), status_code=404)
+        item, position = found
+        return HTMLResponse(entry_page(item, position, references))
+
+    def api_list(request: Request) -> Response:
+        track, model = view(request)
+        if track not in (ALL_TRACKS, *TRACKS):
+            return _error(
+                400, f"track must be one of {ALL_TRACKS}, {', '.join(TRACKS)}", field="track"
+            )
+        include_reference = request.query_params.get("reference", "1") not in ("0", "false", "no")
+        rows = board_rows(
+            store.entries(), references if include_reference else (), track=track, base_model=model
+        )
+        records = [row_record(r) for r in rows]
+        return JSONResponse(
+            {"track": track, "base_model": model, "count": len(records), "rows": records}
+        )
+
+    def api_get(request: Request) -> Response:
+        entry_id = int(request.path_params["entry_id"])
+        found = _ranked_entry(store, entry_id)
+        if found is None:
+            return _error(404, f"no entry {entry_id}")
+        item, position = found
+        return JSONResponse({**item.to_dict(), "rank": position})
+
+    def api_reference(request: Request) -> Response:
+        return JSONResponse({"rows": [r.to_dict() for r in references]})
+
+    async def api_submit(request: Request) -> Response:
+        auth = request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        owner = await run_in_threadpool(store.token_owner, token) if token else None
+        if owner is None:
+            return JSONResponse(
+                {"error": "a valid API token is required (Authorization: Bearer <token>)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return _error(415, "send the submission as application/json")
+        try:
+            body = await _read_body(request, max_body_bytes)
+        except _TooLarge:
+            return _error(413, f"submission larger than {max_body_bytes:,} bytes")
+        try:
+            payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            return _error(400, f"body is not valid JSON: {exc}")
+        try:
+            submitted = validate_submission(payload)
+        except SubmissionError as exc:
+            return _error(422, exc.reason, field=exc.field)
+        submitted = dataclasses.replace(
+            submitted, details={**submitted.details, "submitted_by": owner}
+        )
+        try:
+            new_id = await run_in_threadpool(store.add, submitted)
+        except DuplicateEntry as exc:
+            return _error(409, str(exc), id=exc.existing_id)
+        found = await run_in_threadpool(_ranked_entry, store, new_id)
+        position = found[1] if found else None
+        return JSONResponse(
+            {"id": new_id, "rank": position, "track": submitted.track, "url": f"/entry/{new_id}"},
+            status_code=201,
+        )
+
+    def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True, "entries": store.count()})
+
+    def not_found(request: Request, exc: Exception) -> Response:
+        if request.url.path.startswith("/api/"):
+            return _error(404, "no such resource")
+        return HTMLResponse(not_found_page("No such page."), status_code=404)
+
+    app = Starlette(
+        routes=[
+            Route("/", board),
+            Route("/entry/{entry_id:int}", entry),
+            Route("/api/entries", api_list, methods=["GET"]),
+            Route("/api/entries", api_submit, methods=["POST"]),
+            Route("/api/entries/{entry_id:int}", api_get),
+            Route("/api/reference", api_reference),
+            Route("/healthz", healthz),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        ],
+        exception_handlers={404: not_found},
+    )
+    app.add_middleware(_SecurityHeaders)
+    return app
+
+
+def _ranked_entry(store: Store, entry_id: int) -> tuple[Entry, int] | None:
+    """An entry with its rank among the entries of its track."""
+    item = store.get(entry_id)
+    if item is None:
+        return None
+    for position, other in rank(store.entries(item.track)):
+        if other.id == entry_id:
+            return item, position
+    return None

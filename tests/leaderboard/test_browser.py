@@ -1,0 +1,138 @@
+"""The board in a real browser: Debian's headless Chromium driven by Playwright for Python.
+
+Skipped (with the reason) only where Chromium or Playwright is absent; CI installs both with
+scripts/install-browser. The screenshot is written to $FEDTUNE_SCREENSHOT_DIR (default: the test's
+tmp dir) so a person can look at it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = os.environ.get("FEDTUNE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
+        reason=f"no Chromium at {CHROMIUM} (run scripts/install-browser)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip(
+        "playwright.sync_api",
+        reason="Playwright for Python is not installed (scripts/install-browser)",
+    )
+    with sync_api.sync_playwright() as playwright:
+        instance = playwright.chromium.launch(
+            executable_path=CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium"),
+            args=CHROMIUM_ARGS,
+        )
+        yield instance
+        instance.close()
+
+
+def _column(page, key: str) -> list[str]:
+    index = page.eval_on_selector_all(
+        "#board thead th", f"ths => ths.findIndex(th => th.dataset.key === '{key}')"
+    )
+    return page.eval_on_selector_all(
+        "#board tbody tr", f"rows => rows.map(r => r.cells[{index}].innerText.trim())"
+    )
+
+
+def test_board_in_browser(browser, live_server, submission, tmp_path):
+    # An open-track run that beats the always-D reference but not the top entries, and a team
+    # name that tries to inject markup: it must appear as text and never run.
+    hostile = "<img src=x onerror=\"document.title='pwned'\">Evil & Co"
+    for team, correct, gb in [
+        ("fedtune demo", (1300, 1400, 1800), 0.004),
+        (hostile, (500, 500, 500), 1.2),
+    ]:
+        payload = submission(team, correct=correct, comm_bytes=int(gb * 1024**3))
+        reply = httpx.post(
+            f"{live_server.url}/api/entries",
+            json=payload,
+            headers={"Authorization": f"Bearer {live_server.token}"},
+        )
+        assert reply.status_code == 201, reply.text
+
+    page = browser.new_page(viewport={"width": 1360, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(live_server.url + "/")
+
+    # Row order: ranks ascending; constant-answer rows sit among the entries by their Average.
+    averages = [float(v) for v in _column(page, "average")]
+    assert averages == sorted(averages, reverse=True)
+    ranks = [r for r in _column(page, "rank") if r != "ref"]
+    assert ranks == [str(i) for i in range(1, len(ranks) + 1)]
+    teams = _column(page, "team")
+    assert teams[0].startswith("ZeroOne.AI")
+    demo = next(i for i, t in enumerate(teams) if t.startswith("fedtune demo"))
+    always_d = teams.index("Reference: always D")
+    assert demo < always_d  # 41.6 Average ranks above the best constant answer (27.95)
+    assert any(t.startswith(hostile) for t in teams)  # shown literally
+    assert page.title() == "fedtune leaderboard" and not dialogs and not errors
+    assert page.locator("#board img").count() == 0
+
+    # The chart: one point per entry, the Pareto front, the reference band.
+    assert page.locator("#score-chart").is_visible()
+    assert page.locator("#score-chart circle.pt[data-id]").count() == 19 + 2
+    assert page.locator("#pareto-front").count() == 1
+    on_front = page.eval_on_selector_all(
+        "#score-chart circle.on-front", "cs => cs.map(c => c.dataset.id)"
+    )
+    demo_id = page.locator("#board tbody tr", has_text="fedtune demo").get_attribute("data-id")
+    assert demo_id in on_front  # the cheapest run is on the front by construction
+    page.screenshot(path=str(_shot_dir(tmp_path) / "leaderboard.png"), full_page=True)
+
+    # Sorting: Comm. Costs ascending on the second click; then STEM descending on the first.
+    page.click("#board th[data-key=comm] button")
+    page.click("#board th[data-key=comm] button")
+    assert page.get_attribute("#board th[data-key=comm]", "aria-sort") == "ascending"
+    costs = page.eval_on_selector_all(
+        "#board tbody tr", "rows => rows.map(r => parseFloat(r.cells[4].dataset.v))"
+    )
+    assert costs == sorted(costs)
+    assert _column(page, "team")[0].startswith("Reference")  # references cost nothing
+    page.click("#board th[data-key=stem] button")
+    stems = [float(v) for v in _column(page, "stem")]
+    assert stems == sorted(stems, reverse=True) and stems[0] == 66.22
+
+    # Filter by track (the form submits itself on change): only the two open entries remain.
+    page.select_option("#track-filter", "open")
+    page.wait_for_url("**track=open**")
+    entry_rows = page.locator("#board tbody tr.entry")
+    assert entry_rows.count() == 2
+    assert _column(page, "rank")[0] == "1"
+
+    # The entry page: per-subject table, per-round plots, answer letters.
+    page.click("#board a:text('fedtune demo')")
+    page.wait_for_selector("#entry-title")
+    assert page.locator("#subjects tbody tr").count() == 44
+    assert page.locator("#comm-chart rect.bar").count() >= 6
+    assert page.locator("#loss-chart polyline").count() == 1
+    assert page.locator("#letter-chart").is_visible()
+    page.screenshot(path=str(_shot_dir(tmp_path) / "entry.png"), full_page=True)
+    assert not errors
+    page.close()
+
+
+def _shot_dir(tmp_path: Path) -> Path:
+    path = Path(os.environ.get("FEDTUNE_SCREENSHOT_DIR", tmp_path))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
