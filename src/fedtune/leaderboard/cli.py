@@ -118,7 +118,7 @@ def _submit(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     from fedtune.leaderboard.ranking import rank
 
-    position = next(p for p, e in rank(store.entries(entry.track)) if e.id == new_id)
+    position = next(p for p, e in rank(store.entries(entry.track, details=False)) if e.id == new_id)
     print(
         f"entry {new_id}: {entry.team} · {entry.base_model} · Average {entry.average:.2f} · "
         f"{entry.board_gb} · rank {position} in {entry.track} ({store.path})"

@@ -203,9 +203,15 @@ class Store:
             row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None
 
-    def entries(self, track: str | None = None) -> list[Entry]:
-        """All entries (of one track if given), in id order."""
-        query = f"SELECT {_COLUMNS} FROM entries"
+    def entries(self, track: str | None = None, *, details: bool = True) -> list[Entry]:
+        """All entries (of one track if given), in id order.
+
+        Args:
+            track: only this track.
+            details: False leaves `details` empty, for ranking and tables (much less to decode).
+        """
+        columns = _COLUMNS if details else _COLUMNS.replace("details", "'{}'")
+        query = f"SELECT {columns} FROM entries"
         args: Sequence[Any] = ()
         if track:
             query += " WHERE track = ?"

@@ -109,7 +109,7 @@ def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlet
         track, model = view(request)
         if track not in (ALL_TRACKS, *TRACKS):
             track = ALL_TRACKS
-        entries = store.entries()
+        entries = store.entries(details=False)
         in_track = [e for e in entries if track == ALL_TRACKS or e.track == track]
         models = sorted({e.base_model for e in in_track}, key=str.lower)
         if model not in models:
@@ -142,7 +142,10 @@ def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlet
             )
         include_reference = request.query_params.get("reference", "1") not in ("0", "false", "no")
         rows = board_rows(
-            store.entries(), references if include_reference else (), track=track, base_model=model
+            store.entries(details=False),
+            references if include_reference else (),
+            track=track,
+            base_model=model,
         )
         records = [row_record(r) for r in rows]
         return JSONResponse(
@@ -229,7 +232,7 @@ def _ranked_entry(store: Store, entry_id: int) -> tuple[Entry, int] | None:
     item = store.get(entry_id)
     if item is None:
         return None
-    for position, other in rank(store.entries(item.track)):
+    for position, other in rank(store.entries(item.track, details=False)):
         if other.id == entry_id:
             return item, position
     return None

@@ -1,0 +1,85 @@
+"""Well-formed leaderboard submissions built in code (for fixtures and worker processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.evaluation.subjects import (
+    CATEGORY_SUBJECTS,
+    EXPECTED_TEST_QUESTIONS,
+    SCORED_CATEGORIES,
+)
+
+
+def spread(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` near-equal integers (the first ones take the remainder)."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def subjects_for(correct: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per-subject counts covering the whole test split with `correct[category]` right answers."""
+    subjects: dict[str, dict[str, int]] = {}
+    for category in SCORED_CATEGORIES:
+        names = CATEGORY_SUBJECTS[category]
+        totals = spread(EXPECTED_TEST_QUESTIONS[category], len(names))
+        rights = spread(correct[category], len(names))
+        for name, total, right in zip(names, totals, rights, strict=True):
+            subjects[name] = {"correct": min(right, total), "total": total}
+    return subjects
+
+
+def make_submission(
+    team: str = "Team A",
+    *,
+    correct: tuple[int, int, int] = (1500, 1800, 2500),
+    comm_bytes: int = 3 * 1024**3,
+    track: str = "open",
+    rounds: int = 3,
+    base_model: str = "SmolLM2-135M-Instruct",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A valid submission whose category scores follow from `correct` (STEM, Social, Humanities)."""
+    by_category = dict(zip(SCORED_CATEGORIES, correct, strict=True))
+    scores = {c: 100.0 * by_category[c] / EXPECTED_TEST_QUESTIONS[c] for c in SCORED_CATEGORIES}
+    per_round = spread(comm_bytes, rounds * 2)
+    payload: dict[str, Any] = {
+        "team": team,
+        "code_url": "https://github.com/example/fedtune-run",
+        "base_model": base_model,
+        "track": track,
+        "date": "2026-11-28",
+        "scores": scores,
+        "communication": {
+            "total_bytes": comm_bytes,
+            "downlink_bytes": sum(per_round[0::2]),
+            "uplink_bytes": sum(per_round[1::2]),
+        },
+        "evaluation": {
+            "protocol": "flowertune",
+            "protocol_version": "1",
+            "split": "test",
+            "subjects": subjects_for(by_category),
+            "answer_distribution": {"A": 10935 - 300, "B": 100, "C": 100, "D": 100},
+        },
+        "adapter": {"location": "runs/demo/adapter", "sha256": "ab" * 32},
+        "setup": {"dataset": "flwrlabs/alpaca-gpt4", "num_clients": 20, "rounds": rounds},
+        "provenance": {
+            "commit": "0123abc",
+            "command": "fedtune run",
+            "versions": {"fedtune": "0.1.0"},
+        },
+        "config": {"num-server-rounds": rounds, "model.lora.peft-lora-r": 8},
+        "rounds": [
+            {
+                "round": r + 1,
+                "train_loss": 2.0 - 0.1 * r,
+                "downlink_bytes": per_round[2 * r],
+                "uplink_bytes": per_round[2 * r + 1],
+                "clients": 2,
+            }
+            for r in range(rounds)
+        ],  # fmt: skip
+    }
+    payload.update(overrides)
+    return payload

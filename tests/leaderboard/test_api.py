@@ -1,0 +1,155 @@
+"""The JSON API and the pages over a real HTTP server (uvicorn on a loopback port)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+
+
+@pytest.fixture
+def client(live_server):
+    with httpx.Client(base_url=live_server.url, timeout=30) as http:
+        yield http
+
+
+def _auth(live_server):
+    return {"Authorization": f"Bearer {live_server.token}"}
+
+
+def test_list_and_get(client):
+    listing = client.get("/api/entries").json()
+    assert listing["count"] == 19 + 4
+    entries = [r for r in listing["rows"] if r["kind"] == "entry"]
+    assert [r["rank"] for r in entries] == list(range(1, 20))
+    assert entries[0]["team"] == "ZeroOne.AI" and entries[0]["comm_gb"] == 2.9
+    one = client.get(f"/api/entries/{entries[2]['id']}").json()
+    assert one["rank"] == 3 and one["details"]["evaluation"]["protocol"] == "flowertune"
+    assert client.get("/api/entries?track=open&reference=0").json()["rows"] == []
+    reference = client.get("/api/reference").json()["rows"]
+    assert [r["average"] for r in reference] == [22.39, 23.94, 25.72, 27.95]
+
+
+def test_not_found_and_bad_queries(client):
+    reply = client.get("/api/entries/999")
+    assert reply.status_code == 404 and "999" in reply.json()["error"]
+    assert client.get("/entry/999").status_code == 404
+    assert client.get("/nowhere").status_code == 404
+    reply = client.get("/api/entries?track=closed")
+    assert reply.status_code == 400 and reply.json()["field"] == "track"
+
+
+def test_submit_then_see_it_ranked(client, live_server, submission):
+    reply = client.post(
+        "/api/entries",
+        json=submission("API Team", correct=(1900, 2000, 2600)),
+        headers=_auth(live_server),
+    )
+    assert reply.status_code == 201, reply.text
+    created = reply.json()
+    assert created["rank"] == 1 and created["track"] == "open"
+    everything = client.get("/api/entries?reference=0").json()["rows"]
+    ours = next(r for r in everything if r["id"] == created["id"])
+    # 60.26 STEM / 65.00 / 55.26 → Average 60.17: between Phi-4 (55.64) and ZJUDAI Qwen-7B (64.04).
+    assert ours["rank"] == 8
+    assert everything[6]["team"] == "ZJUDAI" and everything[8]["team"] == "Massimo R. Scamarcia"
+    stored = client.get(f"/api/entries/{created['id']}").json()
+    assert stored["details"]["submitted_by"] == "tests"
+    assert stored["status"] == "submitted"
+    page = client.get(created["url"])
+    assert page.status_code == 200 and "API Team" in page.text and 'id="subjects"' in page.text
+
+
+def test_refusals_have_a_status_and_a_reason(client, live_server, submission):
+    good = submission("Refused Team")
+    before = client.get("/api/entries").json()["count"]
+    cases = [
+        ({}, json.dumps(good), "application/json", 401, "token"),
+        ({"Authorization": "Bearer nope"}, json.dumps(good), "application/json", 401, "token"),
+        (_auth(live_server), json.dumps(good), "text/plain", 415, "application/json"),
+        (_auth(live_server), "{not json", "application/json", 400, "not valid JSON"),
+        (_auth(live_server), '{"team": NaN}', "application/json", 400, "NaN"),
+        (_auth(live_server), json.dumps({**good, "team": None}), "application/json", 422, "team"),
+        (
+            _auth(live_server),
+            json.dumps({**good, "scores": {**good["scores"], "stem": 101}}),
+            "application/json",
+            422,
+            "percentage",
+        ),
+        (
+            _auth(live_server),
+            json.dumps({**good, "communication": {"total_bytes": -1}}),
+            "application/json",
+            422,
+            "below",
+        ),
+        (_auth(live_server), json.dumps({**good, "track": "general-nlp",
+         "setup": {"dataset": "embedded:alpaca-gpt4-sample", "num_clients": 20}}),
+         "application/json", 422, "Alpaca-GPT4"),
+    ]  # fmt: skip
+    for headers, body, content_type, status, reason in cases:
+        reply = client.post(
+            "/api/entries", content=body, headers={**headers, "Content-Type": content_type}
+        )
+        assert reply.status_code == status, (status, reply.text)
+        assert reason in reply.json()["error"] or reason == reply.json().get("field")
+    assert client.get("/api/entries").json()["count"] == before  # nothing stored, nothing lost
+
+
+def test_oversized_submissions_get_413(client, live_server, submission):
+    big = submission("Big", provenance={"padding": "x" * 4000, "more": ["y" * 4000] * 600})
+    body = json.dumps(big).encode()
+    assert len(body) > 2 * 1024 * 1024
+    reply = client.post(
+        "/api/entries",
+        content=body,
+        headers={**_auth(live_server), "Content-Type": "application/json"},
+    )
+    assert reply.status_code == 413 and "larger than" in reply.json()["error"]
+
+    def chunks():  # no Content-Length: the limit holds while streaming
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    reply = client.post(
+        "/api/entries",
+        content=chunks(),
+        headers={**_auth(live_server), "Content-Type": "application/json"},
+    )
+    assert reply.status_code == 413
+
+
+def test_duplicate_submission_is_refused(client, live_server, submission):
+    payload = submission("Twice")
+    first = client.post("/api/entries", json=payload, headers=_auth(live_server))
+    again = client.post("/api/entries", json=payload, headers=_auth(live_server))
+    assert first.status_code == 201
+    assert again.status_code == 409 and again.json()["id"] == first.json()["id"]
+
+
+def test_user_input_is_escaped_everywhere(client, live_server, submission):
+    team = '<script>alert("x")</script><b onmouseover=alert(1)>bold</b>'
+    payload = submission(team, base_model="<i>Model</i>", config={"<k>": "<v>"})
+    reply = client.post("/api/entries", json=payload, headers=_auth(live_server))
+    assert reply.status_code == 201
+    for path in ("/", reply.json()["url"], "/?model=%3Ci%3EModel%3C%2Fi%3E"):
+        page = client.get(path)
+        assert page.status_code == 200
+        assert "<script>alert" not in page.text and "<b onmouseover" not in page.text
+        assert "<i>Model</i>" not in page.text and "<k>" not in page.text
+        assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_static_assets_are_served_by_the_app(client):
+    page = client.get("/").text
+    assert 'src="/static/board.js"' in page and 'href="/static/board.css"' in page
+    # Nothing is loaded from elsewhere (links to code are fine: they are not loaded).
+    assert not re.search(r'<(script|link|img|iframe)[^>]*(src|href)="(https?:)?//', page)
+    assert client.get("/static/board.js").status_code == 200
+    assert client.get("/static/board.css").headers["content-type"].startswith("text/css")

@@ -1,0 +1,59 @@
+"""The constant-answer reference rows, recomputed from the MMLU data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedtune.evaluation.dataset import load_split
+from fedtune.evaluation.metrics import constant_baselines
+from fedtune.evaluation.subjects import SCORED_CATEGORIES
+from fedtune.leaderboard.reference import (
+    TEST_GOLD_LETTERS,
+    constant_answer_rows,
+    count_gold_letters,
+    scored_gold_distribution,
+)
+
+
+def test_constant_answer_averages():
+    rows = {r.letter: r for r in constant_answer_rows()}
+    assert {k: r.average for k, r in rows.items()} == {
+        "A": 22.39,
+        "B": 23.94,
+        "C": 25.72,
+        "D": 27.95,
+    }
+    assert (rows["D"].stem, rows["D"].social_sciences, rows["D"].humanities) == (
+        28.61,
+        31.07,
+        24.17,
+    )
+    assert sum(scored_gold_distribution().values()) == 3153 + 3077 + 4705
+
+
+def test_shipped_counts_equal_the_evaluation_data():
+    # The evaluation package's own copy of the test split (shipped inside fedtune).
+    questions = load_split("embedded", "test")
+    counted: dict[str, dict[str, int]] = {}
+    for q in questions:
+        cell = counted.setdefault(q.category, dict.fromkeys("ABCD", 0))
+        cell[q.answer] += 1
+    assert counted == TEST_GOLD_LETTERS
+    # And the evaluation package's own constant baselines agree with the rows shown.
+    baselines = constant_baselines(questions)
+    for row in constant_answer_rows():
+        board = baselines[row.letter]["board"]
+        assert board["average"] == row.average
+        for category in SCORED_CATEGORIES:
+            assert board[category] == getattr(row, category)
+
+
+MMLU_CSV = Path(os.environ.get("FEDTUNE_MMLU_DIR", "/work/shared/data/mmlu")) / "test"
+
+
+@pytest.mark.skipif(not MMLU_CSV.is_dir(), reason=f"no MMLU CSVs at {MMLU_CSV} (FEDTUNE_MMLU_DIR)")
+def test_shipped_counts_equal_the_original_csvs():
+    assert count_gold_letters(MMLU_CSV) == TEST_GOLD_LETTERS

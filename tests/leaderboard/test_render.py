@@ -1,0 +1,57 @@
+"""`show` formats: the board's columns, escaping, machine-readable output that round-trips."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from lb_submissions import make_submission
+
+from fedtune.leaderboard.ranking import board_rows
+from fedtune.leaderboard.reference import constant_answer_rows
+from fedtune.leaderboard.render import render
+from fedtune.leaderboard.validation import validate_submission
+
+
+def _rows(store, team="A|B <script>x</script> [c](d)"):
+    store.add(validate_submission(make_submission(team, correct=(2000, 2000, 2000))))
+    return board_rows(store.entries(), constant_answer_rows())
+
+
+def test_table_is_aligned_and_shows_the_board_columns(store):
+    text = render(_rows(store), "table")
+    lines = text.splitlines()
+    assert lines[0].split("  ")[0] == "Rank"
+    for column in ("Team", "Comm. Costs", "Average ↑", "Social Sciences", "Date"):
+        assert column in lines[0]
+    assert lines[2].lstrip().startswith("1  ZeroOne.AI")
+    widths = {len(line) for line in lines[2:] if "ZeroOne" in line or "ZJUDAI" in line}
+    assert len(widths) <= 2  # right-aligned numbers; rows end where their last cell ends
+    assert any(line.lstrip().startswith("ref  Reference: always D") for line in lines)
+
+
+def test_markdown_escapes_team_names(store):
+    text = render(_rows(store), "markdown")
+    line = next(row for row in text.splitlines() if "script" in row)
+    assert "<script>" not in line and "&lt;script&gt;" in line
+    assert "A\\|B" in line and "\\[c\\]" in line
+    # Every row has the same number of (unescaped) cell separators as the header.
+    header_cells = text.splitlines()[0].count("|")
+    assert line.replace("\\|", "").count("|") == header_cells
+    assert "| 1 | ZeroOne.AI | [Link](https://flower.ai/" in text
+
+
+def test_csv_and_json_round_trip(store):
+    rows = _rows(store, team='Quote " and, comma')
+    records = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    ours = next(r for r in records if r["Team"] == 'Quote " and, comma')
+    assert ours["Track"] == "open" and int(ours["Comm. Bytes"]) == 3 * 1024**3
+    data = json.loads(render(rows, "json"))
+    assert [r["rank"] for r in data if r["kind"] == "entry"] == list(range(1, 21))
+    assert {r["label"] for r in data if r["kind"] == "reference"} == {
+        "always A",
+        "always B",
+        "always C",
+        "always D",
+    }

@@ -1,0 +1,132 @@
+"""The SQLite store: migrations, round trips, duplicates, statuses, tokens, concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from fedtune.leaderboard.published import PUBLISHED_ROWS
+from fedtune.leaderboard.store import (
+    DB_NAME,
+    SCHEMA_VERSION,
+    DuplicateEntry,
+    Store,
+    StoreError,
+    default_data_dir,
+)
+from fedtune.leaderboard.validation import validate_submission
+
+
+def test_fresh_store_holds_the_published_board(store):
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    entries = store.entries()
+    assert len(entries) == 19
+    assert all(e.status == "published" and e.track == "general-nlp" for e in entries)
+    first = entries[0]
+    assert (first.team, first.base_model, first.board_gb, first.average) == (
+        "ZeroOne.AI",
+        "Internlm3-8b-instruct",
+        "2.9 GB",
+        69.25,
+    )
+    assert first.date == "2026-01-14"
+    # Every published GB value prints back exactly as published.
+    assert [e.board_gb for e in entries] == [f"{row[3]:.1f} GB" for row in PUBLISHED_ROWS]
+
+
+def test_reopening_does_not_import_twice(store):
+    again = Store(store.path)
+    assert again.count() == 19
+
+
+def test_migration_from_version_1_keeps_data(tmp_path, submission):
+    path = tmp_path / DB_NAME
+    old = Store(path, migrate=False)
+    old.migrate(target=1)  # a file written before the published rows were imported
+    assert old.schema_version() == 1 and old.count() == 0
+    entry_id = old.add(validate_submission(submission("early bird")))
+    upgraded = Store(path)
+    assert upgraded.schema_version() == 2
+    assert upgraded.count() == 20
+    assert upgraded.get(entry_id).team == "early bird"
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / DB_NAME
+    Store(path)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(path)
+
+
+def test_round_trip_and_duplicates(store, submission):
+    entry = validate_submission(submission("Round Trip", comm_bytes=123_456_789))
+    entry_id = store.add(entry)
+    back = store.get(entry_id)
+    assert back.team == "Round Trip" and back.comm_bytes == 123_456_789
+    assert back.details["evaluation"]["subjects"] == entry.details["evaluation"]["subjects"]
+    assert back.average == pytest.approx(entry.average, abs=1e-12)
+    with pytest.raises(DuplicateEntry) as info:
+        store.add(entry)
+    assert info.value.existing_id == entry_id
+    assert store.count() == 20
+    assert store.get(10_000) is None
+
+
+def test_status_changes(store, submission):
+    entry_id = store.add(validate_submission(submission("To Verify")))
+    store.set_status(entry_id, "verified")
+    assert store.get(entry_id).status == "verified"
+    with pytest.raises(StoreError, match="published"):
+        store.set_status(1, "verified")
+    with pytest.raises(StoreError, match="no entry"):
+        store.set_status(999, "verified")
+    with pytest.raises(StoreError, match="status must be"):
+        store.set_status(entry_id, "published")
+
+
+def test_tokens_are_stored_hashed(store):
+    token = store.new_token("team-x")
+    assert store.token_owner(token) == "team-x"
+    assert store.token_owner(token + "x") is None
+    with store.connect() as db:
+        stored = [row[0] for row in db.execute("SELECT token_sha256 FROM tokens")]
+    assert token not in stored
+
+
+def test_data_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDTUNE_LEADERBOARD_DIR", str(tmp_path / "lb"))
+    assert default_data_dir() == tmp_path / "lb"
+    assert Store.in_dir().path == tmp_path / "lb" / DB_NAME
+
+
+def _writer(args: tuple[str, int, int]) -> list[int]:
+    """One process: open the store (racing the others' migration) and add entries."""
+    from lb_submissions import make_submission
+
+    path, worker, count = args
+    store = Store(path)
+    ids = []
+    for i in range(count):
+        payload = make_submission(
+            f"proc {worker} entry {i}", correct=(1000 + i, 1000 + worker, 900)
+        )
+        ids.append(store.add(validate_submission(payload)))
+    return ids
+
+
+def test_concurrent_writer_processes(tmp_path):
+    # Four processes open a *new* file at once (all racing to migrate it) and write 15 entries each.
+    path = str(tmp_path / DB_NAME)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        results = pool.map(_writer, [(path, w, 15) for w in range(4)])
+    ids = [i for chunk in results for i in chunk]
+    assert len(ids) == len(set(ids)) == 60
+    store = Store(path)
+    assert store.count() == 19 + 60  # the published rows imported exactly once
+    teams = [e.team for e in store.entries() if e.status == "submitted"]
+    assert sorted(teams) == sorted(f"proc {w} entry {i}" for w in range(4) for i in range(15))
