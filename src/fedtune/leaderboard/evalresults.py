@@ -41,7 +41,7 @@ class EvalResults:
     protocol_version: str
     split: str
     complete: bool | None
-    subjects: dict[str, dict[str, int]]
+    subjects: dict[str, dict[str, Any]]  # {"correct", "total"}; checked by validation
     answer_distribution: dict[str, int]
     extra: dict[str, float]
     adapter_path: str | None
@@ -121,7 +121,7 @@ def read_results(path: Path) -> EvalResults:
     if not isinstance(doc, dict):
         raise EvalResultsError(f"{path}: expected a JSON object")
     metrics = _metrics(doc)
-    subjects = {}
+    subjects: dict[str, dict[str, Any]] = {}
     for subject, cell in (metrics.get("subjects") or {}).items():
         if subject not in SUBJECT_CATEGORY or not isinstance(cell, dict):
             raise EvalResultsError(f"{path}: unexpected subject entry {subject!r}")

@@ -98,6 +98,15 @@ def check_ledger(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]
         cell["clients"] += 1
     if not per_round:
         raise RunDirError("the communication ledger (ledger.jsonl) is empty")
+    rounds_completed = summary.get("rounds_completed")
+    if isinstance(rounds_completed, int):
+        missing = sorted(set(range(1, rounds_completed + 1)) - set(per_round))
+        extra = sorted(set(per_round) - set(range(1, rounds_completed + 1)))
+        if missing or extra:
+            raise RunDirError(
+                f"the ledger does not cover rounds 1–{rounds_completed}: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+            )
     comm = summary.get("communication")
     if not isinstance(comm, dict):
         raise RunDirError("summary.json has no communication totals")
@@ -108,15 +117,6 @@ def check_ledger(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]
             raise RunDirError(
                 f"ledger and summary disagree: the ledger's {key} add up to {value:,}, "
                 f"summary.json says {comm.get(key)!r}"
-            )
-    rounds_completed = summary.get("rounds_completed")
-    if isinstance(rounds_completed, int):
-        missing = sorted(set(range(1, rounds_completed + 1)) - set(per_round))
-        extra = sorted(set(per_round) - set(range(1, rounds_completed + 1)))
-        if missing or extra:
-            raise RunDirError(
-                f"the ledger does not cover rounds 1–{rounds_completed}: "
-                f"missing {missing[:5]}, unexpected {extra[:5]}"
             )
     losses = _check_metrics(run_dir, per_round)
     return [{"round": r, **per_round[r], "train_loss": losses.get(r)} for r in sorted(per_round)]

@@ -170,7 +170,11 @@ def check_general_nlp_rules(details: Mapping[str, Any]) -> None:
 def _scores(value: Any) -> dict[str, float]:
     obj = _mapping(value, "scores", required=True)
     _no_unknown(obj, "scores", {*SCORED_CATEGORIES, "average"})
-    scores = {c: _percent(obj.get(c), f"scores.{c}", required=True) for c in SCORED_CATEGORIES}
+    scores: dict[str, float] = {}
+    for category in SCORED_CATEGORIES:
+        value = _percent(obj.get(category), f"scores.{category}", required=True)
+        assert value is not None  # required=True raises instead
+        scores[category] = value
     mean = sum(scores.values()) / len(scores)
     given = _percent(obj.get("average"), "scores.average", required=False)
     if given is not None and abs(given - mean) > SCORE_TOLERANCE:

@@ -1,0 +1,207 @@
+"""`fedtune leaderboard submit RUN_DIR` and `show`: from a run directory to a ranked entry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lb_rundir import always, evaluation_results, make_run_dir
+
+from fedtune.cli import main
+from fedtune.leaderboard.store import Store
+
+CODE = "https://github.com/example/fedtune"
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return tmp_path / "board"
+
+
+def submit(run, data_dir, *extra):
+    return main(
+        ["leaderboard", "submit", str(run), "--team", "Demo", "--code", CODE,
+         "--data-dir", str(data_dir), *extra]
+    )  # fmt: skip
+
+
+def test_open_track_run_is_ranked_among_the_published_rows(tmp_path, data_dir, capsys):
+    run = make_run_dir(tmp_path, answer=always("D"))
+    assert submit(run, data_dir, "--track", "open") == 0
+    out = capsys.readouterr().out
+    assert "entry 20: Demo · SmolLM2-135M-Instruct · Average 27.95" in out
+
+    entry = Store.in_dir(data_dir).get(20)
+    # An always-D evaluation scores exactly the always-D reference row.
+    assert (round(entry.stem, 2), round(entry.social_sciences, 2), round(entry.humanities, 2)) == (
+        28.61,
+        31.07,
+        24.17,
+    )
+    assert entry.comm_bytes == 3 * 2 * 2 * 1_958_400
+    assert (
+        entry.details["adapter"]["sha256"]
+        == json.loads((run / "summary.json").read_text())["adapter_sha256"]
+    )
+    assert [r["train_loss"] for r in entry.details["rounds"]] == pytest.approx([1.8, 1.6, 1.4])
+    assert entry.details["evaluation"]["answer_distribution"]["D"] == 3153 + 3077 + 4705
+    assert entry.details["provenance"]["command"] == "fedtune run --set num-server-rounds=3"
+    assert entry.details["provenance"]["config_digest"] == "0123456789abcdef"
+
+    assert main(["leaderboard", "show", "--format", "json", "--data-dir", str(data_dir)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    ranked = [(r["rank"], r.get("team")) for r in rows if r["kind"] == "entry"]
+    assert (13, "Demo") in ranked  # below ZJUDAI Llama-3.1-8B (31.49), above Baseline (21.68)
+    assert main(["leaderboard", "show", "--data-dir", str(data_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "  13  Demo " in table and "Open" in table
+    assert main(["leaderboard", "show", "--track", "open", "--data-dir", str(data_dir)]) == 0
+    assert "   1  Demo " in capsys.readouterr().out
+
+
+def test_general_nlp_requires_the_rules(tmp_path, data_dir, capsys):
+    sample = make_run_dir(tmp_path, name="sample")
+    assert submit(sample, data_dir) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "Alpaca-GPT4" in err and "--track open" in err
+    ten = make_run_dir(tmp_path, name="ten", data_name="flwrlabs/alpaca-gpt4", num_clients=10)
+    assert submit(ten, data_dir) == 2
+    assert "20 clients" in capsys.readouterr().err
+    official = make_run_dir(tmp_path, name="official", data_name="flwrlabs/alpaca-gpt4")
+    assert submit(official, data_dir) == 0
+    assert Store.in_dir(data_dir).get(20).track == "general-nlp"
+
+
+def _edit_json(path, **changes):
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+def _refusals(tmp_path):
+    """(name, run directory, expected reason) for runs that must be refused."""
+    cases = []
+
+    def case(name, reason, edit):
+        run = make_run_dir(tmp_path, name=name)
+        edit(run)
+        cases.append((name, run, reason))
+
+    case("no-ledger", "no communication ledger", lambda r: (r / "ledger.jsonl").unlink())
+    case(
+        "ledger-summary",
+        "ledger and summary disagree",
+        lambda r: _edit_json(
+            r / "summary.json",
+            communication={"downlink_bytes": 1, "uplink_bytes": 1, "total_bytes": 2},
+        ),
+    )
+    case(
+        "ledger-gap",
+        "does not cover rounds",
+        lambda r: (r / "ledger.jsonl").write_text(
+            "".join(line + "\n" for line in (r / "ledger.jsonl").read_text().splitlines()[:-2])
+        ),
+    )
+    case(
+        "metrics-ledger",
+        "metrics.jsonl round 1",
+        lambda r: (r / "metrics.jsonl").write_text(
+            json.dumps({"round": 1, "downlink_bytes": 5, "uplink_bytes": 5}) + "\n"
+        ),
+    )
+    case("bad-ledger-line", "not JSON", lambda r: (r / "ledger.jsonl").write_text("{oops\n"))
+    case(
+        "adapter-changed",
+        "the adapter changed after the run",
+        lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"other"),
+    )
+    case(
+        "other-adapter",
+        "evaluation is of another adapter",
+        lambda r: _write_eval(r, evaluation_results(always("A"), adapter_sha256="f" * 64)),
+    )
+    case(
+        "partial-eval",
+        "partial evaluation",
+        lambda r: _write_eval(
+            r,
+            evaluation_results(
+                always("A"),
+                adapter_sha256=_sha(r),
+                keep=lambda q: q.subject != "machine_learning",
+            ),
+        ),
+    )
+    case(
+        "partial-unflagged",
+        "partial evaluation",
+        lambda r: _write_eval(
+            r,
+            {
+                **evaluation_results(
+                    always("A"), adapter_sha256=_sha(r), keep=lambda q: q.index < 50
+                ),
+                "complete": None,
+            },
+        ),
+    )
+    case("no-eval", "evaluate the run first", lambda r: _rmtree(r / "eval"))
+    case("running", "has not finished", lambda r: _edit_json(r / "status.json", state="running"))
+    return cases
+
+
+def _sha(run):
+    return json.loads((run / "summary.json").read_text())["adapter_sha256"]
+
+
+def _write_eval(run, doc):
+    (run / "eval" / "board" / "results.json").write_text(json.dumps(doc))
+
+
+def _rmtree(path):
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def test_runs_that_do_not_add_up_are_refused(tmp_path, data_dir, capsys):
+    for name, run, reason in _refusals(tmp_path):
+        assert submit(run, data_dir, "--track", "open") == 2, name
+        err = capsys.readouterr().err
+        assert "refused" in err and reason in err, (name, err)
+    assert Store.in_dir(data_dir).count() == 19  # nothing stored
+
+
+def test_submit_to_a_server_and_dry_run(tmp_path, live_server, capsys):
+    run = make_run_dir(tmp_path, answer=always("B"))
+    assert submit(run, tmp_path / "unused", "--track", "open", "--dry-run") == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["scores"]["stem"] == pytest.approx(100 * 753 / 3153)
+    args = ["--track", "open", "--server", live_server.url, "--token", live_server.token]
+    assert submit(run, tmp_path / "unused", *args) == 0
+    assert "rank 1 in open" in capsys.readouterr().out
+    assert live_server.store.get(20).team == "Demo"
+    assert submit(run, tmp_path / "unused", *args) == 2  # the same run again
+    assert "409" in capsys.readouterr().err
+    bad = ["--track", "open", "--server", live_server.url, "--token", "wrong"]
+    assert submit(run, tmp_path / "unused", *bad) == 2
+    assert "401" in capsys.readouterr().err
+
+
+def test_cli_get_token_verify(tmp_path, data_dir, capsys):
+    run = make_run_dir(tmp_path)
+    assert submit(run, data_dir, "--track", "open") == 0
+    capsys.readouterr()
+    assert main(["leaderboard", "verify", "20", "--data-dir", str(data_dir)]) == 0
+    assert main(["leaderboard", "get", "20", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{") :])["status"] == "verified"
+    assert main(["leaderboard", "verify", "1", "--data-dir", str(data_dir)]) == 2
+    assert main(["leaderboard", "get", "99", "--data-dir", str(data_dir)]) == 2
+    assert main(["leaderboard", "token", "team-x", "--data-dir", str(data_dir)]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Store.in_dir(data_dir).token_owner(token) == "team-x"
+    for fmt in ("markdown", "csv"):
+        assert main(["leaderboard", "show", "--format", fmt, "--data-dir", str(data_dir)]) == 0
+        assert "Demo" in capsys.readouterr().out
