@@ -136,9 +136,23 @@ def load_local_rows(source: DataSource) -> Dataset:
         records = _read_json_records(path)
         if not records:
             raise DataError(f"{path.name}: holds no records")
-        # Missing keys become None (skipped and counted later), not a schema error.
+        # Missing keys, and text fields that are not text, become None: such rows are skipped and
+        # counted by clean_rows instead of failing the whole file on a column-type clash.
         keys = sorted({key for record in records for key in record})
-        dataset = Dataset.from_list([{key: record.get(key) for key in keys} for record in records])
+        text_keys = {s for spellings in FIELD_ALIASES.values() for s in spellings}
+        table = [
+            {
+                key: None
+                if key in text_keys and not isinstance(record.get(key), str)
+                else record.get(key)
+                for key in keys
+            }
+            for record in records
+        ]
+        try:
+            dataset = Dataset.from_list(table)
+        except Exception as exc:  # pyarrow: a column holding values of several types
+            raise DataError(f"{path.name}: a column mixes value types across rows ({exc})") from exc
     return normalize_columns(dataset)
 
 

@@ -22,7 +22,21 @@ QUIET_ENV = {
     "UV_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for fedtune's progress: library banners and bars go (use --verbose)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+    logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 def register(subparsers: Any) -> None:
@@ -138,7 +152,7 @@ def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
     from fedtune.federation.server_app import make_server_app
 
     if not args.verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        quiet_libraries()
     from flwr.simulation import run_simulation
 
     backend = backend_config(config, args)

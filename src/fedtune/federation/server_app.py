@@ -55,6 +55,9 @@ def init_global_adapter(config: RunConfig) -> GlobalAdapter:
     peft_model = attach_adapter(model, config.lora, config.train.seed, config.model.name)
     state = adapter_state(peft_model)
     resolved = peft_model.peft_config[peft_model.active_adapter]
+    # PEFT records the directory it loaded from (for the embedded model, a cache path); the
+    # configured name is what identifies the base model to a reader of the checkpoint.
+    resolved.base_model_name_or_path = config.model.name
     del peft_model, model
     return GlobalAdapter(state, resolved, count_parameters(state))
 

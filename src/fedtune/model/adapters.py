@@ -58,11 +58,11 @@ def attach_adapter(
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter tensors (PEFT's saved-checkpoint key names), detached, on CPU, contiguous."""
+    """A copy of the adapter tensors (PEFT's saved-checkpoint key names), on CPU, contiguous."""
     from peft import get_peft_model_state_dict
 
     return {
-        key: value.detach().to("cpu").contiguous()
+        key: value.detach().to("cpu", copy=True).contiguous()
         for key, value in get_peft_model_state_dict(model).items()
     }
 
