@@ -166,6 +166,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    probe_examples: int = _key(
+        "eval.probe-examples",
+        "Examples of a fixed seeded sample (from client 0's partition) on which the server "
+        "measures the global adapter's loss before round 1 and after every round; 0 disables.",
+    )
+
+
+@dataclass(frozen=True)
 class RunSettings:
     output_dir: str = _key("run.output-dir", "Directory under which run directories are made.")
     name: str = _key("run.name", "Run directory name; empty means a timestamp.")
@@ -182,6 +191,7 @@ class RunConfig:
     data: DataConfig
     federation: FederationConfig
     train: TrainConfig
+    eval: EvalConfig
     run: RunSettings
 
     def to_flat(self) -> dict[str, Any]:
@@ -205,12 +215,13 @@ _SECTIONS = {
     "data": DataConfig,
     "federation": FederationConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
     "run": RunSettings,
 }
 
 # Defaults of the embedded job; tests check they equal pyproject.toml's [tool.flwr.app.config].
 DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 3,
+    "num-server-rounds": 5,
     "model.name": "embedded:smollm2-135m-instruct",
     "model.quantization": 0,
     "model.dtype": "auto",
@@ -233,8 +244,8 @@ DEFAULTS: dict[str, Any] = {
     "strategy.fraction-train": 0.1,
     "strategy.clients-per-round": 0,
     "strategy.round-timeout-s": 3600.0,
-    "train.learning-rate-max": 5e-4,
-    "train.learning-rate-min": 5e-5,
+    "train.learning-rate-max": 2e-3,
+    "train.learning-rate-min": 2e-4,
     "train.seq-length": 256,
     "train.training-arguments.per-device-train-batch-size": 4,
     "train.training-arguments.gradient-accumulation-steps": 1,
@@ -245,6 +256,7 @@ DEFAULTS: dict[str, Any] = {
     "train.dynamic-data-seed": False,
     "train.seed": 2024,
     "train.save-every-round": 5,
+    "eval.probe-examples": 16,
     "run.output-dir": "runs",
     "run.name": "",
     "run.byte-budget": 0,
@@ -478,6 +490,7 @@ def validate(config: RunConfig) -> None:
     _require(t.max_grad_norm >= 0, "train.max-grad-norm", "must be >= 0")
     _require(t.weight_decay >= 0, "train.weight-decay", "must be >= 0")
     _require(t.save_every_round >= 0, "train.save-every-round", "must be >= 0 (0 = only the end)")
+    _require(config.eval.probe_examples >= 0, "eval.probe-examples", "must be >= 0 (0 = off)")
     _require(bool(r.output_dir.strip()), "run.output-dir", "must not be empty")
     _require(
         r.name == "" or re.fullmatch(r"[\w.-]+", r.name) is not None,

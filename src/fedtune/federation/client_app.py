@@ -69,35 +69,14 @@ def get_worker(config: RunConfig) -> ClientWorker:
 def get_partition(
     worker: ClientWorker, config: RunConfig, partition_id: int, num_partitions: int
 ) -> tuple[list[Any], dict[str, int]]:
-    """Tokenized examples of this client's partition, and the counts of what was dropped."""
-    from fedtune.data.partition import load_partition
-    from fedtune.data.prompts import tokenize_rows
-    from fedtune.data.sources import clean_rows, resolve_data
+    """This client's tokenized partition, built once per data setup."""
+    from fedtune.data.pipeline import partition_examples
 
     key = (config.data, config.train.seq_length, partition_id, num_partitions)
     if key not in worker.partitions:
-        rows = load_partition(resolve_data(config.data.name), config.data, partition_id, num_partitions)
-        clean, skipped = clean_rows(rows)
-        examples, stats = tokenize_rows(
-            worker.tokenizer,
-            clean,
-            config.train.seq_length,
-            include_input=config.data.include_input,
-            append_eos=config.data.append_eos,
+        worker.partitions[key] = partition_examples(
+            worker.tokenizer, config, partition_id, num_partitions
         )
-        if not examples:
-            raise ValueError(
-                f"partition {partition_id} has no usable example "
-                f"({len(rows)} rows, {skipped} skipped, {stats.dropped_no_response} without a "
-                "response token after truncation)"
-            )
-        counts = {
-            "partition-rows": len(rows),
-            "skipped-rows": skipped,
-            "truncated": stats.truncated,
-            "dropped-no-response": stats.dropped_no_response,
-        }
-        worker.partitions[key] = (examples, counts)
     return worker.partitions[key]
 
 

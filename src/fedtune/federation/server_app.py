@@ -7,6 +7,7 @@ a round is sent, per-round metrics, and checkpoints a later resume can start fro
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable
@@ -39,27 +40,57 @@ class GlobalAdapter:
     parameters: int
 
 
-def init_global_adapter(config: RunConfig) -> GlobalAdapter:
+@dataclass
+class LossProbe:
+    """The global adapter's loss on a fixed sample of client 0's data, measured on the server.
+
+    Clients train on different data every round, so their losses mix learning with data noise;
+    the probe holds the data fixed and shows the federation's progress alone.
+    """
+
+    model: Any
+    examples: list[Any]
+    pad_id: int
+    device: str
+
+    def __call__(self, state: dict[str, Any]) -> float:
+        from fedtune.model.adapters import load_adapter_state
+        from fedtune.training.local import evaluate_loss
+
+        load_adapter_state(self.model, state)
+        return evaluate_loss(self.model, self.examples, self.pad_id, self.device)
+
+
+def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, LossProbe | None]:
     """Initial adapter: the base model with a fresh adapter seeded by train.seed.
 
-    The base model is needed once (DoRA's magnitudes come from the base weights) and freed after.
+    The base model is needed once (DoRA's magnitudes come from the base weights); it is kept
+    only when the server measures the probe loss.
     """
+    from fedtune.data.pipeline import partition_examples
     from fedtune.model.adapters import adapter_state, attach_adapter, count_parameters
-    from fedtune.model.loading import load_model, resolve_model
+    from fedtune.model.loading import load_model, load_tokenizer, pick_device, resolve_model
+    from fedtune.training.local import draw_examples
 
+    source = resolve_model(config.model.name)
+    device = pick_device()
     model = load_model(
-        resolve_model(config.model.name),
-        dtype=config.model.dtype,
-        quantization=config.model.quantization,
+        source, dtype=config.model.dtype, quantization=config.model.quantization, device=device
     )
     peft_model = attach_adapter(model, config.lora, config.train.seed, config.model.name)
     state = adapter_state(peft_model)
-    resolved = peft_model.peft_config[peft_model.active_adapter]
+    resolved = copy.deepcopy(peft_model.peft_config[peft_model.active_adapter])
     # PEFT records the directory it loaded from (for the embedded model, a cache path); the
     # configured name is what identifies the base model to a reader of the checkpoint.
     resolved.base_model_name_or_path = config.model.name
-    del peft_model, model
-    return GlobalAdapter(state, resolved, count_parameters(state))
+    adapter = GlobalAdapter(state, resolved, count_parameters(state))
+    if config.eval.probe_examples == 0:
+        return adapter, None
+    tokenizer = load_tokenizer(source)
+    examples, _ = partition_examples(tokenizer, config, 0, config.federation.num_clients)
+    count = min(config.eval.probe_examples, len(examples))
+    chosen = [examples[i] for i in draw_examples(len(examples), count, config.data.seed)]
+    return adapter, LossProbe(peft_model, chosen, tokenizer.pad_token_id, device)
 
 
 def build_strategy(config: RunConfig) -> FedAvg:
@@ -113,7 +144,7 @@ def run_federation(
     # FedAvg samples clients with Python's `random`: seeding it makes the sampling reproducible.
     random.seed(train.seed)
     progress.note("building the initial global adapter")
-    adapter = init_global_adapter(config)
+    adapter, probe = init_global_adapter(config)
     expected_spec = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in adapter.state.items()}
     arrays = ArrayRecord(adapter.state)
     per_message = record_payload_bytes_of(arrays)
@@ -128,6 +159,10 @@ def run_federation(
     state_name = "completed"
     last_loss: float | None = None
     rounds_done = 0
+    probe_losses: dict[int, float] = {}
+    if probe is not None:
+        probe_losses[0] = probe(adapter.state)
+        progress.note(f"probe loss before training: {probe_losses[0]:.4f} ({len(probe.examples)} examples)")
     for server_round in range(1, fed.num_rounds + 1):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
         downlink = [record_payload_bytes(m.content) for m in messages]
@@ -152,6 +187,10 @@ def run_federation(
         if aggregated is None:
             raise FederationError(f"round {server_round}: aggregation produced nothing")
         arrays = aggregated
+        if probe is not None:
+            probe_losses[server_round] = round_metrics["probe_loss"] = probe(
+                arrays.to_torch_state_dict()
+            )
         round_metrics["seconds"] = round(time.perf_counter() - round_started, 3)
         round_metrics["cumulative_bytes"] = ledger.total_bytes
         last_loss = round_metrics.get("train_loss")
@@ -176,6 +215,7 @@ def run_federation(
         "message_payload_bytes": per_message,
         "communication": ledger.summary(),
         "final_train_loss": last_loss,
+        "probe_loss": {str(k): v for k, v in probe_losses.items()},
         "adapter": "adapter",
         "adapter_sha256": digest,
         "config_digest": config.digest(),

@@ -123,6 +123,26 @@ def summed_token_loss(
     return loss, int(targets.numel())
 
 
+def evaluate_loss(
+    model: Any,
+    examples: Sequence[TokenizedExample],
+    pad_id: int,
+    device: str = "cpu",
+    max_batch_tokens: int = 4096,
+) -> float:
+    """Mean cross-entropy over the response tokens of `examples` (no gradients, eval mode)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for group in micro_batches(examples, max_batch_tokens):
+            loss_sum, n = summed_token_loss(model, *collate(group, pad_id, device))
+            total += float(loss_sum)
+            count += n
+    return total / max(count, 1)
+
+
 @dataclass
 class LocalResult:
     train_loss: float  # mean of the optimizer steps' losses (as HF Trainer's training_loss)
