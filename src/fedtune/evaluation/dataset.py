@@ -1,14 +1,15 @@
-"""MMLU questions from three sources: the embedded copy (default), a local CSV directory, or the hub.
+"""MMLU questions from three sources: the embedded copy (default), a local CSV directory, or the
+hub.
 
 - `embedded`: the test and dev splits shipped in `fedtune/resources/mmlu/mmlu.jsonl.xz` (1.5 MB), so
   evaluation works offline. Built from the original CSVs by `write_embedded_copy`.
 - a local directory in the original layout: `{dir}/{split}/{subject}_{split}.csv`, no header, rows
   `question,A,B,C,D,answer`.
-- `hub` or `hub:<name>`: `datasets.load_dataset(<name>, "all")` with cais/mmlu's columns (`question`,
-  `subject`, `choices`, `answer` as an index 0–3); the default name is `cais/mmlu`.
+- `hub` or `hub:<name>`: `datasets.load_dataset(<name>, "all")` with cais/mmlu's columns
+  (`question`, `subject`, `choices`, `answer` as an index 0–3); the default name is `cais/mmlu`.
 
-Every load of a complete test split is checked against the known counts (14,042 questions; 3,153 / 3,077 /
-4,705 in the scored categories) and every dev split against 5 questions per subject.
+Every load of a complete test split is checked against the known counts (14,042 questions; 3,153 /
+3,077 / 4,705 in the scored categories) and every dev split against 5 questions per subject.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class Question:
 
     Attributes:
         subject: one of the 57 subjects, e.g. "abstract_algebra".
-        index: the row number inside the subject's split file (0-based); with `subject` it identifies the question.
+        index: the row number inside the subject's split file (0-based); with `subject` it
+            identifies the question.
         question: the question text as in the source.
         choices: the four option texts, A to D.
         answer: the gold letter, "A" to "D".
@@ -170,7 +172,8 @@ def read_embedded(split: str) -> tuple[Question, ...]:
 
 
 def questions_from_hub_rows(rows: Iterable[dict[str, Any]], split: str) -> tuple[Question, ...]:
-    """Convert rows with cais/mmlu's columns (`question`, `subject`, `choices`, `answer` index) to questions.
+    """Convert rows with cais/mmlu's columns (`question`, `subject`, `choices`, `answer` index) to
+    questions.
 
     Raises:
         DatasetError: a row lacks a column, has other than 4 choices or an answer outside 0–3.
@@ -196,7 +199,8 @@ def questions_from_hub_rows(rows: Iterable[dict[str, Any]], split: str) -> tuple
 
 
 def read_hub(name: str, split: str) -> tuple[Question, ...]:
-    """Load one split through `datasets` (a hub id, or a local folder laid out like the hub dataset).
+    """Load one split through `datasets` (a hub id, or a local folder laid out like the hub
+    dataset).
 
     Raises:
         DatasetError: `datasets` cannot load it (offline, unknown name).
@@ -211,7 +215,8 @@ def read_hub(name: str, split: str) -> tuple[Question, ...]:
 
 
 def describe_source(source: str) -> str:
-    """A canonical description of a source for result files: `embedded`, `hub:<name>` or an absolute path."""
+    """A canonical description of a source for result files: `embedded`, `hub:<name>` or an absolute
+    path."""
     if source == EMBEDDED:
         return EMBEDDED
     if source == "hub" or source.startswith("hub:"):
@@ -259,9 +264,11 @@ def dev_examples(source: str = EMBEDDED) -> dict[str, tuple[Question, ...]]:
 
 
 def write_embedded_copy(csv_root: Path, target: Path) -> int:
-    """Build the embedded resource from a directory in the original CSV layout (test and dev splits).
+    """Build the embedded resource from a directory in the original CSV layout (test and dev
+    splits).
 
-    One JSON object per line, `{"split", "subject", "question", "choices", "answer"}`, xz-compressed.
+    One JSON object per line, `{"split", "subject", "question", "choices", "answer"}`,
+    xz-compressed.
 
     Returns:
         The number of questions written.

@@ -1,9 +1,11 @@
-"""Accuracies from per-question verdicts: per subject and category, the board's Average, answer bias.
+"""Accuracies from per-question verdicts: per subject and category, the board's Average, answer
+bias.
 
-Accuracies are fractions (0–1) at full precision; the `board` block repeats them as percentages rounded to two
-decimals, the way the leaderboard prints them. A category's accuracy is micro (over its questions); the board's
-Average is the unweighted mean of the scored categories; `weighted_mean` is correct / total over all questions.
-Standard errors are those of a mean of 0/1 outcomes, sqrt(p(1-p)/(n-1)) (lm-evaluation-harness's convention).
+Accuracies are fractions (0–1) at full precision; the `board` block repeats them as percentages
+rounded to two decimals, the way the leaderboard prints them. A category's accuracy is micro (over
+its questions); the board's Average is the unweighted mean of the scored categories; `weighted_mean`
+is correct / total over all questions. Standard errors are those of a mean of 0/1 outcomes,
+sqrt(p(1-p)/(n-1)) (lm-evaluation-harness's convention).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Verdict:
     Attributes:
         question: the question.
         letter: the letter the protocol read from the model (A–D), or None when it read none.
-        correct: whether the protocol counts the answer as right (flowertune: the official parser's verdict).
+        correct: whether the protocol counts the answer as right (flowertune: the official parser's
+            verdict).
     """
 
     question: Question
@@ -36,7 +39,8 @@ class Verdict:
 
 
 def stderr(accuracy: float, count: int) -> float:
-    """Standard error of a mean of `count` 0/1 outcomes with mean `accuracy` (0 for fewer than 2)."""
+    """Standard error of a mean of `count` 0/1 outcomes with mean `accuracy` (0 for fewer than
+    2)."""
     if count < 2:
         return 0.0
     return math.sqrt(accuracy * (1.0 - accuracy) / (count - 1))
@@ -74,7 +78,8 @@ def _percent(value: float | None) -> float | None:
 
 
 def board_row(categories: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """The leaderboard's columns in percent with two decimals: average, stem, social_sciences, humanities."""
+    """The leaderboard's columns in percent with two decimals: average, stem, social_sciences,
+    humanities."""
     row = {"average": _percent(board_average(categories))}
     for category in SCORED_CATEGORIES:
         row[category] = (
@@ -87,7 +92,8 @@ def constant_baselines(questions: Sequence[Question]) -> dict[str, dict[str, Any
     """What answering the same letter every time would score on these questions.
 
     Returns:
-        For each letter A–D: per-category accuracies, the board's Average (fraction) and its board row.
+        For each letter A–D: per-category accuracies, the board's Average (fraction) and its board
+        row.
     """
     baselines = {}
     for letter in LETTERS:
@@ -107,8 +113,8 @@ def summarize(verdicts: Sequence[Verdict]) -> dict[str, Any]:
         verdicts: one per evaluated question.
 
     Returns:
-        A JSON-ready dict: `categories`, `subjects`, `average`, `average_stderr`, `weighted_mean`, `board`,
-        `n_questions`, `predicted_letters`, `gold_letters`, `constant_baselines`.
+        A JSON-ready dict: `categories`, `subjects`, `average`, `average_stderr`, `weighted_mean`,
+        `board`, `n_questions`, `predicted_letters`, `gold_letters`, `constant_baselines`.
     """
     categories = category_table([(v.question, v.correct) for v in verdicts])
     subject_correct: Counter[str] = Counter()

@@ -1,9 +1,10 @@
 """Re-score saved generations in the board's published format with the official parser.
 
-A generation file is a JSON array of `{"prompt", "gold", "subset", "output"}` objects (the official evaluator
-writes it with pandas `to_json(orient="records")`, so the `.jsonl` name notwithstanding it is one array);
-JSON Lines and gzip (`.gz`) are accepted too. The accuracy is correct / rows, which equals the float the
-official scorer prints (sklearn's `accuracy_score` averages the same 0/1 values: k / n, correctly rounded).
+A generation file is a JSON array of `{"prompt", "gold", "subset", "output"}` objects (the official
+evaluator writes it with pandas `to_json(orient="records")`, so the `.jsonl` name notwithstanding it
+is one array); JSON Lines and gzip (`.gz`) are accepted too. The accuracy is correct / rows, which
+equals the float the official scorer prints (sklearn's `accuracy_score` averages the same 0/1
+values: k / n, correctly rounded).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def read_generations(path: Path) -> list[dict[str, str]]:
             isinstance(row.get(f), str) for f in REQUIRED_FIELDS
         ):
             raise GenerationFileError(
-                f"{path}: row {number} is not an object with string fields {', '.join(REQUIRED_FIELDS)}"
+                f"{path}: row {number} is not an object with string fields "
+                + ", ".join(REQUIRED_FIELDS)
             )
         if row["subset"] not in SUBJECT_CATEGORY:
             raise GenerationFileError(

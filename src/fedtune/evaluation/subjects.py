@@ -1,8 +1,8 @@
 """MMLU subjects → categories, exactly as the FlowerTune General NLP board scores them.
 
-This is the one place the mapping lives. It equals lm-evaluation-harness's grouping (and not the original
-MMLU paper's, which files anatomy under "other"). The board scores three categories; "other" is available
-but never part of the Average.
+This is the one place the mapping lives. It equals lm-evaluation-harness's grouping (and not the
+original MMLU paper's, which files anatomy under "other"). The board scores three categories;
+"other" is available but never part of the Average.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ CATEGORY_SUBJECTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Checked whenever the test split is loaded: 3,153 + 3,077 + 4,705 = 10,935 scored, + 3,107 other = 14,042.
+# Checked whenever the test split is loaded: 3,153 + 3,077 + 4,705 = 10,935 scored, + 3,107 other =
+# 14,042.
 EXPECTED_TEST_QUESTIONS: dict[str, int] = {
     STEM: 3153,
     SOCIAL_SCIENCES: 3077,

@@ -1,0 +1,258 @@
+"""Token-level plumbing shared by both protocols: the common prompt prefix, length buckets, the
+prefix KV cache.
+
+Every prompt of a protocol starts with the same tokens (flowertune: `<|im_start|>question\\nAnswer
+the following multiple choice question.\\nQuestion:`, 12 tokens on SmolLM2; loglik: the subject
+description, ~16 tokens). They are run through the model once and their keys/values reused for every
+batch, so each question costs only its own tokens. Questions are grouped into buckets of (nearly)
+equal remaining length; with `pad_tolerance=0` a bucket holds equal lengths only and no padding
+token is ever computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all sequences, leaving each at least one token
+    of its own."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    length = min(len(s) for s in sequences) - 1
+    for sequence in sequences[1:]:
+        limit = min(length, len(sequence))
+        position = 0
+        while position < limit and sequence[position] == first[position]:
+            position += 1
+        length = position
+        if length == 0:
+            break
+    return max(length, 0)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Indices of questions run together, and the length their suffixes are left-padded to."""
+
+    indices: tuple[int, ...]
+    length: int
+
+
+def make_buckets(
+    lengths: Sequence[int], *, max_batch: int, max_tokens: int, pad_tolerance: int = 0
+) -> list[Bucket]:
+    """Group items by length: longest first, so the first batches show the worst case (memory, ETA).
+
+    Args:
+        lengths: token count of each item.
+        max_batch: most items in one bucket.
+        max_tokens: most tokens (items × padded length) in one bucket; an item longer than this runs
+            alone.
+        pad_tolerance: largest allowed difference between the longest and shortest item of a bucket
+            (0: no padding).
+
+    Returns:
+        Buckets covering every index once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    buckets: list[Bucket] = []
+    current: list[int] = []
+    for index in order:
+        if current:
+            longest = lengths[current[0]]
+            fits = (
+                len(current) < max_batch
+                and longest - lengths[index] <= pad_tolerance
+                and (len(current) + 1) * longest <= max_tokens
+            )
+            if not fits:
+                buckets.append(Bucket(tuple(current), lengths[current[0]]))
+                current = []
+        current.append(index)
+    if current:
+        buckets.append(Bucket(tuple(current), lengths[current[0]]))
+    return buckets
+
+
+class PrefixCache:
+    """The keys and values of a shared token prefix, computed once and handed out per batch."""
+
+    def __init__(self, model: Any, prefix_ids: Sequence[int]) -> None:
+        """Run the prefix through the model once.
+
+        Args:
+            model: a causal LM (possibly PEFT-wrapped) in eval mode.
+            prefix_ids: the shared prefix tokens (may be empty).
+        """
+        import torch
+
+        self.length = len(prefix_ids)
+        self._config = _base_config(model)
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not prefix_ids:
+            return
+        device = _device_of(model)
+        with torch.inference_mode():
+            out = model(
+                input_ids=torch.tensor([list(prefix_ids)], device=device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache = out.cache if "cache" in out else out.past_key_values
+        self._layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def for_batch(self, batch_size: int) -> Any:
+        """A fresh cache holding the prefix for `batch_size` rows (the model appends to it in
+        place)."""
+        from transformers import DynamicCache
+
+        if not self._layers:
+            return None
+        # expand() shares the prefix memory; the first torch.cat in the model's update makes the
+        # batch copy.
+        data = [
+            (k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
+            for k, v in self._layers
+        ]
+        return DynamicCache(data, config=self._config)
+
+
+def _base_config(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+def _cache_argument(model: Any) -> str:
+    # transformers renamed `past_key_values` to `cache` (5.2x); the old name still works there, with
+    # a warning.
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_bucket(
+    model: Any,
+    prefix: PrefixCache,
+    suffixes: Sequence[Sequence[int]],
+    pad_id: int,
+) -> torch.Tensor:
+    """Next-token logits after each prompt of a bucket: one forward pass, logits at the last
+    position only.
+
+    The suffixes (prompt tokens after the shared prefix) are left-padded to the longest; padding
+    sits between the prefix and the suffix, masked out, and position ids continue the prefix as if
+    it were not there.
+
+    Args:
+        model: the causal LM.
+        prefix: the shared prefix cache.
+        suffixes: token ids of each prompt after the prefix (each non-empty).
+        pad_id: the token written in padded slots (never attended to).
+
+    Returns:
+        float32 logits, shape [batch, vocab].
+    """
+    import torch
+
+    device = _device_of(model)
+    batch = len(suffixes)
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, prefix.length + width), dtype=torch.long)
+    mask[:, : prefix.length] = 1
+    for row, suffix in enumerate(suffixes):
+        ids[row, width - len(suffix) :] = torch.tensor(list(suffix), dtype=torch.long)
+        mask[row, prefix.length + width - len(suffix) :] = 1
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": True, "logits_to_keep": 1}
+    cache = prefix.for_batch(batch)
+    if cache is not None:
+        kwargs[_cache_argument(model)] = cache
+    if any(len(s) != width for s in suffixes):
+        # positions count real tokens only: prefix.length, prefix.length + 1, ... for each row's
+        # suffix.
+        positions = (mask[:, prefix.length :].cumsum(dim=1) - 1).clamp(min=0) + prefix.length
+        kwargs["attention_mask"] = mask.to(device)
+        kwargs["position_ids"] = positions.to(device)
+    with torch.inference_mode():
+        logits = model(**kwargs).logits
+    return logits[:, -1, :].float()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How prompts are batched.
+
+    Attributes:
+        max_batch: most prompts per forward pass.
+        max_tokens: most suffix tokens (rows × padded width) per forward pass.
+        pad_tolerance: largest length spread inside a batch; 0 means no padding at all (the CPU
+            default: a compute-bound CPU gains nothing from wider batches, so every padded token is
+                pure loss).
+    """
+
+    max_batch: int = 16
+    max_tokens: int = 4096
+    pad_tolerance: int = 0
+
+    @classmethod
+    def for_device(cls, device: str) -> BatchPlan:
+        """CPU: exact-length buckets. GPU: wide batches, a little padding to fill them."""
+        if device.startswith("cuda"):
+            return cls(max_batch=64, max_tokens=32768, pad_tolerance=32)
+        return cls()
+
+
+def iter_last_logits(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[int]],
+    plan: BatchPlan,
+    pad_id: int,
+    on_batch: Any = None,
+) -> Any:
+    """Yield (prompt index, next-token logits) for every prompt, batched by groups that share a
+    prefix.
+
+    Args:
+        model: the causal LM in eval mode.
+        prompts: token ids of every prompt.
+        groups: lists of prompt indices whose common prefix is computed once (e.g. one per subject
+            for few-shot prompts, or one for all flowertune prompts).
+        plan: batching limits.
+        pad_id: padding token id.
+        on_batch: called with the number of prompts done after each forward pass.
+
+    Yields:
+        (index, float32 logits [vocab]) in bucket order, not input order.
+    """
+    for group in groups:
+        if not group:
+            continue
+        token_lists = [prompts[i] for i in group]
+        prefix_length = common_prefix_length(token_lists)
+        prefix = PrefixCache(model, token_lists[0][:prefix_length])
+        suffixes = [tokens[prefix_length:] for tokens in token_lists]
+        buckets = make_buckets(
+            [len(s) for s in suffixes],
+            max_batch=plan.max_batch,
+            max_tokens=plan.max_tokens,
+            pad_tolerance=plan.pad_tolerance,
+        )
+        for bucket in buckets:
+            logits = run_bucket(model, prefix, [suffixes[i] for i in bucket.indices], pad_id)
+            for row, local in enumerate(bucket.indices):
+                yield group[local], logits[row]
+            if on_batch is not None:
+                on_batch(len(bucket.indices))

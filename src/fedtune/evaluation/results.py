@@ -1,0 +1,162 @@
+"""Result files: one self-describing JSON per evaluation, plus the board's own files in flowertune
+mode.
+
+- `mmlu_{protocol}_{shots}shot_{run}.json`: everything about the evaluation (see
+  `docs/evaluation.md`).
+- flowertune mode, per category: `acc_mmlu_{category}_{run}.txt` (`Accuracy: 0.2190…. `, exactly the
+  official scorer's text) and `generation_mmlu_{category}_{run}.jsonl` (a JSON array of `{prompt,
+  gold, subset, output}`, the official layout, which `fedtune eval rescore` reads back). A partial
+  evaluation adds a second line to the accuracy file saying so.
+
+All files of one evaluation are written to temporary names first and renamed into place only when
+every one of them was written, so an interrupted evaluation leaves no half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedtune.evaluation.flowertune import Generation
+from fedtune.evaluation.prompts import flowertune_inner_prompt
+from fedtune.evaluation.subjects import ALL_CATEGORIES
+
+RESULT_FORMAT = 1
+_VERSIONED_PACKAGES = ("fedtune", "torch", "transformers", "peft", "datasets", "flwr", "lm-eval")
+
+
+def safe_run_name(name: str) -> str:
+    """A run name usable in file names (letters, digits, `.`, `_`, `-`)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return cleaned or "run"
+
+
+def git_commit(path: Path | None = None) -> dict[str, Any]:
+    """The git commit of the fedtune source tree and whether it has uncommitted changes (None
+    outside git)."""
+    where = path or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that decide the numbers."""
+    versions: dict[str, str | None] = {}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment() -> dict[str, Any]:
+    """Commit, versions, interpreter, machine and the command line."""
+    return {
+        "git": git_commit(),
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "command": " ".join(sys.argv),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def generation_rows(generations: Sequence[Generation]) -> list[dict[str, str]]:
+    """Rows in the board's published format: prompt (the inner part), gold, subset, output."""
+    return [
+        {
+            "prompt": flowertune_inner_prompt(g.question),
+            "gold": g.question.answer,
+            "subset": g.question.subject,
+            "output": g.output,
+        }
+        for g in generations
+    ]
+
+
+def board_files(
+    generations: Sequence[Generation],
+    categories: dict[str, dict[str, Any]],
+    run: str,
+    partial_note: str | None,
+) -> dict[str, str]:
+    """File name → content of the board's per-category files.
+
+    Args:
+        generations: all generations of the evaluation.
+        categories: the per-category metrics (accuracy, n).
+        run: the run name in the file names.
+        partial_note: text of the second line of each accuracy file for a partial evaluation.
+    """
+    files: dict[str, str] = {}
+    for category in ALL_CATEGORIES:
+        if category not in categories:
+            continue
+        rows = generation_rows([g for g in generations if g.question.category == category])
+        # pandas to_json(orient="records") writes compact JSON; ASCII escapes keep it byte-stable.
+        files[f"generation_mmlu_{category}_{run}.jsonl"] = json.dumps(rows, separators=(",", ":"))
+        text = f"Accuracy: {categories[category]['accuracy']}. "
+        if partial_note:
+            text += f"\n{partial_note}\n"
+        files[f"acc_mmlu_{category}_{run}.txt"] = text
+    return files
+
+
+def result_file_name(protocol: str, shots: int, run: str) -> str:
+    """The result JSON's file name."""
+    return f"mmlu_{protocol}_{shots}shot_{run}.json"
+
+
+def write_atomically(directory: Path, files: dict[str, str]) -> list[Path]:
+    """Write several text files so that either all appear or none does.
+
+    Every file goes to a hidden temporary name first; the renames happen only after all writes
+    succeeded.
+
+    Returns:
+        The final paths.
+
+    Raises:
+        OSError: the directory cannot be created or written (temporary files are removed).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, content in files.items():
+            final = directory / name
+            temporary = directory / f".{name}.tmp-{os.getpid()}"
+            temporary.write_text(content, encoding="utf-8")
+            staged.append((temporary, final))
+    except OSError:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    for temporary, final in staged:
+        os.replace(temporary, final)
+    return [final for _, final in staged]
