@@ -1,21 +1,21 @@
 """Small, well-formed run directories (docs/run-directory.md) with an evaluation, built in code.
 
-The evaluation results are made by the evaluation package's own `summarize` over the real MMLU
-test questions, with a chosen answering strategy, so they have exactly the shape it writes.
+The evaluation results are written by the evaluation package's own runner over the real MMLU test
+questions, with a chosen answering strategy in place of a model, so they have exactly its format.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
-from fedtune.evaluation.dataset import Question, load_split
-from fedtune.evaluation.metrics import Verdict, summarize
-from fedtune.evaluation.subjects import SCORED_CATEGORIES
+from fedtune.evaluation.dataset import Question
+from fedtune.evaluation.metrics import Verdict
+from fedtune.leaderboard.runs import file_sha256
 
 Answer = Callable[[Question], str | None]
 
@@ -30,28 +30,48 @@ def _write(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
-def evaluation_results(
-    answer: Answer, *, adapter_sha256: str, keep: Callable[[Question], bool] | None = None
-) -> dict[str, Any]:
-    """An evaluation results document over the scored categories of the test split."""
-    questions = [q for q in load_split("embedded", "test") if q.category in SCORED_CATEGORIES]
-    if keep is not None:
-        questions = [q for q in questions if keep(q)]
-    verdicts = []
-    for question in questions:
-        letter = answer(question)
-        verdicts.append(
-            Verdict(question=question, letter=letter, correct=letter == question.answer)
-        )
-    return {
-        "protocol": "flowertune",
-        "protocol_version": "1",
-        "split": "test",
-        "complete": keep is None,
-        "base_model": "embedded:smollm2-135m-instruct",
-        "adapter": {"path": "adapter", "sha256": adapter_sha256},
-        "metrics": summarize(verdicts),
-    }
+def write_evaluation(
+    run: Path,
+    answer: Answer,
+    *,
+    adapter: Path | None | str = "run",
+    limit_per_subject: int | None = None,
+    protocol: str = "flowertune",
+) -> Path:
+    """Write RUN_DIR/eval/ with the evaluation package's own runner and writer.
+
+    Only the model is replaced: the protocol's answers come from `answer` (a letter per question,
+    parsed by the official parser), everything else — question selection, adapter resolution and
+    hashing, metrics, the result file and the board's files — is the real `fedtune eval` code.
+    """
+    import torch
+
+    from fedtune.evaluation import runner
+    from fedtune.evaluation.flowertune import Generation
+    from fedtune.evaluation.parser import is_correct, predicted_letter
+
+    def fake_protocol(model, tokenizer, questions, **kwargs):
+        generations = [Generation(q, answer(q) or "") for q in questions]
+        verdicts = [
+            Verdict(g.question, predicted_letter(g.output), is_correct(g.output, g.question.answer))
+            for g in generations
+        ]
+        return verdicts, {"generations": generations}
+
+    request = runner.EvalRequest(
+        # A hub id is only classified, never fetched: no model is loaded here.
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        adapter=str(run if adapter == "run" else adapter) if adapter is not None else None,
+        protocol=protocol,
+        limit_per_subject=limit_per_subject,
+        output_dir=str(run / "eval"),
+        run_name=run.name,
+        show_progress=False,
+    )
+    prepared = runner.prepare(request)
+    with patch.object(runner, "run_protocol", fake_protocol):
+        result, paths = runner.evaluate(prepared, torch.nn.Linear(1, 1), tokenizer=None)
+    return next(p for p in paths if p.suffix == ".json")
 
 
 def make_run_dir(
@@ -64,9 +84,10 @@ def make_run_dir(
     data_name: str = "embedded:alpaca-gpt4-sample",
     num_clients: int = 20,
     answer: Answer | None = None,
-    evaluation: dict[str, Any] | None = None,
+    evaluate: bool = True,
+    seed: int = 0,
 ) -> Path:
-    """A finished run with a ledger, an adapter and one evaluation under eval/board/."""
+    """A finished run with a ledger, an adapter and (with `evaluate`) a complete evaluation."""
     run = root / name
     config = {
         "num-server-rounds": rounds,
@@ -89,7 +110,7 @@ def make_run_dir(
         },
     )
     _write(run / "status.json", {"state": "completed", "rounds_completed": rounds})
-    rng = random.Random(0)
+    rng = random.Random(seed)  # the seed decides the adapter's bytes
     ledger, metrics = [], []
     for r in range(1, rounds + 1):
         for node in range(clients_per_round):
@@ -111,7 +132,7 @@ def make_run_dir(
     weights.parent.mkdir(parents=True)
     weights.write_bytes(rng.randbytes(4096))
     _write(run / "adapter" / "adapter_config.json", {"peft_type": "LORA", "r": 8})
-    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    sha = file_sha256(weights)
     down = up = rounds * clients_per_round * message_bytes
     _write(
         run / "summary.json",
@@ -129,6 +150,6 @@ def make_run_dir(
             "adapter_sha256": sha,
         },
     )
-    results = evaluation or evaluation_results(answer or always("D"), adapter_sha256=sha)
-    _write(run / "eval" / "board" / "results.json", results)
+    if evaluate:
+        write_evaluation(run, answer or always("D"))
     return run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from lb_rundir import always, evaluation_results, make_run_dir
+from lb_rundir import always, make_run_dir, write_evaluation
 
 from fedtune.cli import main
 from fedtune.leaderboard.store import Store
@@ -119,44 +119,28 @@ def _refusals(tmp_path):
     case(
         "other-adapter",
         "evaluation is of another adapter",
-        lambda r: _write_eval(r, evaluation_results(always("A"), adapter_sha256="f" * 64)),
-    )
-    case(
-        "partial-eval",
-        "partial evaluation",
-        lambda r: _write_eval(
-            r,
-            evaluation_results(
-                always("A"),
-                adapter_sha256=_sha(r),
-                keep=lambda q: q.subject != "machine_learning",
-            ),
+        lambda r: _replace_eval(
+            r, adapter=make_run_dir(tmp_path, name="other", evaluate=False, seed=1)
         ),
     )
-    case(
-        "partial-unflagged",
-        "partial evaluation",
-        lambda r: _write_eval(
-            r,
-            {
-                **evaluation_results(
-                    always("A"), adapter_sha256=_sha(r), keep=lambda q: q.index < 50
-                ),
-                "complete": None,
-            },
-        ),
-    )
+    case("base-model-only", "base model alone", lambda r: _replace_eval(r, adapter=None))
+    case("partial-eval", "partial evaluation", lambda r: _replace_eval(r, limit_per_subject=5))
+    case("partial-unflagged", "partial evaluation", _partial_unflagged)
     case("no-eval", "evaluate the run first", lambda r: _rmtree(r / "eval"))
     case("running", "has not finished", lambda r: _edit_json(r / "status.json", state="running"))
     return cases
 
 
-def _sha(run):
-    return json.loads((run / "summary.json").read_text())["adapter_sha256"]
+def _replace_eval(run, **kwargs):
+    _rmtree(run / "eval")
+    write_evaluation(run, always("A"), **kwargs)
 
 
-def _write_eval(run, doc):
-    (run / "eval" / "board" / "results.json").write_text(json.dumps(doc))
+def _partial_unflagged(run):
+    """A partial evaluation whose file claims to be complete: the question counts give it away."""
+    _replace_eval(run, limit_per_subject=5)
+    path = next((run / "eval").glob("mmlu_*.json"))
+    _edit_json(path, partial=False)
 
 
 def _rmtree(path):

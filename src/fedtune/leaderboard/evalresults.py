@@ -1,19 +1,20 @@
 """Reading a run's evaluation results (RUN_DIR/eval/…) into what a submission needs.
 
-The evaluation package writes one JSON document per evaluation. This reader needs only a few
-things from it and looks for each where the evaluation writes it (see docs/evaluation.md):
+`fedtune eval --adapter RUN_DIR` writes one self-describing JSON per evaluation,
+`RUN_DIR/eval/mmlu_{protocol}_{shots}shot_{run}.json` (fedtune.evaluation.results). This reader
+takes only what a submission needs from it:
 
-    {"protocol": "flowertune", "protocol_version": "1", "split": "test",
-     "complete": true,                          # false → a partial (e.g. --limit) evaluation
-     "adapter": {"path": "…", "sha256": "…"},   # what was evaluated
-     "base_model": "…",
-     "metrics": {"subjects": {subject: {"n": int, "correct": int, …}},
-                 "categories": {category: {"accuracy": float, …}},
-                 "predicted_letters": {"A": int, …, "none": int},
-                 "weighted_mean": float, "average_stderr": float}}
+    {"protocol": "flowertune", "protocol_version": "1", "shots": 0,
+     "partial": false,                                  # true → --limit-per-subject / --sample
+     "model": {"name": "…"},
+     "adapter": {"path": "…", "sha256": "…"} | null,    # what was evaluated (null: base model)
+     "data": {"split": "test"},
+     "subjects": {subject: {"n": int, "correct": int, …}},
+     "categories": {category: {"accuracy": float, …}},
+     "predicted_letters": {"A": int, …, "none": int},
+     "weighted_mean": float, "average_stderr": float, …}
 
-`metrics` may also be the document itself; `adapter` may be flat (`adapter_path`,
-`adapter_sha256`) or under `model`. Anything it cannot find is reported, never guessed.
+The metrics may also sit under a `metrics` key. Anything it cannot find is reported, never guessed.
 """
 
 from __future__ import annotations
@@ -47,18 +48,25 @@ class EvalResults:
     adapter_path: str | None
     adapter_sha256: str | None
     base_model: str | None
+    shots: int | None
+    without_adapter: bool  # the document says no adapter was applied
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
 def find_results(run_dir: Path, name: str | None = None) -> Path:
-    """The evaluation results file of a run: RUN_DIR/eval/[NAME/]results.json (or a *.json).
+    """The evaluation results file of a run: the one JSON under RUN_DIR/eval/ with per-subject
+    results. With several, the board's protocol (flowertune, zero-shot) is taken if exactly one
+    is; otherwise `name` must choose (a file or folder under eval/, or a path).
 
     Raises:
         EvalResultsError: none found, or several and no `name` to choose.
     """
     eval_dir = run_dir / "eval"
+    if name and Path(name).is_file():
+        return Path(name)
     if not eval_dir.is_dir():
-        raise EvalResultsError(f"{eval_dir} does not exist: evaluate the run first (fedtune eval)")
+        hint = f"fedtune eval --adapter {run_dir}"
+        raise EvalResultsError(f"{eval_dir} does not exist: evaluate the run first ({hint})")
     if name:
         base = eval_dir / name
         if base.is_file():
@@ -73,6 +81,9 @@ def find_results(run_dir: Path, name: str | None = None) -> Path:
     found = [p for p in found if _looks_like_results(p)]
     if not found:
         raise EvalResultsError(f"no evaluation results under {eval_dir}")
+    official = [p for p in found if _is_board_protocol(p)]
+    if len(found) > 1 and len(official) == 1:
+        return official[0]
     if len(found) > 1:
         names = ", ".join(str(p.relative_to(eval_dir)) for p in found)
         raise EvalResultsError(
@@ -87,6 +98,11 @@ def _looks_like_results(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and isinstance(_metrics(doc).get("subjects"), dict)
+
+
+def _is_board_protocol(path: Path) -> bool:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return doc.get("protocol") == "flowertune" and doc.get("shots", 0) == 0
 
 
 def _metrics(doc: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +157,11 @@ def read_results(path: Path) -> EvalResults:
             extra[key] = 100.0 * metrics[key]
     letters = metrics.get("predicted_letters") or metrics.get("answer_distribution") or {}
     complete = _first(doc, "complete", "evaluation.complete")
+    partial = doc.get("partial")
+    if isinstance(partial, bool):
+        complete = not partial
+    adapter = doc.get("adapter")
+    shots = doc.get("shots")
     return EvalResults(
         path=Path(path),
         protocol=str(protocol),
@@ -150,7 +171,7 @@ def read_results(path: Path) -> EvalResults:
             )
             or ""
         ),
-        split=str(_first(doc, "split", "evaluation.split", "config.split") or "test"),
+        split=str(_first(doc, "split", "data.split", "evaluation.split") or "test"),
         complete=complete if isinstance(complete, bool) else None,
         subjects=subjects,
         answer_distribution={str(k): v for k, v in letters.items()},
@@ -166,5 +187,7 @@ def read_results(path: Path) -> EvalResults:
             "adapter.adapter_sha256",
         ),
         base_model=_first(doc, "base_model", "model.base", "model.name", "model.base_model"),
+        shots=shots if isinstance(shots, int) and not isinstance(shots, bool) else None,
+        without_adapter="adapter" in doc and adapter is None,
         raw=doc,
     )

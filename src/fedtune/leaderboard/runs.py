@@ -161,6 +161,11 @@ def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) 
             f"{weights} has sha256 {actual[:12]}…, summary.json records {recorded[:12]}…: "
             "the adapter changed after the run"
         )
+    if results.without_adapter:
+        raise RunDirError(
+            f"the evaluation ({results.path.name}) is of the base model alone, not of this run's "
+            f"adapter: evaluate with --adapter {run_dir}"
+        )
     if results.adapter_sha256:
         if results.adapter_sha256 != recorded:
             raise RunDirError(
@@ -251,6 +256,7 @@ def build_submission(
         "evaluation": {
             "protocol": results.protocol,
             "protocol_version": results.protocol_version,
+            **({"shots": results.shots} if results.shots is not None else {}),
             "split": results.split,
             "subjects": results.subjects,
             "answer_distribution": results.answer_distribution,

@@ -156,11 +156,12 @@ def check_general_nlp_rules(details: Mapping[str, Any]) -> None:
             f"General NLP requires {GENERAL_NLP_CLIENTS} clients, got {clients!r}{hint}",
         )
     protocol = details.get("evaluation", {}).get("protocol")
-    if protocol != OFFICIAL_PROTOCOL:
+    shots = details.get("evaluation", {}).get("shots", 0)
+    if protocol != OFFICIAL_PROTOCOL or shots != 0:
         raise SubmissionError(
             "evaluation.protocol",
-            f"General NLP requires the official {OFFICIAL_PROTOCOL!r} evaluation protocol, "
-            f"got {protocol!r}{hint}",
+            f"General NLP requires the official {OFFICIAL_PROTOCOL!r} evaluation protocol "
+            f"(zero-shot), got {protocol!r} with {shots} shots{hint}",
         )
 
 
@@ -191,7 +192,15 @@ def _evaluation(value: Any, scores: Mapping[str, float]) -> dict[str, Any]:
     _no_unknown(
         obj,
         "evaluation",
-        {"protocol", "protocol_version", "split", "subjects", "answer_distribution", "extra"},
+        {
+            "protocol",
+            "protocol_version",
+            "shots",
+            "split",
+            "subjects",
+            "answer_distribution",
+            "extra",
+        },
     )
     split = _text(obj, "split", "evaluation", 20, required=False) or "test"
     if split != "test":
@@ -201,12 +210,14 @@ def _evaluation(value: Any, scores: Mapping[str, float]) -> dict[str, Any]:
     subjects = _subjects(obj.get("subjects"))
     _check_complete_and_consistent(subjects, scores)
     evaluated = sum(s["total"] for s in subjects.values())
+    shots = _int(obj["shots"], "evaluation.shots", minimum=0) if "shots" in obj else None
     return {
         "protocol": _text(obj, "protocol", "evaluation", MAX_NAME_CHARS, required=True),
         "protocol_version": _text(
             obj, "protocol_version", "evaluation", MAX_NAME_CHARS, required=False
         ),
         "split": split,
+        **({"shots": shots} if shots is not None else {}),
         "subjects": subjects,
         "answer_distribution": _answer_distribution(obj.get("answer_distribution"), evaluated),
         "extra": _extra(obj.get("extra")),
