@@ -60,7 +60,7 @@ def get_worker(config: RunConfig) -> ClientWorker:
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = attach_adapter(model, config.lora, config.train.seed, config.model.name)
+    peft_model = attach_adapter(model, config.lora, config.train.seed)
     worker = ClientWorker(key, peft_model, load_tokenizer(source), device)
     _WORKER["worker"] = worker
     return worker

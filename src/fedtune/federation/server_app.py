@@ -77,7 +77,7 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, LossProbe | N
     model = load_model(
         source, dtype=config.model.dtype, quantization=config.model.quantization, device=device
     )
-    peft_model = attach_adapter(model, config.lora, config.train.seed, config.model.name)
+    peft_model = attach_adapter(model, config.lora, config.train.seed)
     state = adapter_state(peft_model)
     resolved = copy.deepcopy(peft_model.peft_config[peft_model.active_adapter])
     # PEFT records the directory it loaded from (for the embedded model, a cache path); the

@@ -7,6 +7,7 @@ PEFT's own loader is non-strict and would silently leave missing tensors at thei
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +39,7 @@ def peft_config(lora: LoraConfig, base_model_name: str = "") -> Any:
     )
 
 
-def attach_adapter(
-    model: PreTrainedModel, lora: LoraConfig, seed: int, base_model_name: str = ""
-) -> PeftModel:
+def attach_adapter(model: PreTrainedModel, lora: LoraConfig, seed: int) -> PeftModel:
     """Wrap the frozen base model with a freshly initialised adapter (deterministic in `seed`).
 
     Raises:
@@ -51,7 +50,10 @@ def attach_adapter(
 
     torch.manual_seed(seed)
     try:
-        peft_model = get_peft_model(model, peft_config(lora, base_model_name))
+        with warnings.catch_warnings():
+            # transformers 5 deprecates an attribute PEFT still reads; nothing for users to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            peft_model = get_peft_model(model, peft_config(lora))
     except ValueError as exc:
         raise AdapterMismatch(f"model.lora.target-modules: {exc}") from exc
     return peft_model
