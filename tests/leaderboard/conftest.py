@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from lb_submissions import make_submission
 
 from fedtune.leaderboard.store import Store
+
+from .lb_submissions import make_submission
 
 
 @pytest.fixture

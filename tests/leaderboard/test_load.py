@@ -8,9 +8,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from lb_submissions import make_submission
 
 from fedtune.leaderboard.ranking import rank_key
+
+from .lb_submissions import make_submission
 
 CLIENTS = 8
 PER_CLIENT = 26  # 208 submissions

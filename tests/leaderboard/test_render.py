@@ -6,12 +6,12 @@ import csv
 import io
 import json
 
-from lb_submissions import make_submission
-
 from fedtune.leaderboard.ranking import board_rows
 from fedtune.leaderboard.reference import constant_answer_rows
 from fedtune.leaderboard.render import render
 from fedtune.leaderboard.validation import validate_submission
+
+from .lb_submissions import make_submission
 
 
 def _rows(store, team="A|B <script>x</script> [c](d)"):

@@ -105,7 +105,7 @@ def test_data_dir_from_environment(monkeypatch, tmp_path):
 
 def _writer(args: tuple[str, int, int]) -> list[int]:
     """One process: open the store (racing the others' migration) and add entries."""
-    from lb_submissions import make_submission
+    from .lb_submissions import make_submission
 
     path, worker, count = args
     store = Store(path)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from lb_rundir import always, make_run_dir, write_evaluation
 
 from fedtune.cli import main
 from fedtune.leaderboard.store import Store
+
+from .lb_rundir import always, make_run_dir, write_evaluation
 
 CODE = "https://github.com/example/fedtune"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-from lb_submissions import make_submission
 
 from fedtune.leaderboard.validation import SubmissionError, validate_submission
+
+from .lb_submissions import make_submission
 
 
 def test_a_well_formed_submission_becomes_an_entry():

@@ -1,0 +1,1 @@
+"""Leaderboard tests: store, validation, ranking, API, browser, load, submit."""
