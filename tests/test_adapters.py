@@ -33,10 +33,14 @@ def test_lora_on_q_v_has_the_expected_tensors(tiny_llama):
 
 
 def test_dora_and_all_linear(tiny_llama):
-    dora = adapter_state(attach_adapter(tiny_llama(vocab_size=64), lora(**{"model.lora.use-dora": True}), 0))
+    dora = adapter_state(
+        attach_adapter(tiny_llama(vocab_size=64), lora(**{"model.lora.use-dora": True}), 0)
+    )
     assert sum("lora_magnitude_vector" in k for k in dora) == 4
     every = adapter_state(
-        attach_adapter(tiny_llama(vocab_size=64), lora(**{"model.lora.target-modules": "all-linear"}), 0)
+        attach_adapter(
+            tiny_llama(vocab_size=64), lora(**{"model.lora.target-modules": "all-linear"}), 0
+        )
     )
     # 7 projections per layer, LM head excluded.
     assert len(every) == 2 * 7 * 2 and not any("lm_head" in k for k in every)
@@ -77,7 +81,9 @@ def test_load_round_trips_and_refuses_mismatches(tiny_llama):
 def test_rank_mismatch_between_peers(tiny_llama):
     mine = state_spec(adapter_state(attach_adapter(tiny_llama(vocab_size=64), lora(), 0)))
     theirs = state_spec(
-        adapter_state(attach_adapter(tiny_llama(vocab_size=64), lora(**{"model.lora.peft-lora-r": 4}), 0))
+        adapter_state(
+            attach_adapter(tiny_llama(vocab_size=64), lora(**{"model.lora.peft-lora-r": 4}), 0)
+        )
     )
     with pytest.raises(AdapterMismatch, match="shape"):
         check_state(mine, theirs)
@@ -91,7 +97,9 @@ def test_saved_adapter_loads_with_peft(tmp_path, tiny_llama):
     model = attach_adapter(tiny_llama(vocab_size=64), lora(), seed=0)
     trained = {k: torch.randn_like(v) for k, v in adapter_state(model).items()}
     load_adapter_state(model, trained)
-    digest = RunDirectory(tmp_path).write_adapter(tmp_path / "adapter", trained, peft_config(lora()))
+    digest = RunDirectory(tmp_path).write_adapter(
+        tmp_path / "adapter", trained, peft_config(lora())
+    )
     assert len(digest) == 64
     loaded = PeftModel.from_pretrained(tiny_llama(vocab_size=64), str(tmp_path / "adapter"))
     model.eval()  # LoRA dropout off, as in the loaded (inference) copy

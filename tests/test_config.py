@@ -43,7 +43,11 @@ def test_baseline_preset_is_the_challenge_setup():
     assert config.model.quantization == 4
     assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (32, 64, 0.075)
     assert config.federation.num_rounds == 200 and config.federation.sampled_clients == 2
-    assert (config.train.local_steps, config.train.batch_size, config.train.seq_length) == (10, 16, 512)
+    assert (config.train.local_steps, config.train.batch_size, config.train.seq_length) == (
+        10,
+        16,
+        512,
+    )
     assert (config.train.learning_rate_max, config.train.learning_rate_min) == (5e-5, 1e-6)
 
 
@@ -88,7 +92,10 @@ def test_later_sources_win():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"num-server-round": 3}, "unknown config key 'num-server-round' (did you mean 'num-server-rounds'?)"),
+        (
+            {"num-server-round": 3},
+            "unknown config key 'num-server-round' (did you mean 'num-server-rounds'?)",
+        ),
         ({"num-server-rounds": 0}, "num-server-rounds: must be >= 1, got 0"),
         ({"num-server-rounds": "ten"}, "num-server-rounds: expected an integer, got 'ten'"),
         ({"num-server-rounds": 2.5}, "num-server-rounds: expected an integer, got 2.5"),
@@ -99,7 +106,10 @@ def test_later_sources_win():
         ({"model.quantization": 3}, "model.quantization: must be 0, 4 or 8, got 3"),
         ({"data.partitioner": "random"}, "data.partitioner: must be one of"),
         ({"data.partitioner": "dirichlet"}, "data.partition-by: dirichlet needs a label column"),
-        ({"train.learning-rate-min": 1.0}, "train.learning-rate-min: must be in [0, train.learning-rate-max]"),
+        (
+            {"train.learning-rate-min": 1.0},
+            "train.learning-rate-min: must be in [0, train.learning-rate-max]",
+        ),
         ({"model.lora.target-modules": "q_proj, 1x"}, "not module names: ['1x']"),
         ({"train.training-arguments.lr-scheduler-type": "cosine"}, "only 'constant' is supported"),
         ({"run.name": "../escape"}, "run.name: may hold letters"),
@@ -129,7 +139,7 @@ def test_cli_values_are_toml_values():
 
 def test_config_file_accepts_pyproject_shape(tmp_path):
     path = tmp_path / "pyproject.toml"
-    path.write_text('[tool.flwr.app.config]\nnum-server-rounds = 7\nmodel.lora.peft-lora-r = 4\n')
+    path.write_text("[tool.flwr.app.config]\nnum-server-rounds = 7\nmodel.lora.peft-lora-r = 4\n")
     assert load_config_file(path) == {"num-server-rounds": 7, "model.lora.peft-lora-r": 4}
     bad = tmp_path / "bad.toml"
     bad.write_text("num-server-rounds = = 3")

@@ -146,18 +146,30 @@ def test_label_partitioners_by_name():
         [{"instruction": f"q{i}", "output": "a", "category": f"c{i % 4}"} for i in range(400)]
     )
     pathological = build_config(
-        {"data.partitioner": "pathological", "data.partition-by": "category", "federation.num-clients": 4}
+        {
+            "data.partitioner": "pathological",
+            "data.partition-by": "category",
+            "federation.num-clients": 4,
+        }
     ).data
     partitioner = partition_dataset(rows, pathological, 4)
     for i in range(4):
         assert len(set(partitioner.load_partition(i)["category"])) <= 2
     dirichlet = build_config(
-        {"data.partitioner": "dirichlet", "data.partition-by": "category", "federation.num-clients": 4}
+        {
+            "data.partitioner": "dirichlet",
+            "data.partition-by": "category",
+            "federation.num-clients": 4,
+        }
     ).data
     sizes = [len(partition_dataset(rows, dirichlet, 4).load_partition(i)) for i in range(4)]
     assert sum(sizes) == 400 and min(sizes) >= 1
     with pytest.raises(DataError, match="no column 'topic'"):
-        partition_dataset(rows, build_config({"data.partitioner": "dirichlet", "data.partition-by": "topic"}).data, 4)
+        partition_dataset(
+            rows,
+            build_config({"data.partitioner": "dirichlet", "data.partition-by": "topic"}).data,
+            4,
+        )
 
 
 def test_too_few_rows_for_the_clients():

@@ -19,10 +19,21 @@ pytestmark = pytest.mark.integration
 def fedtune_run(tmp_path, *sets, timeout=600):
     """Run the CLI in its own process (Ray starts and stops with it); return (process, run dir)."""
     out = tmp_path / "runs"
-    args = [sys.executable, "-m", "fedtune.cli", "run", "--set", f"run.output-dir={out}", "--set", "run.name=r"]
+    args = [
+        sys.executable,
+        "-m",
+        "fedtune.cli",
+        "run",
+        "--set",
+        f"run.output-dir={out}",
+        "--set",
+        "run.name=r",
+    ]
     for item in sets:
         args += ["--set", item]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+    )
     return done, out / "r"
 
 
@@ -51,7 +62,14 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "round 2/2 │ clients 3" in done.stderr
-    for name in ("config.json", "environment.json", "metrics.jsonl", "clients.jsonl", "ledger.jsonl", "summary.json"):
+    for name in (
+        "config.json",
+        "environment.json",
+        "metrics.jsonl",
+        "clients.jsonl",
+        "ledger.jsonl",
+        "summary.json",
+    ):
         assert (run_dir / name).is_file(), name
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "completed" and status["rounds_completed"] == 2
@@ -87,7 +105,10 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # trained: B left zero-init
     environment = json.loads((run_dir / "environment.json").read_text())
-    assert environment["packages"]["flwr"] == "1.42.0" and environment["command"][:2] == ["fedtune", "run"]
+    assert environment["packages"]["flwr"] == "1.42.0" and environment["command"][:2] == [
+        "fedtune",
+        "run",
+    ]
 
 
 @pytest.mark.slow
@@ -104,7 +125,9 @@ def test_byte_budget_stops_before_crossing(tmp_path, tiny_model_dir):
         "train.seq-length=64",
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
-    round_bytes = json.loads((probe_dir / "summary.json").read_text())["communication"]["total_bytes"]
+    round_bytes = json.loads((probe_dir / "summary.json").read_text())["communication"][
+        "total_bytes"
+    ]
     done, run_dir = fedtune_run(
         tmp_path,
         f"model.name={tiny_model_dir}",

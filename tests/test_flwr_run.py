@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -29,10 +30,8 @@ def stop_processes_mentioning(marker: str) -> None:
         if marker in " ".join(process.info["cmdline"] or []):
             victims.extend([process, *process.children(recursive=True)])
     for process in victims:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(victims, timeout=10)
 
 
@@ -60,9 +59,20 @@ def test_flwr_run_uses_template_keys(tmp_path, tiny_model_dir):
     )
     try:
         done = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "local", "--stream",
-             "--run-config", run_config],
-            capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path,
+            [
+                str(Path(sys.executable).parent / "flwr"),
+                "run",
+                str(ROOT),
+                "local",
+                "--stream",
+                "--run-config",
+                run_config,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=420,
+            env=env,
+            cwd=tmp_path,
         )
     finally:
         stop_processes_mentioning(str(home))
@@ -71,5 +81,7 @@ def test_flwr_run_uses_template_keys(tmp_path, tiny_model_dir):
     summary = json.loads((out / "flwr" / "summary.json").read_text())
     assert summary["state"] == "completed" and summary["clients_per_round"] == 2
     config = json.loads((out / "flwr" / "config.json").read_text())["config"]
-    assert config["model.lora.peft-lora-r"] == 4 and config["train.training-arguments.max-steps"] == 1
+    assert (
+        config["model.lora.peft-lora-r"] == 4 and config["train.training-arguments.max-steps"] == 1
+    )
     assert summary["communication"]["entries"] == 2

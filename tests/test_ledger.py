@@ -53,7 +53,10 @@ def test_ledger_totals_file_and_budget(tmp_path):
     ledger.record([LedgerEntry(1, 11, 0, 100, 90, 2, 2, 150, 140), LedgerEntry(1, 12, 1, 100, 95)])
     ledger.record([LedgerEntry(2, 11, 0, 100, 100)])
     assert (ledger.downlink_bytes, ledger.uplink_bytes, ledger.total_bytes) == (300, 285, 585)
-    assert ledger.per_round == {1: {"downlink": 200, "uplink": 185}, 2: {"downlink": 100, "uplink": 100}}
+    assert ledger.per_round == {
+        1: {"downlink": 200, "uplink": 185},
+        2: {"downlink": 100, "uplink": 100},
+    }
     rows = read_ledger(tmp_path / "ledger.jsonl")
     assert [r["node_id"] for r in rows] == [11, 12, 11]
     assert sum(r["downlink_bytes"] + r["uplink_bytes"] for r in rows) == 585

@@ -22,7 +22,9 @@ def test_no_response_token_is_dropped_on_the_embedded_sample(smollm2_tokenizer):
     assert stats.examples == len(rows) == 999 and stats.truncated == 0
     for row, example in zip(rows, examples, strict=True):
         labelled = [t for t, m in zip(example.input_ids, example.label_mask, strict=True) if m]
-        unlabelled = [t for t, m in zip(example.input_ids, example.label_mask, strict=True) if not m]
+        unlabelled = [
+            t for t, m in zip(example.input_ids, example.label_mask, strict=True) if not m
+        ]
         # Every response character is covered by label tokens, and nothing of the prompt is.
         assert tok.decode(labelled).strip() == (row["output"] + tok.eos_token).strip()
         prompt = format_prompt(row["instruction"])
@@ -53,6 +55,9 @@ def test_truncation_is_counted_and_empty_responses_dropped(smollm2_tokenizer):
 def test_without_eos_the_last_label_is_the_response(smollm2_tokenizer):
     example, _ = tokenize_example(smollm2_tokenizer, "Q: ", "yes", 64, append_eos=False)
     assert example.input_ids[-1] != smollm2_tokenizer.eos_token_id
-    assert smollm2_tokenizer.decode(
-        [t for t, m in zip(example.input_ids, example.label_mask, strict=True) if m]
-    ).strip() == "yes"
+    assert (
+        smollm2_tokenizer.decode(
+            [t for t, m in zip(example.input_ids, example.label_mask, strict=True) if m]
+        ).strip()
+        == "yes"
+    )

@@ -29,11 +29,20 @@ def run_cli(capsys, output_dir, *args):
         (["--set", "train.batch-size=big"], "expected an integer, got 'big'"),
         (["--set", "model.lora.rank=8"], "unknown config key 'model.lora.rank'"),
         (["--set", "novalue"], "--set expects key=value"),
-        (["--set", "model.name=/nonexistent/model"], "model.name: the path '/nonexistent/model' does not exist"),
+        (
+            ["--set", "model.name=/nonexistent/model"],
+            "model.name: the path '/nonexistent/model' does not exist",
+        ),
         (["--set", "model.name=embedded:gpt-5"], "unknown embedded model"),
         (["--set", "model.quantization=4"], "model.quantization=4 needs a CUDA GPU"),
-        (["--set", "data.name=/nonexistent/rows.jsonl"], "the file '/nonexistent/rows.jsonl' does not exist"),
-        (["--config", "/nonexistent/preset.toml"], "config file '/nonexistent/preset.toml' does not exist"),
+        (
+            ["--set", "data.name=/nonexistent/rows.jsonl"],
+            "the file '/nonexistent/rows.jsonl' does not exist",
+        ),
+        (
+            ["--config", "/nonexistent/preset.toml"],
+            "config file '/nonexistent/preset.toml' does not exist",
+        ),
     ],
 )
 def test_bad_input_fails_before_anything_is_written(capsys, output_dir, args, message):
@@ -53,7 +62,9 @@ def test_malformed_rows_are_named(capsys, output_dir, tmp_path):
 
 def test_too_small_data_for_the_clients(capsys, output_dir, tmp_path):
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(5)))
+    rows.write_text(
+        "".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(5))
+    )
     code, err = run_cli(capsys, output_dir, "--set", f"data.name={rows}")
     assert code == 2 and "20 clients but only 5 rows" in err[0]
 

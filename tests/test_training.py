@@ -96,16 +96,29 @@ def test_local_training_learns_and_touches_only_the_adapter(tiny_llama):
     model = attach_adapter(base, build_config(settings).lora, seed=0)
     before = adapter_state(model)
     examples = random_examples(4, seed=3)
+
     def one_step():
         return train_local(
-            model, examples, steps=1, batch_size=4, grad_accumulation=1,
-            learning_rate=1e-2, seed=0, pad_id=0,
+            model,
+            examples,
+            steps=1,
+            batch_size=4,
+            grad_accumulation=1,
+            learning_rate=1e-2,
+            seed=0,
+            pad_id=0,
         )
 
     first = one_step()
     later = train_local(
-        model, examples, steps=20, batch_size=4, grad_accumulation=1,
-        learning_rate=1e-2, seed=0, pad_id=0,
+        model,
+        examples,
+        steps=20,
+        batch_size=4,
+        grad_accumulation=1,
+        learning_rate=1e-2,
+        seed=0,
+        pad_id=0,
     )
     last = one_step()
     assert last.train_loss < first.train_loss - 0.3  # it starts memorising four sequences
@@ -121,8 +134,14 @@ def test_local_training_learns_and_touches_only_the_adapter(tiny_llama):
 def test_gradient_accumulation_counts_examples(tiny_llama):
     model = attach_adapter(tiny_llama(vocab_size=64), build_config().lora, seed=0)
     result = train_local(
-        model, random_examples(10), steps=2, batch_size=2, grad_accumulation=3,
-        learning_rate=1e-3, seed=1, pad_id=0,
+        model,
+        random_examples(10),
+        steps=2,
+        batch_size=2,
+        grad_accumulation=3,
+        learning_rate=1e-3,
+        seed=1,
+        pad_id=0,
     )
     assert result.examples == 12 and result.response_tokens > 0
 
@@ -130,5 +149,13 @@ def test_gradient_accumulation_counts_examples(tiny_llama):
 def test_empty_partition_is_refused(tiny_llama):
     model = attach_adapter(tiny_llama(vocab_size=64), build_config().lora, seed=0)
     with pytest.raises(ValueError, match="no training examples"):
-        train_local(model, [], steps=1, batch_size=1, grad_accumulation=1,
-                    learning_rate=1e-3, seed=0, pad_id=0)
+        train_local(
+            model,
+            [],
+            steps=1,
+            batch_size=1,
+            grad_accumulation=1,
+            learning_rate=1e-3,
+            seed=0,
+            pad_id=0,
+        )

@@ -61,7 +61,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     r: int = _key("model.lora.peft-lora-r", "LoRA rank.")
-    alpha: float = _key("model.lora.peft-lora-alpha", "LoRA alpha (scaling = alpha / r).")
+    alpha: int = _key("model.lora.peft-lora-alpha", "LoRA alpha (scaling = alpha / r).")
     dropout: float = _key("model.lora.dropout", "Dropout on the LoRA input, in [0, 1).")
     target_modules: str = _key(
         "model.lora.target-modules",
@@ -363,9 +363,7 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     return value
 
 
-def build_config(
-    *sources: Mapping[str, Any], warn: Any = None
-) -> RunConfig:
+def build_config(*sources: Mapping[str, Any], warn: Any = None) -> RunConfig:
     """Resolve defaults + sources (later ones win) into a validated RunConfig.
 
     Args:
@@ -432,8 +430,14 @@ def validate(config: RunConfig) -> None:
         config.run,
     )
     _require(bool(m.name.strip()), "model.name", "must not be empty")
-    _require(m.quantization in (0, 4, 8), "model.quantization", f"must be 0, 4 or 8, got {m.quantization}")
-    _require(m.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
+    _require(
+        m.quantization in (0, 4, 8),
+        "model.quantization",
+        f"must be 0, 4 or 8, got {m.quantization}",
+    )
+    _require(
+        m.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, got {m.dtype!r}"
+    )
     _require(lo.r >= 1, "model.lora.peft-lora-r", f"rank must be >= 1, got {lo.r}")
     _require(lo.alpha > 0, "model.lora.peft-lora-alpha", f"must be > 0, got {lo.alpha}")
     _require(0 <= lo.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
@@ -449,9 +453,7 @@ def validate(config: RunConfig) -> None:
         f"must be one of {', '.join(PARTITIONERS)}, got {d.partitioner!r}",
     )
     if d.partitioner in ("dirichlet", "pathological", "shard", "natural-id"):
-        _require(
-            bool(d.partition_by), "data.partition-by", f"{d.partitioner} needs a label column"
-        )
+        _require(bool(d.partition_by), "data.partition-by", f"{d.partitioner} needs a label column")
     _require(d.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0")
     _require(d.classes_per_partition >= 1, "data.classes-per-partition", "must be >= 1")
     _require(fed.num_rounds >= 1, "num-server-rounds", f"must be >= 1, got {fed.num_rounds}")
@@ -475,7 +477,9 @@ def validate(config: RunConfig) -> None:
         "must be in [0, train.learning-rate-max]",
     )
     _require(t.seq_length >= 16, "train.seq-length", f"must be >= 16, got {t.seq_length}")
-    _require(t.batch_size >= 1, "train.training-arguments.per-device-train-batch-size", "must be >= 1")
+    _require(
+        t.batch_size >= 1, "train.training-arguments.per-device-train-batch-size", "must be >= 1"
+    )
     _require(
         t.gradient_accumulation_steps >= 1,
         "train.training-arguments.gradient-accumulation-steps",

@@ -89,7 +89,9 @@ def _read_json_records(path: Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path.name}: line {number} is not valid JSON ({exc.msg})") from exc
+                raise DataError(
+                    f"{path.name}: line {number} is not valid JSON ({exc.msg})"
+                ) from exc
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise DataError(f"{path.name}: record {number} is not a JSON object")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,7 +32,9 @@ class ClientWorker:
     model: Any
     tokenizer: Any
     device: str
-    partitions: dict[tuple[Any, ...], tuple[list[Any], dict[str, int]]] = field(default_factory=dict)
+    partitions: dict[tuple[Any, ...], tuple[list[Any], dict[str, int]]] = field(
+        default_factory=dict
+    )
 
 
 _WORKER: dict[str, ClientWorker] = {}
@@ -87,7 +89,7 @@ def local_train(msg: Message, context: Context) -> Message:
 
     started = time.perf_counter()
     flat = dict(msg.content[CONFIG_RECORD])
-    server_round = int(flat.pop("server-round"))
+    server_round = int(cast(int, flat.pop("server-round")))
     config = build_config(flat)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
@@ -97,7 +99,7 @@ def local_train(msg: Message, context: Context) -> Message:
             f"{config.federation.num_clients}"
         )
     worker = get_worker(config)
-    load_adapter_state(worker.model, msg.content[ARRAY_RECORD].to_torch_state_dict())
+    load_adapter_state(worker.model, msg.content.array_records[ARRAY_RECORD].to_torch_state_dict())
     examples, counts = get_partition(worker, config, partition_id, num_partitions)
     train = config.train
     learning_rate = cosine_annealing(
@@ -117,7 +119,7 @@ def local_train(msg: Message, context: Context) -> Message:
         weight_decay=train.weight_decay,
         device=worker.device,
     )
-    metrics = {
+    metrics: dict[str, int | float | list[int] | list[float]] = {
         "train-loss": result.train_loss,
         # FedAvg weights by the data a client holds, as the template does (len(trainset)).
         "num-examples": len(examples),

@@ -106,8 +106,15 @@ def backend_config(config: Any, args: argparse.Namespace) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     k = config.federation.sampled_clients
     cpus = args.client_cpus or max(1.0, float(cores // k))
-    gpus = args.client_gpus if args.client_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
-    return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}, "init_args": {"num_cpus": cores}}
+    gpus = (
+        args.client_gpus
+        if args.client_gpus is not None
+        else (1.0 if torch.cuda.is_available() else 0.0)
+    )
+    return {
+        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
+        "init_args": {"num_cpus": cores},
+    }
 
 
 def handle_run(args: argparse.Namespace) -> int:

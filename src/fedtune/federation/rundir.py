@@ -111,7 +111,9 @@ class RunDirectory:
         except OSError as exc:
             raise RunDirError(f"cannot create run directory {path}: {exc}") from exc
         run_dir = cls(path)
-        write_json_atomic(path / "config.json", {"config": config.to_flat(), "digest": config.digest()})
+        write_json_atomic(
+            path / "config.json", {"config": config.to_flat(), "digest": config.digest()}
+        )
         write_json_atomic(path / "environment.json", environment(config, command))
         run_dir.set_status("running", rounds_completed=0)
         return run_dir
@@ -192,7 +194,7 @@ def rng_state() -> dict[str, Any]:
     import torch
 
     version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     return {
         "python": [version, list(internal), gauss],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import log
@@ -111,7 +111,7 @@ def build_strategy(config: RunConfig) -> FedAvg:
 
 def _reply_problem(reply: Message, expected_spec: dict[str, Any]) -> str | None:
     """Why a reply cannot be aggregated, or None when it can."""
-    from fedtune.model.adapters import AdapterMismatch, check_state, state_spec
+    from fedtune.model.adapters import AdapterMismatch, check_state
 
     if reply.has_error():
         return f"client error: {reply.error.reason}"
@@ -145,7 +145,9 @@ def run_federation(
     random.seed(train.seed)
     progress.note("building the initial global adapter")
     adapter, probe = init_global_adapter(config)
-    expected_spec = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in adapter.state.items()}
+    expected_spec = {
+        k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in adapter.state.items()
+    }
     arrays = ArrayRecord(adapter.state)
     per_message = record_payload_bytes_of(arrays)
     progress.note(
@@ -162,7 +164,9 @@ def run_federation(
     probe_losses: dict[int, float] = {}
     if probe is not None:
         probe_losses[0] = probe(adapter.state)
-        progress.note(f"probe loss before training: {probe_losses[0]:.4f} ({len(probe.examples)} examples)")
+        progress.note(
+            f"probe loss before training: {probe_losses[0]:.4f} ({len(probe.examples)} examples)"
+        )
     for server_round in range(1, fed.num_rounds + 1):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
         downlink = [record_payload_bytes(m.content) for m in messages]
@@ -263,7 +267,7 @@ def _account_round(
                 entry.uplink_wire_bytes = record_wire_bytes(reply.content)
             if problem is None:
                 metrics = dict(reply.content[METRIC_RECORD])
-                entry.partition_id = int(metrics.get("partition-id", -1))
+                entry.partition_id = int(cast(int, metrics.get("partition-id", -1)))
                 client.update(
                     partition_id=entry.partition_id,
                     train_loss=metrics["train-loss"],
@@ -327,7 +331,9 @@ def _checkpoint(
         "metrics_lines": server_round,
         "rng": rng_state(),
     }
-    run_dir.write_checkpoint(server_round, arrays.to_torch_state_dict(), adapter.peft_config, resume)
+    run_dir.write_checkpoint(
+        server_round, arrays.to_torch_state_dict(), adapter.peft_config, resume
+    )
 
 
 def preflight(config: RunConfig) -> None:

@@ -122,9 +122,7 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
             own[targets[key]].copy_(value)
 
 
-def _state_key_to_parameter(
-    model: PeftModel, keys: Any, own: Mapping[str, Any]
-) -> dict[str, str]:
+def _state_key_to_parameter(model: PeftModel, keys: Any, own: Mapping[str, Any]) -> dict[str, str]:
     """Map saved-checkpoint keys (no adapter name) to the model's parameter names."""
     adapter = model.active_adapter
     expected = adapter_state(model)
@@ -155,4 +153,9 @@ def _state_key_to_parameter(
 
 
 def count_parameters(state: Mapping[str, Any]) -> int:
-    return int(sum(int(value.numel()) if hasattr(value, "numel") else value.size for value in state.values()))
+    return int(
+        sum(
+            int(value.numel()) if hasattr(value, "numel") else value.size
+            for value in state.values()
+        )
+    )

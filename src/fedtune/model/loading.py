@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +82,9 @@ def resolve_model(name: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelError(f"model.name: {name!r} is not a Hugging Face model directory (no config.json)")
+            raise ModelError(
+                f"model.name: {name!r} is not a Hugging Face model directory (no config.json)"
+            )
         return ModelSource("local", name, str(path.resolve()))
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.match(name):
         raise ModelError(f"model.name: the path {name!r} does not exist")
@@ -123,10 +125,10 @@ def ensure_embedded_cache(source: ModelSource, progress: Any = None) -> Path:
         )
         # transformers leaves a GGUF quantizer attached; without clearing it save_pretrained
         # refuses and Trainer will not train the model. The weights are already dequantized fp32.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.is_quantized = False
+        setattr(model, "is_quantized", False)  # noqa: B010
         staging = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, safe_serialization=True)
@@ -185,7 +187,9 @@ def load_tokenizer(source: ModelSource, progress: Any = None) -> PreTrainedToken
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_path(source, progress))
     except OSError as exc:
-        raise ModelError(f"model.name: cannot load the tokenizer of {source.name!r}: {exc}") from exc
+        raise ModelError(
+            f"model.name: cannot load the tokenizer of {source.name!r}: {exc}"
+        ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -223,6 +227,6 @@ def load_model(
     except OSError as exc:
         raise ModelError(f"model.name: cannot load {source.name!r}: {exc}") from exc
     if not quantization:
-        model.to(device)
+        cast(Any, model).to(device)
     model.requires_grad_(False)
     return model
