@@ -104,7 +104,8 @@ def board_files(
     generations: Sequence[Generation],
     categories: dict[str, dict[str, Any]],
     run: str,
-    partial_note: str | None,
+    available: dict[str, int],
+    seed: int,
 ) -> dict[str, str]:
     """File name → content of the board's per-category files.
 
@@ -112,7 +113,9 @@ def board_files(
         generations: all generations of the evaluation.
         categories: the per-category metrics (accuracy, n).
         run: the run name in the file names.
-        partial_note: text of the second line of each accuracy file for a partial evaluation.
+        available: questions each category holds; fewer evaluated adds a "partial" line to the
+            accuracy file.
+        seed: the sampling seed, named in that line.
     """
     files: dict[str, str] = {}
     for category in ALL_CATEGORIES:
@@ -122,8 +125,8 @@ def board_files(
         # pandas to_json(orient="records") writes compact JSON; ASCII escapes keep it byte-stable.
         files[f"generation_mmlu_{category}_{run}.jsonl"] = json.dumps(rows, separators=(",", ":"))
         text = f"Accuracy: {categories[category]['accuracy']}. "
-        if partial_note:
-            text += f"\n{partial_note}\n"
+        if len(rows) < available[category]:
+            text += f"\npartial: {len(rows)} of {available[category]} questions (seed {seed})\n"
         files[f"acc_mmlu_{category}_{run}.txt"] = text
     return files
 

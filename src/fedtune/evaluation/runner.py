@@ -192,13 +192,14 @@ def evaluate(prepared: Prepared, model: Any, tokenizer: Any) -> tuple[dict[str, 
         result["rechecked_one_at_a_time"] = details["rechecked"]
     files = {}
     if request.protocol == "flowertune":
-        note = (
-            f"partial: {len(questions)} of {selection.available} questions (seed {selection.seed})"
-            if partial
-            else None
-        )
         files.update(
-            board_files(details["generations"], metrics["categories"], prepared.run_name, note)
+            board_files(
+                details["generations"],
+                metrics["categories"],
+                prepared.run_name,
+                selection.available_per_category,
+                selection.seed,
+            )
         )
     result["files"] = sorted(files)
     name = result_file_name(request.protocol, request.shots, prepared.run_name)

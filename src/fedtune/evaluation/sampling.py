@@ -9,6 +9,7 @@ official order. Any subsample makes the evaluation *partial*, which result files
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class Selection:
         sample: a proportional stratified sample of about this many questions (None: no sample).
         seed: the sampling seed.
         available: how many questions the categories/subjects hold before any limit.
+        available_per_category: the same, per category.
     """
 
     questions: tuple[Question, ...]
@@ -37,6 +39,7 @@ class Selection:
     sample: int | None
     seed: int
     available: int
+    available_per_category: dict[str, int]
 
     @property
     def partial(self) -> bool:
@@ -70,6 +73,13 @@ def proportional_counts(sizes: dict[str, int], total: int) -> dict[str, int]:
     quotas = {s: total * n / grand for s, n in sizes.items()}
     counts = {s: max(1, int(q)) for s, q in quotas.items()}
     left = total - sum(counts.values())
+    # The floor of one can overshoot a small total: take back from the most over-allocated subjects.
+    for subject in sorted(sizes, key=lambda s: (quotas[s] - counts[s], s)):
+        if left >= 0:
+            break
+        if counts[subject] > 1:
+            counts[subject] -= 1
+            left += 1
     for subject in sorted(sizes, key=lambda s: (-(quotas[s] - int(quotas[s])), s)):
         if left <= 0:
             break
@@ -132,6 +142,7 @@ def select(
         sample=sample,
         seed=seed,
         available=len(pool),
+        available_per_category=dict(Counter(q.category for q in pool)),
     )
 
 
