@@ -104,6 +104,11 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # trained: B left zero-init
+    checkpoint = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        str(run_dir / "checkpoints" / "round-00001" / "adapter"),
+    )
+    assert sum("lora_A" in n for n, _ in checkpoint.named_parameters()) == len(lora_b)
     environment = json.loads((run_dir / "environment.json").read_text())
     assert environment["packages"]["flwr"] == "1.42.0" and environment["command"][:2] == [
         "fedtune",
