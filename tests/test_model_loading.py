@@ -9,7 +9,6 @@ from fedtune.model.loading import (
     ModelError,
     check_quantization,
     load_model,
-    load_tokenizer,
     resolve_dtype,
     resolve_model,
 )
