@@ -59,6 +59,9 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
         "train.seq-length=64",
         "train.save-every-round=1",
         "train.learning-rate-max=1e-2",
+        "eval.mmlu-every-rounds=1",
+        "eval.mmlu-questions=44",
+        "eval.probe-examples=4",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "round 2/2 │ clients 3" in done.stderr
@@ -76,6 +79,12 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
 
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2]
+    # Server-side evaluation: the probe loss every round, MMLU on a 44-question stratified subset.
+    # (at least one question per scored subject: 44 asked, 49 drawn in proportion to subject size)
+    questions = metrics[0]["mmlu"]["questions"]
+    assert questions >= 44 and all(m["probe_loss"] > 0 for m in metrics)
+    assert sum(metrics[0]["mmlu"]["predicted_letters"].values()) == questions
+    assert 0 <= metrics[-1]["mmlu"]["average"] <= 100
     clients = read_jsonl(run_dir / "clients.jsonl")
     for server_round in (1, 2):
         assert sorted(c["partition_id"] for c in clients if c["round"] == server_round) == [0, 1, 2]
@@ -89,6 +98,7 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
     assert total == 2 * 2 * 3 * message
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["communication"]["total_bytes"] == total
+    assert sorted(summary["server_eval"]) == ["0", "1", "2"]
     assert summary["communication"]["wire_bytes"] > total
     assert metrics[-1]["cumulative_bytes"] == total
 

@@ -173,6 +173,19 @@ class EvalConfig:
         "measures the global adapter's loss before round 1 and after every round; 0 disables.",
     )
 
+    mmlu_every_rounds: int = _key(
+        "eval.mmlu-every-rounds",
+        "Score the global adapter on a fixed MMLU subset before round 1, every N rounds and "
+        "after the last round; 0 disables.",
+    )
+    mmlu_questions: int = _key(
+        "eval.mmlu-questions",
+        "Size of that subset: seeded, stratified by subject (at least one per scored subject).",
+    )
+    mmlu_protocol: str = _key(
+        "eval.mmlu-protocol", "loglik (letter log-likelihood) or flowertune (the board's parser)."
+    )
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -257,6 +270,9 @@ DEFAULTS: dict[str, Any] = {
     "train.seed": 2024,
     "train.save-every-round": 5,
     "eval.probe-examples": 16,
+    "eval.mmlu-every-rounds": 0,
+    "eval.mmlu-questions": 100,
+    "eval.mmlu-protocol": "loglik",
     "run.output-dir": "runs",
     "run.name": "",
     "run.byte-budget": 0,
@@ -494,7 +510,15 @@ def validate(config: RunConfig) -> None:
     _require(t.max_grad_norm >= 0, "train.max-grad-norm", "must be >= 0")
     _require(t.weight_decay >= 0, "train.weight-decay", "must be >= 0")
     _require(t.save_every_round >= 0, "train.save-every-round", "must be >= 0 (0 = only the end)")
-    _require(config.eval.probe_examples >= 0, "eval.probe-examples", "must be >= 0 (0 = off)")
+    ev = config.eval
+    _require(ev.probe_examples >= 0, "eval.probe-examples", "must be >= 0 (0 = off)")
+    _require(ev.mmlu_every_rounds >= 0, "eval.mmlu-every-rounds", "must be >= 0 (0 = off)")
+    _require(ev.mmlu_questions >= 1, "eval.mmlu-questions", "must be >= 1")
+    _require(
+        ev.mmlu_protocol in ("loglik", "flowertune"),
+        "eval.mmlu-protocol",
+        f"must be loglik or flowertune, got {ev.mmlu_protocol!r}",
+    )
     _require(bool(r.output_dir.strip()), "run.output-dir", "must not be empty")
     _require(
         r.name == "" or re.fullmatch(r"[\w.-]+", r.name) is not None,

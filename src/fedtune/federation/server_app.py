@@ -41,31 +41,59 @@ class GlobalAdapter:
 
 
 @dataclass
-class LossProbe:
-    """The global adapter's loss on a fixed sample of client 0's data, measured on the server.
+class ServerEvaluator:
+    """What the server measures on the global adapter between rounds.
 
-    Clients train on different data every round, so their losses mix learning with data noise;
-    the probe holds the data fixed and shows the federation's progress alone.
+    - the probe loss: the loss on a fixed sample of client 0's data. Clients train on different
+      data every round, so their losses mix learning with data noise; the probe holds the data
+      fixed and shows the federation's progress alone;
+    - MMLU on a fixed stratified subset, every `eval.mmlu-every-rounds` rounds.
     """
 
     model: Any
-    examples: list[Any]
-    pad_id: int
+    tokenizer: Any
     device: str
+    probe_examples: list[Any]
+    mmlu_questions: list[Any]
+    mmlu_protocol: str
+    mmlu_every: int
+    num_rounds: int
 
-    def __call__(self, state: dict[str, Any]) -> float:
+    def mmlu_due(self, server_round: int) -> bool:
+        if not self.mmlu_questions:
+            return False
+        return server_round in (0, self.num_rounds) or server_round % self.mmlu_every == 0
+
+    def __call__(self, state: dict[str, Any], server_round: int) -> dict[str, Any]:
         from fedtune.model.adapters import load_adapter_state
         from fedtune.training.local import evaluate_loss
 
         load_adapter_state(self.model, state)
-        return evaluate_loss(self.model, self.examples, self.pad_id, self.device)
+        metrics: dict[str, Any] = {}
+        if self.probe_examples:
+            metrics["probe_loss"] = evaluate_loss(
+                self.model, self.probe_examples, self.tokenizer.pad_token_id, self.device
+            )
+        if self.mmlu_due(server_round):
+            from fedtune.evaluation.api import score_questions
+
+            result = score_questions(
+                self.model, self.tokenizer, self.mmlu_questions, protocol=self.mmlu_protocol
+            )
+            metrics["mmlu"] = {
+                "protocol": self.mmlu_protocol,
+                "questions": result["n_questions"],
+                **result["board"],
+                "predicted_letters": result["predicted_letters"],
+            }
+        return metrics
 
 
-def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, LossProbe | None]:
+def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluator | None]:
     """Initial adapter: the base model with a fresh adapter seeded by train.seed.
 
     The base model is needed once (DoRA's magnitudes come from the base weights); it is kept
-    only when the server measures the probe loss.
+    only when the server evaluates between rounds.
     """
     from fedtune.data.pipeline import partition_examples
     from fedtune.model.adapters import adapter_state, attach_adapter, count_parameters
@@ -84,13 +112,31 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, LossProbe | N
     # configured name is what identifies the base model to a reader of the checkpoint.
     resolved.base_model_name_or_path = config.model.name
     adapter = GlobalAdapter(state, resolved, count_parameters(state))
-    if config.eval.probe_examples == 0:
+    ev = config.eval
+    if ev.probe_examples == 0 and ev.mmlu_every_rounds == 0:
         return adapter, None
     tokenizer = load_tokenizer(source)
-    examples, _ = partition_examples(tokenizer, config, 0, config.federation.num_clients)
-    count = min(config.eval.probe_examples, len(examples))
-    chosen = [examples[i] for i in draw_examples(len(examples), count, config.data.seed)]
-    return adapter, LossProbe(peft_model, chosen, tokenizer.pad_token_id, device)
+    probe: list[Any] = []
+    if ev.probe_examples:
+        examples, _ = partition_examples(tokenizer, config, 0, config.federation.num_clients)
+        count = min(ev.probe_examples, len(examples))
+        probe = [examples[i] for i in draw_examples(len(examples), count, config.data.seed)]
+    questions: list[Any] = []
+    if ev.mmlu_every_rounds:
+        from fedtune.evaluation.sampling import fixed_subset
+
+        questions = fixed_subset(ev.mmlu_questions, seed=config.data.seed)
+    evaluator = ServerEvaluator(
+        peft_model,
+        tokenizer,
+        device,
+        probe,
+        questions,
+        ev.mmlu_protocol,
+        ev.mmlu_every_rounds,
+        config.federation.num_rounds,
+    )
+    return adapter, evaluator
 
 
 def build_strategy(config: RunConfig) -> FedAvg:
@@ -144,7 +190,7 @@ def run_federation(
     # FedAvg samples clients with Python's `random`: seeding it makes the sampling reproducible.
     random.seed(train.seed)
     progress.note("building the initial global adapter")
-    adapter, probe = init_global_adapter(config)
+    adapter, evaluator = init_global_adapter(config)
     expected_spec = {
         k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in adapter.state.items()
     }
@@ -161,12 +207,10 @@ def run_federation(
     state_name = "completed"
     last_loss: float | None = None
     rounds_done = 0
-    probe_losses: dict[int, float] = {}
-    if probe is not None:
-        probe_losses[0] = probe(adapter.state)
-        progress.note(
-            f"probe loss before training: {probe_losses[0]:.4f} ({len(probe.examples)} examples)"
-        )
+    server_eval: dict[int, dict[str, Any]] = {}
+    if evaluator is not None:
+        server_eval[0] = evaluator(adapter.state, 0)
+        progress.note(f"before training: {describe_eval(server_eval[0])}")
     for server_round in range(1, fed.num_rounds + 1):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
         downlink = [record_payload_bytes(m.content) for m in messages]
@@ -191,10 +235,9 @@ def run_federation(
         if aggregated is None:
             raise FederationError(f"round {server_round}: aggregation produced nothing")
         arrays = aggregated
-        if probe is not None:
-            probe_losses[server_round] = round_metrics["probe_loss"] = probe(
-                arrays.to_torch_state_dict()
-            )
+        if evaluator is not None:
+            server_eval[server_round] = evaluator(arrays.to_torch_state_dict(), server_round)
+            round_metrics.update(server_eval[server_round])
         round_metrics["seconds"] = round(time.perf_counter() - round_started, 3)
         round_metrics["cumulative_bytes"] = ledger.total_bytes
         last_loss = round_metrics.get("train_loss")
@@ -219,7 +262,7 @@ def run_federation(
         "message_payload_bytes": per_message,
         "communication": ledger.summary(),
         "final_train_loss": last_loss,
-        "probe_loss": {str(k): v for k, v in probe_losses.items()},
+        "server_eval": {str(k): v for k, v in server_eval.items()},
         "adapter": "adapter",
         "adapter_sha256": digest,
         "config_digest": config.digest(),
@@ -230,6 +273,18 @@ def run_federation(
     write_json_atomic(run_dir.path / "summary.json", summary)
     run_dir.set_status(state_name, rounds_completed=rounds_done)
     return summary
+
+
+def describe_eval(metrics: dict[str, Any]) -> str:
+    parts = []
+    if "probe_loss" in metrics:
+        parts.append(f"probe loss {metrics['probe_loss']:.4f}")
+    if "mmlu" in metrics:
+        mmlu = metrics["mmlu"]
+        parts.append(
+            f"MMLU ({mmlu['protocol']}, {mmlu['questions']} questions) {mmlu['average']:.2f}"
+        )
+    return ", ".join(parts)
 
 
 def record_payload_bytes_of(arrays: ArrayRecord) -> int:
