@@ -1,0 +1,147 @@
+"""Questions/s of the batched `flowertune` protocol against the official one-question-at-a-time loop.
+
+Same model (the embedded SmolLM2-135M-Instruct, fp32), same questions (N per scored subject, the official
+order), identical generations asserted. Also times `loglik` 0-shot (fedtune's batched scorer) on the same
+questions. The CPU is shared, so the question list is cut into chunks and the two flowertune implementations
+alternate chunk by chunk (official first on even chunks, batched first on odd ones): a load change hits both
+alike. Timings are reported, never asserted.
+
+    .venv/bin/python bench/eval_throughput.py --per-subject 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedtune.evaluation import flowertune, loglik
+from fedtune.evaluation.batching import BatchPlan, PrefixCache, common_prefix_length, run_bucket
+from fedtune.evaluation.sampling import select
+from fedtune.model.loading import load_model, load_tokenizer, resolve_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def max_logit_difference(model, tokenizer, questions) -> float:
+    """Largest |batched − one-at-a-time| next-token logit over the questions (justifies the recheck margin)."""
+    prompts = [flowertune.encode_prompt(tokenizer, q) for q in questions]
+    prefix_length = common_prefix_length(prompts)
+    prefix = PrefixCache(model, prompts[0][:prefix_length])
+    worst = 0.0
+    for start in range(0, len(prompts), 8):
+        chunk = prompts[start : start + 8]
+        batched = run_bucket(
+            model, prefix, [p[prefix_length:] for p in chunk], tokenizer.pad_token_id
+        )
+        for row, tokens in enumerate(chunk):
+            with torch.inference_mode():
+                single = (
+                    model(input_ids=torch.tensor([tokens]), logits_to_keep=1).logits[0, -1].float()
+                )
+            worst = max(worst, float((batched[row] - single).abs().max()))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--per-subject", type=int, default=10, help="questions per scored subject")
+    parser.add_argument("--chunks", type=int, default=8, help="alternation chunks")
+    parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--output", type=Path, default=RESULTS / "eval_throughput.json")
+    args = parser.parse_args(argv)
+
+    source = resolve_model("embedded:smollm2-135m-instruct")
+    tokenizer, model = load_tokenizer(source), load_model(source, dtype="float32", device="cpu")
+    model.eval()
+    questions = list(select(limit_per_subject=args.per_subject, seed=args.seed).questions)
+    tokens = [len(flowertune.encode_prompt(tokenizer, q)) for q in questions]
+    plan = BatchPlan.for_device("cpu")
+    load_before = os.getloadavg()
+
+    official_s = batched_s = 0.0
+    official, batched = [], []
+    size = -(-len(questions) // args.chunks)
+    for number, start in enumerate(range(0, len(questions), size)):
+        chunk = questions[start : start + size]
+        order = ("official", "batched") if number % 2 == 0 else ("batched", "official")
+        for which in order:
+            started = time.perf_counter()
+            if which == "official":
+                official += flowertune.generate_one_at_a_time(model, tokenizer, chunk)
+                official_s += time.perf_counter() - started
+            else:
+                batched += flowertune.generate_batched(model, tokenizer, chunk, plan=plan)
+                batched_s += time.perf_counter() - started
+    identical = [g.output for g in official] == [g.output for g in batched]
+    assert identical, "batched generations differ from the official loop"
+    rechecked = sum(g.rechecked for g in batched)
+
+    started = time.perf_counter()
+    loglik.score_letters(model, tokenizer, questions, shots=0, plan=plan)
+    loglik_s = time.perf_counter() - started
+    worst = max_logit_difference(model, tokenizer, questions[:: max(1, len(questions) // 64)])
+
+    n = len(questions)
+    report = {
+        "benchmark": "eval_throughput",
+        "model": source.name,
+        "dtype": "float32",
+        "n_questions": n,
+        "per_subject": args.per_subject,
+        "seed": args.seed,
+        "prompt_tokens": {"mean": sum(tokens) / n, "max": max(tokens), "total": sum(tokens)},
+        "plan": plan.__dict__,
+        "identical_generations": identical,
+        "rechecked_one_at_a_time": rechecked,
+        "max_abs_logit_difference_batched_vs_single": worst,
+        "recheck_margin": flowertune.MARGIN_FP32,
+        "seconds": {
+            "official": round(official_s, 1),
+            "batched": round(batched_s, 1),
+            "loglik": round(loglik_s, 1),
+        },
+        "questions_per_s": {
+            "official": round(n / official_s, 3),
+            "batched": round(n / batched_s, 3),
+            "loglik": round(n / loglik_s, 3),
+        },
+        "speedup": round(official_s / batched_s, 3),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "versions": {"torch": torch.__version__},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(
+        f"MMLU flowertune, {n} questions ({args.per_subject} per scored subject), embedded SmolLM2-135M, CPU"
+    )
+    print(f"{'implementation':<34}{'seconds':>9}{'q/s':>8}")
+    print(f"{'official loop (generate, 1 at a time)':<34}{official_s:>9.1f}{n / official_s:>8.2f}")
+    print(f"{'fedtune batched (prefix cache)':<34}{batched_s:>9.1f}{n / batched_s:>8.2f}")
+    print(f"{'fedtune loglik 0-shot':<34}{loglik_s:>9.1f}{n / loglik_s:>8.2f}")
+    print(
+        f"speed-up {official_s / batched_s:.2f}x; identical generations: {identical}; rechecked {rechecked}; "
+        f"max |Δ logit| {worst:.2e}"
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
