@@ -12,6 +12,7 @@ from fedtune.evaluation.batching import (
     iter_last_logits,
     make_buckets,
     run_bucket,
+    shared_runs,
 )
 
 
@@ -73,6 +74,44 @@ def test_iter_last_logits_groups_and_order(model):
         )
     )
     assert sorted(seen) == [0, 1, 2, 3, 4] and sum(done) == 5
+    for index, tokens in enumerate(prompts):
+        torch.testing.assert_close(
+            seen[index], _full_last_logits(model, tokens), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_shared_runs_find_common_passages():
+    passage = list(range(100, 140))  # 40 shared tokens
+    sequences = [passage + [1, 2], [5, 6, 7], passage + [3], passage[:35] + [9, 9], [5, 6, 8]]
+    runs, alone = shared_runs(sequences, min_shared=32)
+    assert runs == [([3, 0, 2], 35)] and sorted(alone) == [1, 4]
+    assert shared_runs(sequences, min_shared=0) == ([], [0, 1, 2, 3, 4])
+    # every member keeps at least one token of its own
+    runs, _ = shared_runs([passage, passage + [1]], min_shared=32)
+    assert runs == [([0, 1], 39)]
+
+
+def test_extended_prefix_cache_matches_full_forward(model):
+    generator = torch.Generator().manual_seed(2)
+    head = torch.randint(3, 300, (5,), generator=generator).tolist()
+    passage = torch.randint(3, 300, (40,), generator=generator).tolist()
+    tails = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (3, 6)]
+    extended = PrefixCache(model, passage, base=PrefixCache(model, head))
+    assert extended.length == 45
+    logits = run_bucket(model, extended, tails, pad_id=2)
+    for row, tail in enumerate(tails):
+        expected = _full_last_logits(model, head + passage + tail)
+        torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_iter_last_logits_with_shared_passages(model):
+    generator = torch.Generator().manual_seed(3)
+    head = [7, 8, 9]
+    passage = torch.randint(3, 300, (40,), generator=generator).tolist()
+    prompts = [head + passage + [n, n + 1] for n in (10, 20, 30)]
+    prompts += [head + torch.randint(3, 300, (n,), generator=generator).tolist() for n in (4, 4, 9)]
+    plan = BatchPlan(max_batch=4, pad_tolerance=0, min_shared_tokens=32)
+    seen = dict(iter_last_logits(model, prompts, [list(range(len(prompts)))], plan, 2))
     for index, tokens in enumerate(prompts):
         torch.testing.assert_close(
             seen[index], _full_last_logits(model, tokens), atol=1e-4, rtol=1e-4

@@ -37,6 +37,46 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return max(length, 0)
 
 
+def shared_runs(
+    sequences: Sequence[Sequence[int]], min_shared: int
+) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Find sequences that start with the same `min_shared`+ tokens (e.g. questions on one passage).
+
+    Sorting puts sequences that share a start next to each other; a run keeps the longest start all
+    its members share, always leaving each member at least one token of its own.
+
+    Args:
+        sequences: token lists.
+        min_shared: the shortest shared start worth computing once (0 disables the search).
+
+    Returns:
+        (runs, alone): runs as (member indices, shared length), each with at least two members; the
+        indices of the remaining sequences.
+    """
+    if min_shared <= 0:
+        return [], list(range(len(sequences)))
+    order = sorted(range(len(sequences)), key=lambda i: list(sequences[i]))
+    runs: list[tuple[list[int], int]] = []
+    alone: list[int] = []
+    start = 0
+    while start < len(order):
+        first = sequences[order[start]]
+        shared = len(first) - 1
+        end = start + 1
+        while end < len(order):
+            other = sequences[order[end]]
+            common = min(common_prefix_length([first, other]), len(other) - 1, shared)
+            if common < min_shared:
+                break
+            shared, end = common, end + 1
+        if end - start > 1:
+            runs.append(([order[k] for k in range(start, end)], shared))
+        else:
+            alone.append(order[start])
+        start = end
+    return runs, alone
+
+
 @dataclass(frozen=True)
 class Bucket:
     """Indices of questions run together, and the length their suffixes are left-padded to."""
@@ -84,26 +124,34 @@ def make_buckets(
 class PrefixCache:
     """The keys and values of a shared token prefix, computed once and handed out per batch."""
 
-    def __init__(self, model: Any, prefix_ids: Sequence[int]) -> None:
+    def __init__(
+        self, model: Any, prefix_ids: Sequence[int], base: PrefixCache | None = None
+    ) -> None:
         """Run the prefix through the model once.
 
         Args:
             model: a causal LM (possibly PEFT-wrapped) in eval mode.
-            prefix_ids: the shared prefix tokens (may be empty).
+            prefix_ids: the shared prefix tokens (may be empty); with `base`, the tokens after it.
+            base: an already computed shorter prefix that this one extends.
         """
         import torch
 
-        self.length = len(prefix_ids)
+        self.length = len(prefix_ids) + (base.length if base else 0)
         self._config = _base_config(model)
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         if not prefix_ids:
+            self._layers = list(base._layers) if base else []
             return
         device = _device_of(model)
+        kwargs: dict[str, Any] = {}
+        if base is not None and base.length:
+            kwargs[_cache_argument(model)] = base.for_batch(1)
         with torch.inference_mode():
             out = model(
                 input_ids=torch.tensor([list(prefix_ids)], device=device),
                 use_cache=True,
                 logits_to_keep=1,
+                **kwargs,
             )
         cache = out.cache if "cache" in out else out.past_key_values
         self._layers = [(layer.keys, layer.values) for layer in cache.layers]
@@ -197,18 +245,21 @@ class BatchPlan:
     Attributes:
         max_batch: most prompts per forward pass.
         max_tokens: most suffix tokens (rows × padded width) per forward pass.
-        pad_tolerance: largest length spread inside a batch; 0 means no padding at all (the CPU
-            default: a compute-bound CPU gains nothing from wider batches, so every padded token is
-                pure loss).
+        pad_tolerance: largest length spread inside a batch, in tokens (CPU: 4; a compute-bound CPU
+            gains little from wider batches, so padding must stay near zero).
+        min_shared_tokens: prompts whose remainders after the common prefix still share this many
+            leading tokens (MMLU history questions share source passages of 300–700 tokens; all
+            moral_scenarios questions share a 40-token preamble) get that part computed once too.
     """
 
     max_batch: int = 16
     max_tokens: int = 4096
-    pad_tolerance: int = 0
+    pad_tolerance: int = 4
+    min_shared_tokens: int = 32
 
     @classmethod
     def for_device(cls, device: str) -> BatchPlan:
-        """CPU: exact-length buckets. GPU: wide batches, a little padding to fill them."""
+        """CPU: near-equal-length buckets. GPU: wide batches, some padding to fill them."""
         if device.startswith("cuda"):
             return cls(max_batch=64, max_tokens=32768, pad_tolerance=32)
         return cls()
@@ -244,15 +295,22 @@ def iter_last_logits(
         prefix_length = common_prefix_length(token_lists)
         prefix = PrefixCache(model, token_lists[0][:prefix_length])
         suffixes = [tokens[prefix_length:] for tokens in token_lists]
-        buckets = make_buckets(
-            [len(s) for s in suffixes],
-            max_batch=plan.max_batch,
-            max_tokens=plan.max_tokens,
-            pad_tolerance=plan.pad_tolerance,
-        )
-        for bucket in buckets:
-            logits = run_bucket(model, prefix, [suffixes[i] for i in bucket.indices], pad_id)
-            for row, local in enumerate(bucket.indices):
-                yield group[local], logits[row]
-            if on_batch is not None:
-                on_batch(len(bucket.indices))
+        runs, alone = shared_runs(suffixes, plan.min_shared_tokens)
+        work = [(prefix, [(i, suffixes[i]) for i in alone])]
+        for members, shared in runs:
+            extended = PrefixCache(model, suffixes[members[0]][:shared], base=prefix)
+            work.append((extended, [(i, suffixes[i][shared:]) for i in members]))
+        for cache, items in work:
+            buckets = make_buckets(
+                [len(tokens) for _, tokens in items],
+                max_batch=plan.max_batch,
+                max_tokens=plan.max_tokens,
+                pad_tolerance=plan.pad_tolerance,
+            )
+            for bucket in buckets:
+                chosen = [items[k] for k in bucket.indices]
+                logits = run_bucket(model, cache, [tokens for _, tokens in chosen], pad_id)
+                for row, (local, _) in enumerate(chosen):
+                    yield group[local], logits[row]
+                if on_batch is not None:
+                    on_batch(len(chosen))
