@@ -73,6 +73,7 @@ def test_sampling_is_seeded_stratified_and_marked_partial():
 def test_proportional_counts_keep_every_subject():
     counts = proportional_counts({"a": 1000, "b": 10, "c": 5}, 20)
     assert sum(counts.values()) == 20 and min(counts.values()) >= 1
+    assert len(select(sample=50).questions) == 50  # 44 subjects at one each, the rest by size
 
 
 def test_selection_errors():

@@ -136,7 +136,7 @@ class PrefixCache:
         """
         import torch
 
-        self.length = len(prefix_ids) + (base.length if base else 0)
+        self.length: int = len(prefix_ids) + (base.length if base else 0)
         self._config = _base_config(model)
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         if not prefix_ids:

@@ -74,12 +74,13 @@ def proportional_counts(sizes: dict[str, int], total: int) -> dict[str, int]:
     counts = {s: max(1, int(q)) for s, q in quotas.items()}
     left = total - sum(counts.values())
     # The floor of one can overshoot a small total: take back from the most over-allocated subjects.
-    for subject in sorted(sizes, key=lambda s: (quotas[s] - counts[s], s)):
-        if left >= 0:
+    while left < 0:
+        reducible = [s for s in sizes if counts[s] > 1]
+        if not reducible:  # total < number of subjects: one each is the least a sample keeps
             break
-        if counts[subject] > 1:
-            counts[subject] -= 1
-            left += 1
+        subject = max(reducible, key=lambda s: (counts[s] - quotas[s], s))
+        counts[subject] -= 1
+        left += 1
     for subject in sorted(sizes, key=lambda s: (-(quotas[s] - int(quotas[s])), s)):
         if left <= 0:
             break
