@@ -21,14 +21,15 @@ from typing import Any
 MIB = 1024**2
 
 
+def array_record_bytes(record: Any) -> int:
+    """Board-compatible bytes of one ArrayRecord: the serialized payload of each array."""
+    return sum(len(array.data) for array in record.values())
+
+
 def record_payload_bytes(content: Any) -> tuple[int, int]:
     """(payload bytes, array count) over every ArrayRecord of a message's RecordDict."""
-    total = arrays = 0
-    for record in content.array_records.values():
-        for array in record.values():
-            total += len(array.data)
-            arrays += 1
-    return total, arrays
+    records = list(content.array_records.values())
+    return sum(array_record_bytes(r) for r in records), sum(len(r) for r in records)
 
 
 def record_wire_bytes(content: Any) -> int:

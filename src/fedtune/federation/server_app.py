@@ -20,7 +20,13 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedtune.accounting.ledger import Ledger, LedgerEntry, record_payload_bytes, record_wire_bytes
+from fedtune.accounting.ledger import (
+    Ledger,
+    LedgerEntry,
+    array_record_bytes,
+    record_payload_bytes,
+    record_wire_bytes,
+)
 from fedtune.config import RunConfig, build_config
 from fedtune.federation.client_app import ARRAY_RECORD, CONFIG_RECORD, METRIC_RECORD
 from fedtune.federation.progress import Progress
@@ -195,7 +201,7 @@ def run_federation(
         k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in adapter.state.items()
     }
     arrays = ArrayRecord(adapter.state)
-    per_message = record_payload_bytes_of(arrays)
+    per_message = array_record_bytes(arrays)
     progress.note(
         f"adapter: {adapter.parameters:,} parameters in {len(adapter.state)} tensors, "
         f"{per_message:,} bytes per message; {fed.sampled_clients} of {fed.num_clients} clients "
@@ -287,10 +293,6 @@ def describe_eval(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def record_payload_bytes_of(arrays: ArrayRecord) -> int:
-    return sum(len(array.data) for array in arrays.values())
-
-
 def _account_round(
     server_round: int,
     messages: list[Message],
@@ -302,16 +304,20 @@ def _account_round(
     """Ledger entries, per-client metrics, and the replies fit for aggregation."""
     by_node = {reply.metadata.src_node_id: reply for reply in replies}
     entries, clients, good = [], [], []
+    # FedAvg sends one RecordDict to every sampled client: serialize it once to measure it.
+    wire_sizes: dict[int, int] = {}
     for message, (down_bytes, down_arrays) in zip(messages, downlink, strict=True):
         node = message.metadata.dst_node_id
         reply = by_node.get(node)
+        if id(message.content) not in wire_sizes:
+            wire_sizes[id(message.content)] = record_wire_bytes(message.content)
         entry = LedgerEntry(
             server_round,
             node,
             -1,
             downlink_bytes=down_bytes,
             downlink_arrays=down_arrays,
-            downlink_wire_bytes=record_wire_bytes(message.content),
+            downlink_wire_bytes=wire_sizes[id(message.content)],
         )
         client: dict[str, Any] = {"round": server_round, "node_id": node}
         problem = "no reply within strategy.round-timeout-s" if reply is None else None
