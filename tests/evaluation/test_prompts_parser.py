@@ -12,7 +12,8 @@ from fedtune.evaluation.dataset import Question, dev_examples, load_split
 from fedtune.evaluation.parser import is_correct, parse_prediction, predicted_letter
 from fedtune.evaluation.prompts import flowertune_inner_prompt, flowertune_prompt, loglik_prompt
 
-GENERATIONS = Path(__file__).resolve().parents[3] / "shared" / "data" / "flowertune-generations"
+# Published FlowerTune generation files and the official scorer's accuracies (see SOURCE.md there).
+GENERATIONS = Path(__file__).resolve().parents[1] / "fixtures" / "flowertune-generations"
 
 Q = Question("anatomy", 0, "What is 2+2", ("3", "4", "None", "5"), "B")
 

@@ -11,7 +11,8 @@ import pytest
 from fedtune.cli import main
 from fedtune.evaluation.rescore import GenerationFileError, rescore_file
 
-GENERATIONS = Path(__file__).resolve().parents[3] / "shared" / "data" / "flowertune-generations"
+# Published FlowerTune generation files and the official scorer's accuracies (see SOURCE.md there).
+GENERATIONS = Path(__file__).resolve().parents[1] / "fixtures" / "flowertune-generations"
 FILES = sorted(GENERATIONS.glob("*/generation_mmlu_*.jsonl.gz"))
 
 

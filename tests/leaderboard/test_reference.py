@@ -51,9 +51,16 @@ def test_shipped_counts_equal_the_evaluation_data():
             assert board[category] == getattr(row, category)
 
 
-MMLU_CSV = Path(os.environ.get("FEDTUNE_MMLU_DIR", "/work/shared/data/mmlu")) / "test"
+# The original MMLU CSVs (not vendored): FEDTUNE_MMLU_CSV, or ../shared/data/mmlu beside the checkout.
+MMLU_CSV = (
+    Path(
+        os.environ.get("FEDTUNE_MMLU_CSV")
+        or Path(__file__).resolve().parents[3] / "shared" / "data" / "mmlu"
+    )
+    / "test"
+)
 
 
-@pytest.mark.skipif(not MMLU_CSV.is_dir(), reason=f"no MMLU CSVs at {MMLU_CSV} (FEDTUNE_MMLU_DIR)")
+@pytest.mark.skipif(not MMLU_CSV.is_dir(), reason=f"no MMLU CSVs at {MMLU_CSV} (FEDTUNE_MMLU_CSV)")
 def test_shipped_counts_equal_the_original_csvs():
     assert count_gold_letters(MMLU_CSV) == TEST_GOLD_LETTERS
