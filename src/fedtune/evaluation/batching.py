@@ -2,11 +2,12 @@
 prefix KV cache.
 
 Every prompt of a protocol starts with the same tokens (flowertune: `<|im_start|>question\\nAnswer
-the following multiple choice question.\\nQuestion:`, 12 tokens on SmolLM2; loglik: the subject
+the following multiple choice question.\\nQuestion:`, 13 tokens on SmolLM2; loglik: the subject
 description, ~16 tokens). They are run through the model once and their keys/values reused for every
-batch, so each question costs only its own tokens. Questions are grouped into buckets of (nearly)
-equal remaining length; with `pad_tolerance=0` a bucket holds equal lengths only and no padding
-token is ever computed.
+batch, so each question costs only its own tokens. Questions whose remainders still start alike
+(several history questions on one source passage) get that shared part computed once as well. The
+rest is grouped into buckets of (nearly) equal remaining length; with `pad_tolerance=0` a bucket
+holds equal lengths only and no padding token is ever computed.
 """
 
 from __future__ import annotations
