@@ -80,7 +80,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
 def check_data(config: Any) -> str:
     """Parse a local/embedded data set and check it splits over the clients; describe it."""
     from fedtune.data.partition import partition_dataset
-    from fedtune.data.sources import clean_rows, load_local_rows, resolve_data
+    from fedtune.data.sources import DataError, clean_rows, load_local_rows, resolve_data
 
     source = resolve_data(config.data.name)
     if source.kind == "hub":
@@ -90,8 +90,6 @@ def check_data(config: Any) -> str:
     partitioner = partition_dataset(rows, config.data, config.federation.num_clients)
     sizes = [len(partitioner.load_partition(i)) for i in range(config.federation.num_clients)]
     if min(sizes) == 0:
-        from fedtune.data.sources import DataError
-
         raise DataError(f"data.partitioner: {sizes.count(0)} of the clients get no rows")
     return (
         f"{source.name}: {len(rows):,} rows ({skipped} with missing or empty fields will be "

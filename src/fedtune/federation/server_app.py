@@ -30,7 +30,7 @@ from fedtune.accounting.ledger import (
 from fedtune.config import RunConfig, build_config
 from fedtune.federation.client_app import ARRAY_RECORD, CONFIG_RECORD, METRIC_RECORD
 from fedtune.federation.progress import Progress
-from fedtune.federation.rundir import RunDirectory, rng_state
+from fedtune.federation.rundir import RunDirectory, rng_state, write_json_atomic
 
 app = ServerApp()
 
@@ -274,8 +274,6 @@ def run_federation(
         "config_digest": config.digest(),
         "seconds": round(time.perf_counter() - progress.started, 1),
     }
-    from fedtune.federation.rundir import write_json_atomic
-
     write_json_atomic(run_dir.path / "summary.json", summary)
     run_dir.set_status(state_name, rounds_completed=rounds_done)
     return summary
