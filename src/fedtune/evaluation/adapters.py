@@ -10,11 +10,12 @@ difference is an error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedtune.federation.rundir import file_sha256
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,14 +50,6 @@ class AdapterSource:
         }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_adapter(path: str | Path) -> AdapterSource:
     """Classify `--adapter` without loading anything.
 
@@ -85,7 +78,7 @@ def resolve_adapter(path: str | Path) -> AdapterSource:
     weights = adapter / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise AdapterError(f"--adapter: {adapter} has no {ADAPTER_WEIGHTS}")
-    return AdapterSource(adapter, run_dir, run_model, _sha256(weights))
+    return AdapterSource(adapter, run_dir, run_model, file_sha256(weights))
 
 
 def apply_adapter(model: Any, adapter: AdapterSource) -> Any:
