@@ -4,7 +4,12 @@ Same model (the embedded SmolLM2-135M-Instruct, fp32), same questions (N per sco
 order), identical generations asserted. Also times `loglik` 0-shot (fedtune's batched scorer) on the same
 questions. The CPU is shared, so the question list is cut into chunks and the two flowertune implementations
 alternate chunk by chunk (official first on even chunks, batched first on odd ones): a load change hits both
-alike. Timings are reported, never asserted.
+alike. Two chunks by default: the batched path buckets prompts by length, so like `fedtune eval` (which
+hands it a whole category at once) it needs a few hundred questions per call to fill its batches.
+
+Also counts the work: prompt tokens the official loop computes against tokens fedtune computes (after the
+shared prefix, shared passages and padding), on the sample and on the full scored split. Timings are
+reported, never asserted.
 
     .venv/bin/python bench/eval_throughput.py --per-subject 10
 """
@@ -22,7 +27,14 @@ from pathlib import Path
 import torch
 
 from fedtune.evaluation import flowertune, loglik
-from fedtune.evaluation.batching import BatchPlan, PrefixCache, common_prefix_length, run_bucket
+from fedtune.evaluation.batching import (
+    BatchPlan,
+    PrefixCache,
+    common_prefix_length,
+    make_buckets,
+    run_bucket,
+    shared_runs,
+)
 from fedtune.evaluation.sampling import select
 from fedtune.model.loading import load_model, load_tokenizer, resolve_model
 
@@ -49,12 +61,39 @@ def max_logit_difference(model, tokenizer, questions) -> float:
     return worst
 
 
+def work_tokens(prompts: list[list[int]], plan: BatchPlan) -> dict[str, int | float]:
+    """Tokens the official loop computes (every prompt in full) against those fedtune's plan computes."""
+    prefix_length = common_prefix_length(prompts)
+    suffixes = [p[prefix_length:] for p in prompts]
+    runs, alone = shared_runs(suffixes, plan.min_shared_tokens)
+    pieces = [[suffixes[i] for i in alone]]
+    computed = prefix_length
+    for members, shared in runs:
+        computed += shared
+        pieces.append([suffixes[i][shared:] for i in members])
+    for items in pieces:
+        lengths = [len(t) for t in items]
+        for bucket in make_buckets(
+            lengths,
+            max_batch=plan.max_batch,
+            max_tokens=plan.max_tokens,
+            pad_tolerance=plan.pad_tolerance,
+        ):
+            computed += bucket.length * len(bucket.indices)
+    total = sum(len(p) for p in prompts)
+    return {
+        "prompt_tokens": total,
+        "computed_tokens": computed,
+        "ratio": round(total / computed, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--per-subject", type=int, default=10, help="questions per scored subject")
-    parser.add_argument("--chunks", type=int, default=8, help="alternation chunks")
+    parser.add_argument("--chunks", type=int, default=2, help="alternation chunks")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--output", type=Path, default=RESULTS / "eval_throughput.json")
     args = parser.parse_args(argv)
@@ -69,18 +108,22 @@ def main(argv: list[str] | None = None) -> int:
 
     official_s = batched_s = 0.0
     official, batched = [], []
+    per_chunk: list[dict[str, float]] = []
     size = -(-len(questions) // args.chunks)
     for number, start in enumerate(range(0, len(questions), size)):
         chunk = questions[start : start + size]
         order = ("official", "batched") if number % 2 == 0 else ("batched", "official")
+        seconds: dict[str, float] = {"questions": len(chunk)}
         for which in order:
             started = time.perf_counter()
             if which == "official":
                 official += flowertune.generate_one_at_a_time(model, tokenizer, chunk)
-                official_s += time.perf_counter() - started
             else:
                 batched += flowertune.generate_batched(model, tokenizer, chunk, plan=plan)
-                batched_s += time.perf_counter() - started
+            seconds[which] = round(time.perf_counter() - started, 1)
+        official_s += seconds["official"]
+        batched_s += seconds["batched"]
+        per_chunk.append(seconds)
     identical = [g.output for g in official] == [g.output for g in batched]
     assert identical, "batched generations differ from the official loop"
     rechecked = sum(g.rechecked for g in batched)
@@ -89,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     loglik.score_letters(model, tokenizer, questions, shots=0, plan=plan)
     loglik_s = time.perf_counter() - started
     worst = max_logit_difference(model, tokenizer, questions[:: max(1, len(questions) // 64)])
+
+    full = list(select().questions)
+    work = {
+        "sample": work_tokens([flowertune.encode_prompt(tokenizer, q) for q in questions], plan),
+        "full_scored_split": work_tokens(
+            [flowertune.encode_prompt(tokenizer, q) for q in full], plan
+        ),
+    }
 
     n = len(questions)
     report = {
@@ -115,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             "loglik": round(n / loglik_s, 3),
         },
         "speedup": round(official_s / batched_s, 3),
+        "per_chunk_seconds": per_chunk,
+        "work": work,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -137,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         f"speed-up {official_s / batched_s:.2f}x; identical generations: {identical}; rechecked {rechecked}; "
         f"max |Δ logit| {worst:.2e}"
     )
+    for name, counts in work.items():
+        print(
+            f"work on {name}: {counts['prompt_tokens']:,} prompt tokens, {counts['computed_tokens']:,} computed "
+            f"({counts['ratio']:.3f}x fewer)"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")

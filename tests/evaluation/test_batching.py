@@ -116,3 +116,39 @@ def test_iter_last_logits_with_shared_passages(model):
         torch.testing.assert_close(
             seen[index], _full_last_logits(model, tokens), atol=1e-4, rtol=1e-4
         )
+
+
+def test_parallel_workers_give_the_same_logits_and_restore_threads(model):
+    generator = torch.Generator().manual_seed(4)
+    head = [7, 8, 9, 10]
+    passage = torch.randint(3, 300, (40,), generator=generator).tolist()
+    lengths = (3, 5, 5, 7, 2, 9, 4, 6, 6, 11)
+    prompts = [head + torch.randint(3, 300, (n,), generator=generator).tolist() for n in lengths]
+    prompts += [head + passage + [n] for n in (11, 12, 13)]
+    groups = [list(range(len(prompts)))]
+    serial = dict(iter_last_logits(model, prompts, groups, BatchPlan(max_batch=2), 2))
+    threads_before = torch.get_num_threads()
+    done: list[int] = []
+    parallel_plan = BatchPlan(max_batch=2, workers=3, threads=1)
+    parallel = dict(iter_last_logits(model, prompts, groups, parallel_plan, 2, done.append))
+    assert torch.get_num_threads() == threads_before
+    assert sorted(parallel) == list(range(len(prompts))) and sum(done) == len(prompts)
+    for index, tokens in enumerate(prompts):
+        torch.testing.assert_close(parallel[index], serial[index], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            parallel[index], _full_last_logits(model, tokens), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_output_layer_hook_is_removed_after_iteration(model):
+    head = model.get_output_embeddings()
+    before = dict(head._forward_pre_hooks)
+    prompts = [[5, 6, 7], [5, 6, 8, 9]]
+    list(iter_last_logits(model, prompts, [[0, 1]], BatchPlan(), 2))
+    assert dict(head._forward_pre_hooks) == before
+
+
+def test_cpu_plan_runs_one_single_threaded_worker_per_core():
+    plan = BatchPlan.for_device("cpu")
+    assert plan.workers == min(torch.get_num_threads(), 16) and plan.threads >= 1
+    assert BatchPlan.for_device("cuda:0").workers == 1

@@ -12,7 +12,10 @@ holds equal lengths only and no padding token is ever computed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -251,19 +254,145 @@ class BatchPlan:
         min_shared_tokens: prompts whose remainders after the common prefix still share this many
             leading tokens (MMLU history questions share source passages of 300–700 tokens; all
             moral_scenarios questions share a 40-token preamble) get that part computed once too.
+        workers: forward passes run at once, each on `threads` intra-op threads (CPU: one worker
+            per core, one thread each; a 135M model's matrices are too small for several threads
+            to share one product well, so independent batches side by side keep the cores busier).
+        threads: intra-op threads per worker (0: leave torch's setting alone).
     """
 
     max_batch: int = 16
     max_tokens: int = 4096
     pad_tolerance: int = 4
     min_shared_tokens: int = 32
+    workers: int = 1
+    threads: int = 0
 
     @classmethod
     def for_device(cls, device: str) -> BatchPlan:
-        """CPU: near-equal-length buckets. GPU: wide batches, some padding to fill them."""
+        """CPU: near-equal-length buckets, one single-threaded worker per core (at most 16).
+        GPU: wide batches, some padding to fill them, one stream."""
         if device.startswith("cuda"):
             return cls(max_batch=64, max_tokens=32768, pad_tolerance=32)
-        return cls()
+        import torch
+
+        cores = max(1, torch.get_num_threads())
+        workers = min(cores, 16)
+        return cls(workers=workers, threads=max(1, cores // workers))
+
+
+Task = Callable[[], list[tuple[int, "torch.Tensor"]]]
+
+
+def _bucket_task(
+    model: Any, cache: PrefixCache, items: Sequence[tuple[int, Sequence[int]]], pad_id: int
+) -> Task:
+    def task() -> list[tuple[int, torch.Tensor]]:
+        logits = run_bucket(model, cache, [tokens for _, tokens in items], pad_id)
+        return [(index, logits[row]) for row, (index, _) in enumerate(items)]
+
+    return task
+
+
+def _plan_tasks(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[int]],
+    plan: BatchPlan,
+    pad_id: int,
+) -> Iterator[Task]:
+    """The forward passes, lazily, group by group: a group's prefix is computed when its first
+    task is due, and freed once its last task is done."""
+    for group in groups:
+        if not group:
+            continue
+        token_lists = [prompts[i] for i in group]
+        prefix_length = common_prefix_length(token_lists)
+        prefix = PrefixCache(model, token_lists[0][:prefix_length])
+        suffixes = [tokens[prefix_length:] for tokens in token_lists]
+        runs, alone = shared_runs(suffixes, plan.min_shared_tokens)
+        yield from _buckets(model, prefix, [(group[i], suffixes[i]) for i in alone], plan, pad_id)
+        for members, shared in runs:
+            yield _shared_run_task(
+                model,
+                prefix,
+                suffixes[members[0]][:shared],
+                [(group[i], suffixes[i][shared:]) for i in members],
+                plan,
+                pad_id,
+            )
+
+
+def _buckets(
+    model: Any,
+    cache: PrefixCache,
+    items: Sequence[tuple[int, Sequence[int]]],
+    plan: BatchPlan,
+    pad_id: int,
+) -> list[Task]:
+    buckets = make_buckets(
+        [len(tokens) for _, tokens in items],
+        max_batch=plan.max_batch,
+        max_tokens=plan.max_tokens,
+        pad_tolerance=plan.pad_tolerance,
+    )
+    return [
+        _bucket_task(model, cache, [items[k] for k in bucket.indices], pad_id) for bucket in buckets
+    ]
+
+
+def _shared_run_task(
+    model: Any,
+    prefix: PrefixCache,
+    shared: Sequence[int],
+    items: Sequence[tuple[int, Sequence[int]]],
+    plan: BatchPlan,
+    pad_id: int,
+) -> Task:
+    """One task for prompts sharing a passage: the passage once, then their buckets."""
+
+    def task() -> list[tuple[int, torch.Tensor]]:
+        extended = PrefixCache(model, shared, base=prefix)
+        return [
+            pair for bucket in _buckets(model, extended, items, plan, pad_id) for pair in bucket()
+        ]
+
+    return task
+
+
+@contextmanager
+def _intra_op_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    if threads <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute(tasks: Iterator[Task], plan: BatchPlan) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Run tasks in order on `plan.workers` threads, yielding each task's results in submission
+    order; at most two tasks per worker are queued ahead."""
+    with _intra_op_threads(plan.threads):
+        if plan.workers <= 1:
+            for task in tasks:
+                yield task()
+            return
+        pool = ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="fedtune-eval")
+        pending: deque[Future[list[tuple[int, torch.Tensor]]]] = deque()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(task))
+                while len(pending) >= 2 * plan.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def iter_last_logits(
@@ -282,36 +411,37 @@ def iter_last_logits(
         prompts: token ids of every prompt.
         groups: lists of prompt indices whose common prefix is computed once (e.g. one per subject
             for few-shot prompts, or one for all flowertune prompts).
-        plan: batching limits.
+        plan: batching limits and workers.
         pad_id: padding token id.
-        on_batch: called with the number of prompts done after each forward pass.
+        on_batch: called with the number of prompts done after each task (a forward pass, or a
+            shared passage and its batches).
 
     Yields:
-        (index, float32 logits [vocab]) in bucket order, not input order.
+        (index, float32 logits [vocab]) in task order, not input order.
     """
-    for group in groups:
-        if not group:
-            continue
-        token_lists = [prompts[i] for i in group]
-        prefix_length = common_prefix_length(token_lists)
-        prefix = PrefixCache(model, token_lists[0][:prefix_length])
-        suffixes = [tokens[prefix_length:] for tokens in token_lists]
-        runs, alone = shared_runs(suffixes, plan.min_shared_tokens)
-        work = [(prefix, [(i, suffixes[i]) for i in alone])]
-        for members, shared in runs:
-            extended = PrefixCache(model, suffixes[members[0]][:shared], base=prefix)
-            work.append((extended, [(i, suffixes[i][shared:]) for i in members]))
-        for cache, items in work:
-            buckets = make_buckets(
-                [len(tokens) for _, tokens in items],
-                max_batch=plan.max_batch,
-                max_tokens=plan.max_tokens,
-                pad_tolerance=plan.pad_tolerance,
-            )
-            for bucket in buckets:
-                chosen = [items[k] for k in bucket.indices]
-                logits = run_bucket(model, cache, [tokens for _, tokens in chosen], pad_id)
-                for row, (local, _) in enumerate(chosen):
-                    yield group[local], logits[row]
-                if on_batch is not None:
-                    on_batch(len(chosen))
+    with contiguous_head_input(model):
+        for results in _execute(_plan_tasks(model, prompts, groups, plan, pad_id), plan):
+            yield from results
+            if on_batch is not None:
+                on_batch(len(results))
+
+
+@contextmanager
+def contiguous_head_input(model: Any) -> Iterator[None]:
+    """Hand the output layer a contiguous input while inside.
+
+    With `logits_to_keep=1` the model slices the last position out of [batch, length, hidden]
+    and passes that strided view to the output layer; torch then multiplies it as `batch`
+    separate vector products, each reading the whole [vocab, hidden] weight (113 MB on SmolLM2).
+    A contiguous copy makes it one matrix product that reads the weight once: about 0.2 s less per
+    8-row forward pass on the CPU. The logits are the same up to float summation order.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -3,6 +3,7 @@ write results."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -121,9 +122,9 @@ def load(prepared: Prepared) -> tuple[Any, Any]:
 
 def _plan(request: EvalRequest, device: str) -> BatchPlan:
     plan = BatchPlan.for_device(device)
-    return BatchPlan(
+    return dataclasses.replace(
+        plan,
         max_batch=request.max_batch or plan.max_batch,
-        max_tokens=plan.max_tokens,
         pad_tolerance=plan.pad_tolerance
         if request.pad_tolerance is None
         else request.pad_tolerance,
