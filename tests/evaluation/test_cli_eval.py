@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fedtune.cli import main
 from fedtune.evaluation.rescore import rescore_file
@@ -132,3 +133,25 @@ def test_adapter_that_does_not_fit_is_refused(
     assert code == 2 and len(errors) == 1 and errors[0].startswith("fedtune eval: error: ")
     assert message in errors[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--workers", "0"], "must be at least 1"), (["--batch-size", "many"], "expected an integer")],
+)
+def test_bad_numbers_are_refused_by_the_parser(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--output", str(out), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_workers_option_shares_the_cores_between_workers():
+    from fedtune.evaluation.runner import EvalRequest, _plan
+
+    cores = torch.get_num_threads()
+    one = _plan(EvalRequest(workers=1), "cpu")
+    assert (one.workers, one.threads) == (1, cores)
+    default = _plan(EvalRequest(), "cpu")
+    assert default.workers == min(cores, 16) and default.max_batch == 16

@@ -7,7 +7,9 @@ description, ~16 tokens). They are run through the model once and their keys/val
 batch, so each question costs only its own tokens. Questions whose remainders still start alike
 (several history questions on one source passage) get that shared part computed once as well. The
 rest is grouped into buckets of (nearly) equal remaining length; with `pad_tolerance=0` a bucket
-holds equal lengths only and no padding token is ever computed.
+holds equal lengths only and no padding token is ever computed. On a CPU the buckets run side by
+side on single-threaded workers, and the output layer is handed a contiguous input (see
+`contiguous_head_input`).
 """
 
 from __future__ import annotations

@@ -86,13 +86,19 @@ def register(subparsers: Any) -> None:
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
     )
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="most prompts per forward pass"
+        "--batch-size", type=_at_least(1), default=None, help="most prompts per forward pass"
     )
     parser.add_argument(
         "--pad-tolerance",
-        type=int,
+        type=_at_least(0),
         default=None,
-        help="largest length spread inside a batch, in tokens (CPU default 0: no padding)",
+        help="largest length spread inside a batch, in tokens (CPU default 4, GPU 32)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_at_least(1),
+        default=None,
+        help="forward passes run side by side (CPU default: one single-threaded worker per core; GPU 1)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(handler=_handle_eval)
@@ -133,6 +139,7 @@ def _handle_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_batch=args.batch_size,
         pad_tolerance=args.pad_tolerance,
+        workers=args.workers,
         show_progress=not args.no_progress,
     )
     try:
@@ -162,3 +169,18 @@ def _handle_rescore(args: argparse.Namespace) -> int:
         print(f"  {r.category or 'mixed'}: {r.correct}/{r.rows}  {r.official_line().strip()}")
         print("  predicted letters " + " ".join(f"{k}:{v}" for k, v in r.predicted_letters.items()))
     return 0
+
+
+def _at_least(minimum: int) -> Any:
+    """An argparse type: an integer ≥ `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse

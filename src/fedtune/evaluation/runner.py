@@ -49,6 +49,7 @@ class EvalRequest:
     dtype: str = "auto"
     max_batch: int | None = None
     pad_tolerance: int | None = None
+    workers: int | None = None
     show_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -128,7 +129,16 @@ def _plan(request: EvalRequest, device: str) -> BatchPlan:
         pad_tolerance=plan.pad_tolerance
         if request.pad_tolerance is None
         else request.pad_tolerance,
+        **_workers(plan, request.workers),
     )
+
+
+def _workers(plan: BatchPlan, workers: int | None) -> dict[str, int]:
+    """`workers` side by side, sharing the threads the plan's workers had between them."""
+    if workers is None:
+        return {}
+    total = plan.workers * max(plan.threads, 1)
+    return {"workers": workers, "threads": max(1, total // workers)}
 
 
 def evaluate(prepared: Prepared, model: Any, tokenizer: Any) -> tuple[dict[str, Any], list[Path]]:
