@@ -36,7 +36,7 @@ from fedtune.evaluation.batching import (
     shared_runs,
 )
 from fedtune.evaluation.sampling import select
-from fedtune.model.loading import load_model, load_tokenizer, resolve_model
+from fedtune.model.loading import load_model, load_tokenizer, pick_device, resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,7 +55,9 @@ def max_logit_difference(model, tokenizer, questions) -> float:
         for row, tokens in enumerate(chunk):
             with torch.inference_mode():
                 single = (
-                    model(input_ids=torch.tensor([tokens]), logits_to_keep=1).logits[0, -1].float()
+                    model(input_ids=torch.tensor([tokens], device=model.device), logits_to_keep=1)
+                    .logits[0, -1]
+                    .float()
                 )
             worst = max(worst, float((batched[row] - single).abs().max()))
     return worst
@@ -95,15 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-subject", type=int, default=10, help="questions per scored subject")
     parser.add_argument("--chunks", type=int, default=2, help="alternation chunks")
     parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "eval_throughput.json")
     args = parser.parse_args(argv)
 
     source = resolve_model("embedded:smollm2-135m-instruct")
-    tokenizer, model = load_tokenizer(source), load_model(source, dtype="float32", device="cpu")
+    device = pick_device() if args.device == "auto" else args.device
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, dtype=args.dtype, device=device)
     model.eval()
     questions = list(select(limit_per_subject=args.per_subject, seed=args.seed).questions)
     tokens = [len(flowertune.encode_prompt(tokenizer, q)) for q in questions]
-    plan = BatchPlan.for_device("cpu")
+    plan = BatchPlan.for_device(device)
     load_before = os.getloadavg()
 
     official_s = batched_s = 0.0
@@ -145,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "eval_throughput",
         "model": source.name,
-        "dtype": "float32",
+        "device": device,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "n_questions": n,
         "per_subject": args.per_subject,
         "seed": args.seed,
@@ -154,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "identical_generations": identical,
         "rechecked_one_at_a_time": rechecked,
         "max_abs_logit_difference_batched_vs_single": worst,
-        "recheck_margin": flowertune.MARGIN_FP32,
+        "recheck_margin": flowertune.default_margin(model),
         "seconds": {
             "official": round(official_s, 1),
             "batched": round(batched_s, 1),
@@ -171,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
             "torch_threads": torch.get_num_threads(),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(
-        f"MMLU flowertune, {n} questions ({args.per_subject} per scored subject), embedded SmolLM2-135M, CPU"
+        f"MMLU flowertune, {n} questions ({args.per_subject} per scored subject), embedded SmolLM2-135M, {device}"
     )
     print(f"{'implementation':<34}{'seconds':>9}{'q/s':>8}")
     print(f"{'official loop (generate, 1 at a time)':<34}{official_s:>9.1f}{n / official_s:>8.2f}")
