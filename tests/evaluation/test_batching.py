@@ -12,6 +12,7 @@ from fedtune.evaluation.batching import (
     iter_last_logits,
     make_buckets,
     run_bucket,
+    schedule,
     shared_runs,
 )
 
@@ -152,3 +153,13 @@ def test_cpu_plan_runs_one_single_threaded_worker_per_core():
     plan = BatchPlan.for_device("cpu")
     assert plan.workers == min(torch.get_num_threads(), 16) and plan.threads >= 1
     assert BatchPlan.for_device("cuda:0").workers == 1
+
+
+def test_schedule_runs_the_heaviest_first_then_a_fixed_mix():
+    weighted = [(w, f"task-{w}") for w in (50, 400, 30, 30, 20, 10, 90, 60, 70, 80)]
+    order = schedule(weighted)
+    assert order[0] == "task-400" and sorted(order) == sorted(t for _, t in weighted)
+    assert order == schedule(weighted)  # deterministic
+    rest = [int(t.split("-")[1]) for t in order[1:]]
+    assert rest != sorted(rest, reverse=True) and rest != sorted(rest)  # mixed, not by size
+    assert schedule([]) == []

@@ -14,6 +14,7 @@ side on single-threaded workers, and the output layer is handed a contiguous inp
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,7 +95,7 @@ class Bucket:
 def make_buckets(
     lengths: Sequence[int], *, max_batch: int, max_tokens: int, pad_tolerance: int = 0
 ) -> list[Bucket]:
-    """Group items by length: longest first, so the first batches show the worst case (memory, ETA).
+    """Group items by length, longest first (`schedule` decides the order they run in).
 
     Args:
         lengths: token count of each item.
@@ -312,16 +313,31 @@ def _plan_tasks(
         prefix = PrefixCache(model, token_lists[0][:prefix_length])
         suffixes = [tokens[prefix_length:] for tokens in token_lists]
         runs, alone = shared_runs(suffixes, plan.min_shared_tokens)
-        yield from _buckets(model, prefix, [(group[i], suffixes[i]) for i in alone], plan, pad_id)
+        weighted = _buckets(model, prefix, [(group[i], suffixes[i]) for i in alone], plan, pad_id)
         for members, shared in runs:
-            yield _shared_run_task(
-                model,
-                prefix,
-                suffixes[members[0]][:shared],
-                [(group[i], suffixes[i][shared:]) for i in members],
-                plan,
-                pad_id,
+            items = [(group[i], suffixes[i][shared:]) for i in members]
+            task = _shared_run_task(
+                model, prefix, suffixes[members[0]][:shared], items, plan, pad_id
             )
+            weighted.append((shared + sum(len(tokens) for _, tokens in items), task))
+        yield from schedule(weighted)
+
+
+def schedule(weighted: Sequence[tuple[int, Task]]) -> list[Task]:
+    """The order tasks run in: the heaviest first (a batch too big for memory fails at once), the
+    rest in a fixed pseudo-random order, so the questions/s seen so far, and the ETA drawn from
+    it, hold for what is left (longest-first would make the first minutes look several times
+    slower than the whole).
+
+    Args:
+        weighted: (tokens computed, task) pairs.
+    """
+    if not weighted:
+        return []
+    first = max(range(len(weighted)), key=lambda k: weighted[k][0])
+    rest = [task for k, (_, task) in enumerate(weighted) if k != first]
+    random.Random(len(weighted)).shuffle(rest)
+    return [weighted[first][1], *rest]
 
 
 def _buckets(
@@ -330,7 +346,7 @@ def _buckets(
     items: Sequence[tuple[int, Sequence[int]]],
     plan: BatchPlan,
     pad_id: int,
-) -> list[Task]:
+) -> list[tuple[int, Task]]:
     buckets = make_buckets(
         [len(tokens) for _, tokens in items],
         max_batch=plan.max_batch,
@@ -338,7 +354,11 @@ def _buckets(
         pad_tolerance=plan.pad_tolerance,
     )
     return [
-        _bucket_task(model, cache, [items[k] for k in bucket.indices], pad_id) for bucket in buckets
+        (
+            bucket.length * len(bucket.indices),
+            _bucket_task(model, cache, [items[k] for k in bucket.indices], pad_id),
+        )
+        for bucket in buckets
     ]
 
 
@@ -355,7 +375,9 @@ def _shared_run_task(
     def task() -> list[tuple[int, torch.Tensor]]:
         extended = PrefixCache(model, shared, base=prefix)
         return [
-            pair for bucket in _buckets(model, extended, items, plan, pad_id) for pair in bucket()
+            pair
+            for _, bucket in _buckets(model, extended, items, plan, pad_id)
+            for pair in bucket()
         ]
 
     return task
