@@ -304,8 +304,11 @@ def _plan_tasks(
     pad_id: int,
 ) -> Iterator[Task]:
     """The forward passes, lazily, group by group: a group's prefix is computed when its first
-    task is due, and freed once its last task is done."""
-    for group in groups:
+    task is due, and freed once its last task is done. Groups run in a fixed mixed order too (few-shot
+    groups are subjects, and their prompt lengths follow the category order they come in)."""
+    order = list(range(len(groups)))
+    random.Random(len(groups)).shuffle(order)
+    for group in (groups[k] for k in order):
         if not group:
             continue
         token_lists = [prompts[i] for i in group]
