@@ -92,7 +92,7 @@ def test_rank_mismatch_between_peers(tiny_llama):
 def test_saved_adapter_loads_with_peft(tmp_path, tiny_llama):
     from peft import PeftModel
 
-    from fedtune.federation.rundir import RunDirectory
+    from fedtune.rundir import RunDirectory
 
     model = attach_adapter(tiny_llama(vocab_size=64), lora(), seed=0)
     trained = {k: torch.randn_like(v) for k, v in adapter_state(model).items()}

@@ -128,6 +128,54 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    name: str = _key(
+        "strategy.name",
+        "Flower strategy: fedavg, fedavgm (server momentum) or fedadam (server Adam).",
+    )
+    min_clients: int = _key(
+        "strategy.min-clients",
+        "Usable replies a round needs to aggregate; with fewer, the round is retried with "
+        "other clients.",
+    )
+    max_retries: int = _key(
+        "strategy.max-retries",
+        "Times a round is retried with other clients before the run stops (resumable).",
+    )
+    node_wait_s: float = _key(
+        "strategy.node-wait-s",
+        "Seconds to wait for enough nodes to be connected (and to answer who they are) "
+        "before the run stops with an error.",
+    )
+    fedavgm_server_learning_rate: float = _key(
+        "strategy.fedavgm.server-learning-rate", "FedAvgM: server learning rate."
+    )
+    fedavgm_server_momentum: float = _key(
+        "strategy.fedavgm.server-momentum", "FedAvgM: server momentum in [0, 1)."
+    )
+    fedadam_eta: float = _key("strategy.fedadam.eta", "FedAdam: server learning rate.")
+    fedadam_beta_1: float = _key("strategy.fedadam.beta-1", "FedAdam: first-moment decay.")
+    fedadam_beta_2: float = _key("strategy.fedadam.beta-2", "FedAdam: second-moment decay.")
+    fedadam_tau: float = _key(
+        "strategy.fedadam.tau", "FedAdam: adaptivity (added to the root of the second moment)."
+    )
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    update_norm_ratio: float = _key(
+        "validate.update-norm-ratio",
+        "Drop a client update whose norm (distance from the global adapter) exceeds this "
+        "multiple of the reference norm: the median norm accepted over the last "
+        "validate.norm-window-rounds rounds, or in round 1 the smallest norm of the cohort; "
+        "0 disables the rule.",
+    )
+    norm_window_rounds: int = _key(
+        "validate.norm-window-rounds", "Rounds of accepted update norms the reference uses."
+    )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     learning_rate_max: float = _key(
         "train.learning-rate-max", "Learning rate of round 0 of the per-round cosine schedule."
@@ -195,6 +243,11 @@ class RunSettings:
         "run.byte-budget",
         "Stop before a round would push total communication past this many bytes; 0 = no limit.",
     )
+    resume: str = _key(
+        "run.resume",
+        "A run directory to resume from its last resume point (what `fedtune run --resume` "
+        "sets); empty starts a new run.",
+    )
 
 
 @dataclass(frozen=True)
@@ -203,6 +256,8 @@ class RunConfig:
     lora: LoraConfig
     data: DataConfig
     federation: FederationConfig
+    strategy: StrategyConfig
+    validate: ValidateConfig
     train: TrainConfig
     eval: EvalConfig
     run: RunSettings
@@ -216,9 +271,14 @@ class RunConfig:
                 flat[f.metadata["key"]] = getattr(obj, f.name)
         return flat
 
+    def setup(self) -> dict[str, Any]:
+        """The keys that decide what is computed: every key but `run.*` (where outputs go,
+        what the run is called, where it resumes from, when it stops early)."""
+        return {k: v for k, v in self.to_flat().items() if not k.startswith("run.")}
+
     def digest(self) -> str:
-        """A short stable hash of the resolved configuration (identifies a setup)."""
-        payload = json.dumps(self.to_flat(), sort_keys=True).encode()
+        """A short stable hash of the setup: the same setup gives the same digest."""
+        payload = json.dumps(self.setup(), sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
 
@@ -227,6 +287,8 @@ _SECTIONS = {
     "lora": LoraConfig,
     "data": DataConfig,
     "federation": FederationConfig,
+    "strategy": StrategyConfig,
+    "validate": ValidateConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "run": RunSettings,
@@ -257,6 +319,18 @@ DEFAULTS: dict[str, Any] = {
     "strategy.fraction-train": 0.1,
     "strategy.clients-per-round": 0,
     "strategy.round-timeout-s": 3600.0,
+    "strategy.name": "fedavg",
+    "strategy.min-clients": 1,
+    "strategy.max-retries": 2,
+    "strategy.node-wait-s": 300.0,
+    "strategy.fedavgm.server-learning-rate": 1.0,
+    "strategy.fedavgm.server-momentum": 0.9,
+    "strategy.fedadam.eta": 1e-3,
+    "strategy.fedadam.beta-1": 0.9,
+    "strategy.fedadam.beta-2": 0.99,
+    "strategy.fedadam.tau": 1e-3,
+    "validate.update-norm-ratio": 10.0,
+    "validate.norm-window-rounds": 5,
     "train.learning-rate-max": 2e-3,
     "train.learning-rate-min": 2e-4,
     "train.seq-length": 256,
@@ -276,6 +350,7 @@ DEFAULTS: dict[str, Any] = {
     "run.output-dir": "runs",
     "run.name": "",
     "run.byte-budget": 0,
+    "run.resume": "",
 }
 
 # fedtune's short names and the template's other spellings → canonical key.
@@ -486,6 +561,7 @@ def validate(config: RunConfig) -> None:
         f"{fed.sampled_clients} clients per round but only {fed.num_clients} clients",
     )
     _require(fed.round_timeout_s > 0, "strategy.round-timeout-s", "must be > 0")
+    _validate_strategy(config)
     _require(t.learning_rate_max > 0, "train.learning-rate-max", "must be > 0")
     _require(
         0 <= t.learning_rate_min <= t.learning_rate_max,
@@ -526,6 +602,53 @@ def validate(config: RunConfig) -> None:
         "may hold letters, digits, '.', '_' and '-' only",
     )
     _require(r.byte_budget >= 0, "run.byte-budget", "must be >= 0 (0 = no limit)")
+
+
+def _validate_strategy(config: RunConfig) -> None:
+    from fedtune.federation.strategies import STRATEGIES
+
+    s, v, fed = config.strategy, config.validate, config.federation
+    _require(
+        s.name in STRATEGIES,
+        "strategy.name",
+        f"must be one of {', '.join(STRATEGIES)}, got {s.name!r}",
+    )
+    _require(
+        1 <= s.min_clients <= fed.sampled_clients,
+        "strategy.min-clients",
+        f"must be in [1, {fed.sampled_clients}] (the clients sampled per round), "
+        f"got {s.min_clients}",
+    )
+    _require(s.max_retries >= 0, "strategy.max-retries", "must be >= 0")
+    _require(s.node_wait_s > 0, "strategy.node-wait-s", "must be > 0")
+    _require(
+        s.fedavgm_server_learning_rate > 0, "strategy.fedavgm.server-learning-rate", "must be > 0"
+    )
+    _require(
+        0 <= s.fedavgm_server_momentum < 1, "strategy.fedavgm.server-momentum", "must be in [0, 1)"
+    )
+    _require(s.fedadam_eta > 0, "strategy.fedadam.eta", "must be > 0")
+    _require(0 <= s.fedadam_beta_1 < 1, "strategy.fedadam.beta-1", "must be in [0, 1)")
+    _require(0 <= s.fedadam_beta_2 < 1, "strategy.fedadam.beta-2", "must be in [0, 1)")
+    _require(s.fedadam_tau > 0, "strategy.fedadam.tau", "must be > 0")
+    # A setting of another strategy would silently do nothing: refuse it.
+    flat = config.to_flat()
+    for key, value in flat.items():
+        family = key.split(".")[1] if key.count(".") >= 2 and key.startswith("strategy.") else ""
+        if family in STRATEGIES and family != s.name and value != DEFAULTS[key]:
+            raise ConfigError(f"{key} applies to strategy.name={family}, not {s.name}")
+    _require(v.update_norm_ratio >= 0, "validate.update-norm-ratio", "must be >= 0 (0 = off)")
+    _require(v.norm_window_rounds >= 1, "validate.norm-window-rounds", "must be >= 1")
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two flat configurations (`run.*` aside), described."""
+    keys = sorted((set(old) | set(new)) - {k for k in set(old) | set(new) if k.startswith("run.")})
+    return [
+        f"{key}: {old.get(key, '<unset>')!r} → {new.get(key, '<unset>')!r}"
+        for key in keys
+        if old.get(key) != new.get(key)
+    ]
 
 
 def describe_keys() -> Iterable[tuple[str, str, Any]]:

@@ -15,7 +15,7 @@ from unittest.mock import patch
 
 from fedtune.evaluation.dataset import Question
 from fedtune.evaluation.metrics import Verdict
-from fedtune.leaderboard.runs import file_sha256
+from fedtune.provenance import file_sha256
 
 Answer = Callable[[Question], str | None]
 

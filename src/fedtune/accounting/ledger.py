@@ -49,6 +49,7 @@ class LedgerEntry:
     round: int
     node_id: int
     partition_id: int
+    attempt: int = 1  # a round retried with other clients has entries for each attempt
     downlink_bytes: int = 0
     uplink_bytes: int = 0
     downlink_arrays: int = 0
@@ -105,6 +106,21 @@ class Ledger:
             "entries": self.entries,
             "counting": "sum of len(array.data) over ArrayRecords (FlowerTune tracker)",
         }
+
+    @classmethod
+    def continued(cls, path: Path | None, position: dict[str, int]) -> Ledger:
+        """A ledger whose totals continue from `position` (a resumed run's)."""
+        keys = (
+            "entries",
+            "downlink_bytes",
+            "uplink_bytes",
+            "downlink_wire_bytes",
+            "uplink_wire_bytes",
+        )
+        ledger = cls(path)
+        for key in keys:
+            setattr(ledger, key, int(position[key]))
+        return ledger
 
     def position(self) -> dict[str, int]:
         """What a resumed run needs to continue the ledger exactly."""

@@ -10,12 +10,12 @@ difference is an error.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.federation.rundir import file_sha256
+from fedtune.provenance import file_sha256
+from fedtune.rundir import ADAPTER_DIR, RunDirError, read_run_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -60,16 +60,13 @@ def resolve_adapter(path: str | Path) -> AdapterSource:
     run_dir: Path | None = None
     run_model: str | None = None
     adapter = root
-    if (root / "adapter" / ADAPTER_CONFIG).is_file():
-        run_dir, adapter = root, root / "adapter"
-        config_path = root / "config.json"
-        if config_path.is_file():
+    if (root / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        run_dir, adapter = root, root / ADAPTER_DIR
+        if (root / "config.json").is_file():
             try:
-                run_model = json.loads(config_path.read_text())["config"]["model.name"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise AdapterError(
-                    f"--adapter: {config_path} is not a fedtune run config ({exc})"
-                ) from exc
+                run_model = str(read_run_config(root)[0]["model.name"])
+            except (RunDirError, KeyError) as exc:
+                raise AdapterError(f"--adapter: {root} is not a fedtune run ({exc})") from exc
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise AdapterError(
             f"--adapter: {path} is neither a PEFT adapter folder ({ADAPTER_CONFIG}) "

@@ -18,17 +18,16 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from fedtune.evaluation.flowertune import Generation
 from fedtune.evaluation.prompts import flowertune_inner_prompt
 from fedtune.evaluation.subjects import ALL_CATEGORIES
+from fedtune.provenance import git_commit, package_versions
 
 RESULT_FORMAT = 1
 _VERSIONED_PACKAGES = ("fedtune", "torch", "transformers", "peft", "datasets", "flwr", "lm-eval")
@@ -40,44 +39,11 @@ def safe_run_name(name: str) -> str:
     return cleaned or "run"
 
 
-def git_commit(path: Path | None = None) -> dict[str, Any]:
-    """The git commit of the fedtune source tree and whether it has uncommitted changes (None
-    outside git)."""
-    where = path or Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    if commit.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that decide the numbers."""
-    versions: dict[str, str | None] = {}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def environment() -> dict[str, Any]:
     """Commit, versions, interpreter, machine and the command line."""
     return {
         "git": git_commit(),
-        "versions": package_versions(),
+        "versions": package_versions(_VERSIONED_PACKAGES),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

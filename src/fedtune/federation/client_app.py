@@ -1,9 +1,12 @@
 """The ClientApp: one client's local instruction tuning per round.
 
-The server sends the resolved run configuration with every train message, so `flwr run` and
-`fedtune run` clients train with exactly the server's configuration. A client keeps its base
-model and its tokenized partition between rounds (simulation actors live across rounds; a
-deployment SuperNode starts a process per message and reloads).
+The server sends its resolved run configuration with every message in a record of its own
+(`messages.RUN_CONFIG`), so `flwr run` and `fedtune run` clients train with exactly the server's
+configuration; the strategy's config record is read for the keys the client knows and otherwise
+left alone. A client keeps its base model and its tokenized partition between rounds
+(simulation actors live across rounds; a deployment SuperNode starts a process per message).
+A query message asks which partition this node holds; answering it also loads the base model,
+so a simulation worker's start-up is not paid inside the first round's timeout.
 """
 
 from __future__ import annotations
@@ -16,12 +19,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.config import RunConfig, build_config
+from fedtune.federation.messages import ARRAYS, METRICS, NODE, RUN_CONFIG, STRATEGY_CONFIG
 
 app = ClientApp()
-
-CONFIG_RECORD = "config"
-ARRAY_RECORD = "arrays"
-METRIC_RECORD = "metrics"
 
 
 @dataclass
@@ -88,18 +88,11 @@ def local_train(msg: Message, context: Context) -> Message:
     from fedtune.training.local import cosine_annealing, train_local
 
     started = time.perf_counter()
-    flat = dict(msg.content[CONFIG_RECORD])
-    server_round = int(cast(int, flat.pop("server-round")))
-    config = build_config(flat)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    if num_partitions != config.federation.num_clients:
-        raise ValueError(
-            f"this federation has {num_partitions} nodes but federation.num-clients is "
-            f"{config.federation.num_clients}"
-        )
+    config = run_config(msg)
+    server_round = int(cast(int, msg.content[STRATEGY_CONFIG]["server-round"]))
+    partition_id, num_partitions = node_partition(context, config)
     worker = get_worker(config)
-    load_adapter_state(worker.model, msg.content.array_records[ARRAY_RECORD].to_torch_state_dict())
+    load_adapter_state(worker.model, msg.content.array_records[ARRAYS].to_torch_state_dict())
     examples, counts = get_partition(worker, config, partition_id, num_partitions)
     train = config.train
     learning_rate = cosine_annealing(
@@ -135,14 +128,48 @@ def local_train(msg: Message, context: Context) -> Message:
     }
     content = RecordDict(
         {
-            ARRAY_RECORD: ArrayRecord(adapter_state(worker.model)),
-            METRIC_RECORD: MetricRecord(metrics),
+            ARRAYS: ArrayRecord(adapter_state(worker.model)),
+            METRICS: MetricRecord(metrics),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def run_config(msg: Message) -> RunConfig:
+    """The server's configuration from its own record of the message."""
+    if RUN_CONFIG not in msg.content.config_records:
+        raise ValueError(f"message without the {RUN_CONFIG!r} record: server and client differ")
+    return build_config(dict(msg.content.config_records[RUN_CONFIG]))
+
+
+def node_partition(context: Context, config: RunConfig) -> tuple[int, int]:
+    """(partition id, number of partitions) from this node's config, checked."""
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    if num_partitions != config.federation.num_clients:
+        raise ValueError(
+            f"this federation has {num_partitions} nodes but federation.num-clients is "
+            f"{config.federation.num_clients}"
+        )
+    return partition_id, num_partitions
+
+
+def describe_node(msg: Message, context: Context) -> Message:
+    """Answer which partition this node holds; load the base model on the way."""
+    config = run_config(msg)
+    partition_id, num_partitions = node_partition(context, config)
+    get_worker(config)
+    record = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(content=RecordDict({NODE: record}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Flower entry point for train messages."""
     return local_train(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower entry point for query messages (node discovery)."""
+    return describe_node(msg, context)

@@ -39,6 +39,12 @@ class Progress:
         self.emit = emit
         self.started = time.perf_counter()
         self.round_started = self.started
+        self.first_round = 0  # rounds already done when this process started (a resume)
+
+    def start(self, rounds_done: int) -> None:
+        """Count the ETA from here: a resumed run's earlier rounds took no time in this process."""
+        self.started = time.perf_counter()
+        self.first_round = rounds_done
 
     def note(self, text: str) -> None:
         self.emit(f"fedtune: {text}")
@@ -50,7 +56,7 @@ class Progress:
     def end_round(self, server_round: int, metrics: dict[str, Any]) -> None:
         now = time.perf_counter()
         elapsed = now - self.started
-        eta = elapsed / server_round * (self.num_rounds - server_round)
+        eta = elapsed / max(server_round - self.first_round, 1) * (self.num_rounds - server_round)
         loss = metrics.get("train_loss")
         loss_text = f"{loss:.4f}" if isinstance(loss, float) else "n/a"
         failed = metrics.get("failed_clients", 0)

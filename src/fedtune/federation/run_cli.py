@@ -1,7 +1,9 @@
 """`fedtune run`: the Flower app on Flower's simulation engine, on this machine, with live progress.
 
 Everything the configuration names is checked before the run directory is made: keys and values,
-the model source, the data file (parsed) and whether it can be split over the clients.
+the model source, the data file (parsed) and whether it can be split over the clients. The engine
+then runs in a supervised child process (`supervisor.py`), so that Ctrl-C, SIGTERM, a crash or a
+hung client all end the command with a true status and no process left behind.
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ def register(subparsers: Any) -> None:
         default=[],
         help="override one key (repeatable); FlowerTune template keys are accepted",
     )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped, failed or killed run from its last resume point "
+        "(--set/--config may only repeat its settings)",
+    )
+    parser.add_argument(
+        "--client-app",
+        metavar="MODULE:ATTR",
+        help="a ClientApp of your own (e.g. one wrapping fedtune.federation.client_app:app)",
+    )
     parser.add_argument("--client-cpus", type=float, help="CPU cores per simulated client")
     parser.add_argument("--client-gpus", type=float, help="GPU share per simulated client")
     parser.add_argument("--list-keys", action="store_true", help="list every config key and exit")
@@ -66,12 +79,19 @@ def fail(message: str, code: int = 2) -> int:
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
+    """The run's configuration; with --resume, the run's own, then --config/--set on top."""
     from fedtune.config import build_config, load_config_file, parse_assignment
+    from fedtune.rundir import read_run_config
 
-    sources = []
+    sources: list[dict[str, Any]] = []
+    if args.resume:
+        started_with, _ = read_run_config(Path(args.resume).expanduser().resolve())
+        sources.append(started_with)
     if args.config:
         sources.append(load_config_file(args.config))
     sources.append(dict(parse_assignment(item) for item in args.set))
+    if args.resume:
+        sources.append({"run.resume": str(Path(args.resume).expanduser().resolve())})
     return build_config(
         *sources, warn=lambda text: print(f"fedtune run: warning: {text}", file=sys.stderr)
     )
@@ -97,24 +117,6 @@ def check_data(config: Any) -> str:
     )
 
 
-def backend_config(config: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Ray resources: on CPU the cores are split over the clients of a round (they run at once)."""
-    import torch
-
-    cores = os.cpu_count() or 1
-    k = config.federation.sampled_clients
-    cpus = args.client_cpus or max(1.0, float(cores // k))
-    gpus = (
-        args.client_gpus
-        if args.client_gpus is not None
-        else (1.0 if torch.cuda.is_available() else 0.0)
-    )
-    return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
-        "init_args": {"num_cpus": cores},
-    }
-
-
 def handle_run(args: argparse.Namespace) -> int:
     from fedtune.config import ConfigError, describe_keys
 
@@ -126,64 +128,65 @@ def handle_run(args: argparse.Namespace) -> int:
         os.environ.setdefault(key, value)
     from fedtune.data.sources import DataError
     from fedtune.federation.progress import stderr_emit
-    from fedtune.federation.rundir import RunDirError
-    from fedtune.federation.server_app import preflight
+    from fedtune.federation.server_app import open_run, preflight
     from fedtune.model.adapters import AdapterMismatch
     from fedtune.model.loading import ModelError, ensure_embedded_cache, resolve_model
+    from fedtune.rundir import RunDirError
 
     try:
         config = resolve_config(args)
         preflight(config)
         data_note = check_data(config)
+        if args.client_app:
+            from fedtune.federation.engine import load_client_app
+
+            load_client_app(args.client_app)
         source = resolve_model(config.model.name)
         if source.kind == "embedded":
             ensure_embedded_cache(source, progress=lambda t: stderr_emit(f"fedtune: {t}"))
-        from fedtune.federation.rundir import RunDirectory
-
-        run_dir = RunDirectory.create(config, command=["fedtune", *sys.argv[1:]])
+        run_dir = open_run(config, command=["fedtune", *sys.argv[1:]])
     except (ConfigError, ModelError, DataError, RunDirError, AdapterMismatch) as exc:
         return fail(str(exc))
+    except (ImportError, AttributeError) as exc:
+        return fail(f"--client-app {args.client_app}: {exc}")
     stderr_emit(f"fedtune: run directory {run_dir.path}")
     stderr_emit(f"fedtune: data {data_note}")
     return launch(config, run_dir, args)
 
 
 def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
-    """Start the simulation engine with the bound ServerApp and the ClientApp; report the end."""
-    import json
-
-    from fedtune.federation.client_app import app as client_app
+    """Run the engine under supervision; report how the run ended."""
     from fedtune.federation.progress import stderr_emit
-    from fedtune.federation.server_app import make_server_app
+    from fedtune.federation.supervisor import engine_command, supervise
+    from fedtune.rundir import read_status, read_summary
 
-    if not args.verbose:
-        quiet_libraries()
-    from flwr.simulation import run_simulation
-
-    backend = backend_config(config, args)
-    if not args.verbose:
-        backend["init_args"]["logging_level"] = "error"
-        backend["init_args"]["log_to_driver"] = False
-    try:
-        run_simulation(
-            server_app=make_server_app(config, run_dir, stderr_emit),
-            client_app=client_app,
-            num_supernodes=config.federation.num_clients,
-            backend_config=backend,
-        )
-    except KeyboardInterrupt:
-        run_dir.set_status("interrupted")
-        return fail("interrupted", code=130)
-    status = json.loads((run_dir.path / "status.json").read_text())
+    command = engine_command(
+        run_dir.path,
+        config.to_flat(),
+        args.client_app,
+        args.client_cpus,
+        args.client_gpus,
+        args.verbose,
+    )
+    code = supervise(command, run_dir, stderr_emit)
+    status = read_status(run_dir.path)
     if status["state"] not in ("completed", "stopped-budget"):
-        return fail(f"run {status['state']}: {status.get('error', 'see the log above')}", code=1)
-    summary = json.loads((run_dir.path / "summary.json").read_text())
+        message = f"run {status['state']} after {status.get('rounds_completed', 0)} rounds"
+        if status.get("error"):
+            message += f": {status['error']}"
+        if status.get("resumable"):
+            message += f" (continue it with: fedtune run --resume {run_dir.path})"
+        return fail(message, code=code if code not in (0, 2) else 1)
+    summary = read_summary(run_dir.path)
     comm = summary["communication"]
+    loss = summary["final_train_loss"]
     stderr_emit(
         f"fedtune: {summary['state']} {summary['rounds_completed']}/{summary['rounds_planned']} "
         f"rounds in {summary['seconds']:.0f} s; final train loss "
-        f"{summary['final_train_loss']:.4f}; communication {comm['total_bytes']:,} bytes = "
+        + (f"{loss:.4f}" if isinstance(loss, float) else "n/a")
+        + f"; communication {comm['total_bytes']:,} bytes = "
         f"{comm['total_mib']:.1f} MiB (board: {comm['board_gb']} GB)"
+        + (f"; {summary['dropped_replies']} replies dropped" if summary["dropped_replies"] else "")
     )
     stderr_emit(f"fedtune: adapter {Path(run_dir.path) / 'adapter'}")
     return 0

@@ -1,42 +1,35 @@
-"""The ServerApp: FedAvg over adapters, with the communication ledger, checkpoints and progress.
+"""The ServerApp: a recipe over the round's named steps (`rounds.py`).
 
-The round loop calls Flower's FedAvg at its documented steps (configure_train → send_and_receive →
-aggregate_train) and does the bookkeeping around them: bytes of every message, a budget check before
-a round is sent, per-round metrics, and checkpoints a later resume can start from.
+resolve config → open the run directory → build the global adapter and the server's evaluator →
+build the strategy → start or resume the loop state → run rounds → write the adapter and summary.
 """
 
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from logging import INFO
-from typing import Any, cast
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
-from flwr.common import log
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
-from fedtune.accounting.ledger import (
-    Ledger,
-    LedgerEntry,
-    array_record_bytes,
-    record_payload_bytes,
-    record_wire_bytes,
-)
-from fedtune.config import RunConfig, build_config
-from fedtune.federation.client_app import ARRAY_RECORD, CONFIG_RECORD, METRIC_RECORD
+from fedtune.accounting.ledger import Ledger, array_record_bytes
+from fedtune.config import ConfigError, RunConfig, build_config, config_differences
+from fedtune.federation.nodes import NodeDirectory, PartitionSampler
 from fedtune.federation.progress import Progress
-from fedtune.federation.rundir import RunDirectory, rng_state, write_json_atomic
+from fedtune.federation.rounds import (
+    BudgetReached,
+    LoopState,
+    RoundContext,
+    log_info,
+    run_round,
+)
+from fedtune.federation.strategies import build_strategy
+from fedtune.rundir import RunDirectory, now_utc, read_run_config
 
 app = ServerApp()
-
-
-class FederationError(RuntimeError):
-    """A round could not produce an aggregate (every client failed or sent a bad adapter)."""
 
 
 @dataclass
@@ -145,254 +138,240 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
     return adapter, evaluator
 
 
-def build_strategy(config: RunConfig) -> FedAvg:
-    """Flower's FedAvg, weighted by each client's number of examples, k clients per round."""
-    fed = config.federation
-    k = fed.sampled_clients
-    return FedAvg(
-        fraction_train=k / fed.num_clients,
-        min_train_nodes=k,
-        min_available_nodes=k,
-        fraction_evaluate=0.0,
-        min_evaluate_nodes=0,
-        weighted_by_key="num-examples",
-        arrayrecord_key=ARRAY_RECORD,
-        configrecord_key=CONFIG_RECORD,
+def open_run(config: RunConfig, command: list[str] | None = None) -> RunDirectory:
+    """A new run directory, or with `run.resume` the existing one, checked for resuming.
+
+    Raises:
+        RunDirError: the directory exists (new run), or cannot be resumed.
+        ConfigError: the configuration differs from the one the run started with.
+    """
+    if not config.run.resume:
+        return RunDirectory.create(config, command)
+    run_dir = RunDirectory.open_for_resume(config.run.resume)
+    started_with, _ = read_run_config(run_dir.path)
+    differences = config_differences(started_with, config.to_flat())
+    if differences:
+        raise ConfigError(
+            f"--resume: the configuration differs from the run's ({len(differences)} keys): "
+            + "; ".join(differences)
+        )
+    return run_dir
+
+
+def partition_rows(config: RunConfig) -> list[int] | None:
+    """Rows per partition when the server can know them (local and embedded data): the most
+    examples a client can truthfully report. None for hub data."""
+    from fedtune.data.partition import partition_dataset
+    from fedtune.data.sources import load_local_rows, resolve_data
+
+    source = resolve_data(config.data.name)
+    if source.kind == "hub":
+        return None
+    rows = load_local_rows(source)
+    partitioner = partition_dataset(rows, config.data, config.federation.num_clients)
+    return [len(partitioner.load_partition(i)) for i in range(config.federation.num_clients)]
+
+
+def start_or_resume(
+    run_dir: RunDirectory,
+    config: RunConfig,
+    adapter: GlobalAdapter,
+    strategy: Any,
+    progress: Progress,
+) -> tuple[LoopState, Ledger]:
+    """The loop state of the last resume point (logs cut back to it), or a fresh one."""
+    restored = LoopState.restore(run_dir, strategy) if config.run.resume else None
+    if restored is None:
+        run_dir.cut_logs({})  # a run killed before its first resume point starts over
+        state = LoopState(
+            arrays=ArrayRecord(adapter.state),
+            sampler=PartitionSampler(config.train.seed).state(),
+        )
+        return state, Ledger(run_dir.ledger_path)
+    state, position = restored
+    dropped = run_dir.cut_logs(position["logs"])
+    state.resumes.append(
+        {"after_round": state.round, "at": now_utc(), "dropped_log_bytes": sum(dropped.values())}
+    )
+    progress.note(
+        f"resuming after round {state.round}: its adapter, strategy state, sampler and ledger "
+        f"restored ({sum(dropped.values()):,} bytes of later log lines dropped)"
+    )
+    return state, Ledger.continued(run_dir.ledger_path, position)
+
+
+def round_context(
+    grid: Grid,
+    config: RunConfig,
+    strategy: Any,
+    ledger: Ledger,
+    adapter: GlobalAdapter,
+    sampler: PartitionSampler,
+    progress: Progress,
+) -> RoundContext:
+    fed, s = config.federation, config.strategy
+    flat = config.to_flat()
+    return RoundContext(
+        grid=grid,
+        strategy=strategy,
+        nodes=NodeDirectory(grid, flat, fed.num_clients, s.node_wait_s, note=progress.note),
+        sampler=sampler,
+        ledger=ledger,
+        run_config=flat,
+        expected_spec={
+            k: (tuple(v.shape), str(v.dtype).replace("torch.", ""))
+            for k, v in adapter.state.items()
+        },
+        clients_per_round=fed.sampled_clients,
+        min_clients=s.min_clients,
+        max_retries=s.max_retries,
+        round_timeout_s=fed.round_timeout_s,
+        byte_budget=config.run.byte_budget,
+        norm_ratio=config.validate.update_norm_ratio,
+        norm_window=config.validate.norm_window_rounds,
+        partition_rows=partition_rows(config),
+        log=progress.note,
     )
 
 
-def _reply_problem(reply: Message, expected_spec: dict[str, Any]) -> str | None:
-    """Why a reply cannot be aggregated, or None when it can."""
-    from fedtune.model.adapters import AdapterMismatch, check_state
-
-    if reply.has_error():
-        return f"client error: {reply.error.reason}"
-    content = reply.content
-    if ARRAY_RECORD not in content.array_records or METRIC_RECORD not in content.metric_records:
-        return "reply without adapter or metrics"
-    record = content.array_records[ARRAY_RECORD]
-    received = {key: (tuple(array.shape), array.dtype) for key, array in record.items()}
-    try:
-        check_state(expected_spec, received)
-    except AdapterMismatch as exc:
-        return str(exc)
-    return None
-
-
 def run_federation(
-    grid: Grid,
-    config: RunConfig,
-    run_dir: RunDirectory,
-    progress: Progress,
+    grid: Grid, config: RunConfig, run_dir: RunDirectory, progress: Progress
 ) -> dict[str, Any]:
-    """Run every round; write metrics, ledger, checkpoints and the final adapter.
+    """Run (or continue) every round; write metrics, ledger, checkpoints and the final adapter.
 
     Returns:
         The summary also written to summary.json.
     Raises:
-        FederationError: a round in which no client produced a usable update.
+        FederationError: a round with too few usable replies after its retries.
+        NodeWaitTimeout: too few nodes within strategy.node-wait-s.
     """
+    started = time.perf_counter()
     fed, train = config.federation, config.train
-    # FedAvg samples clients with Python's `random`: seeding it makes the sampling reproducible.
-    random.seed(train.seed)
     progress.note("building the initial global adapter")
     adapter, evaluator = init_global_adapter(config)
-    expected_spec = {
-        k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in adapter.state.items()
-    }
-    arrays = ArrayRecord(adapter.state)
-    per_message = array_record_bytes(arrays)
+    strategy = build_strategy(config)
+    state, ledger = start_or_resume(run_dir, config, adapter, strategy, progress)
+    sampler = PartitionSampler(train.seed)
+    sampler.set_state(state.sampler)
+    ctx = round_context(grid, config, strategy, ledger, adapter, sampler, progress)
+    progress.start(state.round)
     progress.note(
         f"adapter: {adapter.parameters:,} parameters in {len(adapter.state)} tensors, "
-        f"{per_message:,} bytes per message; {fed.sampled_clients} of {fed.num_clients} clients "
-        f"per round, {fed.num_rounds} rounds"
+        f"{array_record_bytes(state.arrays):,} bytes per message; {config.strategy.name}, "
+        f"{fed.sampled_clients} of {fed.num_clients} clients per round, {fed.num_rounds} rounds"
     )
-    strategy = build_strategy(config)
-    ledger = Ledger(run_dir.ledger_path)
-    flat = config.to_flat()
-    state_name = "completed"
-    last_loss: float | None = None
-    rounds_done = 0
-    server_eval: dict[int, dict[str, Any]] = {}
-    if evaluator is not None:
-        server_eval[0] = evaluator(adapter.state, 0)
-        progress.note(f"before training: {describe_eval(server_eval[0])}")
-    for server_round in range(1, fed.num_rounds + 1):
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
-        downlink = [record_payload_bytes(m.content) for m in messages]
-        # Replies carry the same adapter shapes, so a round costs twice its downlink.
-        if ledger.would_exceed(config.run.byte_budget, 2 * sum(b for b, _ in downlink)):
-            progress.note(
-                f"stopping before round {server_round}: it would take the total past "
-                f"run.byte-budget={config.run.byte_budget:,} bytes"
-            )
-            state_name = "stopped-budget"
-            break
-        progress.begin_round(server_round, len(messages))
+    run_dir.set_status("running", rounds_completed=state.round)
+    elapsed_before = state.elapsed_s
+    if evaluator is not None and "0" not in state.server_eval:
+        state.server_eval["0"] = evaluator(adapter.state, 0)
+        progress.note(f"before training: {describe_eval(state.server_eval['0'])}")
+    while state.round < fed.num_rounds and state.stopped is None:
+        server_round = state.round + 1
+        progress.begin_round(server_round, fed.sampled_clients)
         round_started = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-        round_metrics, clients, good = _account_round(
-            server_round, messages, downlink, replies, expected_spec, ledger
-        )
-        if not good:
-            reasons = "; ".join(c["problem"] for c in clients if c.get("problem")) or "no reply"
-            raise FederationError(f"round {server_round}: no usable client update ({reasons})")
-        aggregated, _ = strategy.aggregate_train(server_round, good)
-        if aggregated is None:
-            raise FederationError(f"round {server_round}: aggregation produced nothing")
-        arrays = aggregated
+        try:
+            result = run_round(ctx, state, server_round)
+        except BudgetReached as stop:
+            progress.note(str(stop))
+            state.stopped = "budget"
+            break
+        metrics = result.metrics
         if evaluator is not None:
-            server_eval[server_round] = evaluator(arrays.to_torch_state_dict(), server_round)
-            round_metrics.update(server_eval[server_round])
-        round_metrics["seconds"] = round(time.perf_counter() - round_started, 3)
-        round_metrics["cumulative_bytes"] = ledger.total_bytes
-        last_loss = round_metrics.get("train_loss")
-        run_dir.log_round(round_metrics, clients)
-        rounds_done = server_round
-        if server_round == fed.num_rounds or (
-            train.save_every_round and server_round % train.save_every_round == 0
-        ):
-            _checkpoint(run_dir, server_round, arrays, adapter, ledger, strategy, config)
-        run_dir.set_status("running", rounds_completed=rounds_done)
-        progress.end_round(server_round, round_metrics)
-    final_state = arrays.to_torch_state_dict()
-    digest = run_dir.write_adapter(run_dir.path / "adapter", final_state, adapter.peft_config)
+            state.server_eval[str(server_round)] = evaluator(
+                result.arrays.to_torch_state_dict(), server_round
+            )
+            metrics.update(state.server_eval[str(server_round)])
+        state.arrays = result.arrays
+        state.round = server_round
+        state.last_train_loss = metrics["train_loss"]
+        state.norm_history = [*state.norm_history, result.accepted_norms][-1000:]
+        state.sampler = sampler.state()
+        metrics["seconds"] = round(time.perf_counter() - round_started, 3)
+        metrics["cumulative_bytes"] = ledger.total_bytes
+        metrics["checkpoint_seconds"] = checkpoint(
+            run_dir,
+            config,
+            state,
+            ledger,
+            strategy,
+            adapter,
+            metrics,
+            result.clients,
+            elapsed_before + time.perf_counter() - started,
+        )
+        progress.end_round(server_round, metrics)
+    state.elapsed_s = elapsed_before + time.perf_counter() - started
+    return finish(run_dir, config, adapter, state, ledger, strategy)
+
+
+def checkpoint(
+    run_dir: RunDirectory,
+    config: RunConfig,
+    state: LoopState,
+    ledger: Ledger,
+    strategy: Any,
+    adapter: GlobalAdapter,
+    metrics: dict[str, Any],
+    clients: list[dict[str, Any]],
+    elapsed_s: float,
+) -> float:
+    """Record the round: logs first, then the resume point that counts them, then the status.
+    A kill between the two leaves lines the resume point does not count: a resume drops them.
+
+    Returns:
+        Seconds spent writing the resume point and snapshot (the checkpoint's overhead).
+    """
+    run_dir.log_round(metrics, clients)
+    began = time.perf_counter()
+    state.elapsed_s = elapsed_s
+    state.save(run_dir, ledger, strategy)
+    every = config.train.save_every_round
+    if state.round == config.federation.num_rounds or (every and state.round % every == 0):
+        run_dir.write_snapshot(state.round, state.arrays.to_torch_state_dict(), adapter.peft_config)
+    spent = time.perf_counter() - began
+    run_dir.set_status("running", rounds_completed=state.round)
+    return round(spent, 4)
+
+
+def finish(
+    run_dir: RunDirectory,
+    config: RunConfig,
+    adapter: GlobalAdapter,
+    state: LoopState,
+    ledger: Ledger,
+    strategy: Any,
+) -> dict[str, Any]:
+    """The final adapter, summary.json and the final status."""
+    fed = config.federation
+    state_name = "stopped-budget" if state.stopped == "budget" else "completed"
+    digest = run_dir.write_adapter(
+        run_dir.path / "adapter", state.arrays.to_torch_state_dict(), adapter.peft_config
+    )
     summary = {
         "state": state_name,
-        "rounds_completed": rounds_done,
+        "rounds_completed": state.round,
         "rounds_planned": fed.num_rounds,
         "clients_per_round": fed.sampled_clients,
         "num_clients": fed.num_clients,
+        "strategy": config.strategy.name,
+        "codecs": {"downlink": "identity", "uplink": "identity"},
         "adapter_parameters": adapter.parameters,
         "adapter_tensors": len(adapter.state),
-        "message_payload_bytes": per_message,
+        "message_payload_bytes": array_record_bytes(state.arrays),
         "communication": ledger.summary(),
-        "final_train_loss": last_loss,
-        "server_eval": {str(k): v for k, v in server_eval.items()},
+        "final_train_loss": state.last_train_loss,
+        "dropped_replies": state.dropped_replies,
+        "retried_rounds": state.retries,
+        "resumes": state.resumes,
+        "server_eval": state.server_eval,
         "adapter": "adapter",
         "adapter_sha256": digest,
         "config_digest": config.digest(),
-        "seconds": round(time.perf_counter() - progress.started, 1),
+        "seconds": round(state.elapsed_s, 1),
     }
-    write_json_atomic(run_dir.path / "summary.json", summary)
-    run_dir.set_status(state_name, rounds_completed=rounds_done)
+    run_dir.write_summary(summary)
+    run_dir.set_status(state_name, rounds_completed=state.round)
     return summary
-
-
-def describe_eval(metrics: dict[str, Any]) -> str:
-    parts = []
-    if "probe_loss" in metrics:
-        parts.append(f"probe loss {metrics['probe_loss']:.4f}")
-    if "mmlu" in metrics:
-        mmlu = metrics["mmlu"]
-        parts.append(
-            f"MMLU ({mmlu['protocol']}, {mmlu['questions']} questions) {mmlu['average']:.2f}"
-        )
-    return ", ".join(parts)
-
-
-def _account_round(
-    server_round: int,
-    messages: list[Message],
-    downlink: list[tuple[int, int]],
-    replies: list[Message],
-    expected_spec: dict[str, Any],
-    ledger: Ledger,
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[Message]]:
-    """Ledger entries, per-client metrics, and the replies fit for aggregation."""
-    by_node = {reply.metadata.src_node_id: reply for reply in replies}
-    entries, clients, good = [], [], []
-    # FedAvg sends one RecordDict to every sampled client: serialize it once to measure it.
-    wire_sizes: dict[int, int] = {}
-    for message, (down_bytes, down_arrays) in zip(messages, downlink, strict=True):
-        node = message.metadata.dst_node_id
-        reply = by_node.get(node)
-        if id(message.content) not in wire_sizes:
-            wire_sizes[id(message.content)] = record_wire_bytes(message.content)
-        entry = LedgerEntry(
-            server_round,
-            node,
-            -1,
-            downlink_bytes=down_bytes,
-            downlink_arrays=down_arrays,
-            downlink_wire_bytes=wire_sizes[id(message.content)],
-        )
-        client: dict[str, Any] = {"round": server_round, "node_id": node}
-        problem = "no reply within strategy.round-timeout-s" if reply is None else None
-        if reply is not None:
-            problem = _reply_problem(reply, expected_spec)
-            if reply.has_content():
-                entry.uplink_bytes, entry.uplink_arrays = record_payload_bytes(reply.content)
-                entry.uplink_wire_bytes = record_wire_bytes(reply.content)
-            if problem is None:
-                metrics = dict(reply.content[METRIC_RECORD])
-                entry.partition_id = int(cast(int, metrics.get("partition-id", -1)))
-                client.update(
-                    partition_id=entry.partition_id,
-                    train_loss=metrics["train-loss"],
-                    examples=metrics["examples-seen"],
-                    num_examples=metrics["num-examples"],
-                    tokens=metrics["tokens"],
-                    response_tokens=metrics["response-tokens"],
-                    padded_tokens=metrics["padded-tokens"],
-                    learning_rate=metrics["learning-rate"],
-                    seconds=metrics["seconds"],
-                    skipped_rows=metrics.get("skipped-rows", 0),
-                )
-                good.append(reply)
-        if problem is not None:
-            client["problem"] = problem
-            log(INFO, "round %s: node %s not aggregated: %s", server_round, node, problem)
-        entries.append(entry)
-        clients.append(client)
-    ledger.record(entries)
-    ok = [c for c in clients if "problem" not in c]
-    weights = [c["num_examples"] for c in ok]
-    round_metrics: dict[str, Any] = {
-        "round": server_round,
-        "clients": len(ok),
-        "failed_clients": len(clients) - len(ok),
-        # Weighted as FedAvg weights the adapters, so the loss describes the aggregate.
-        "train_loss": (
-            sum(c["train_loss"] * w for c, w in zip(ok, weights, strict=True)) / sum(weights)
-            if ok
-            else None
-        ),
-        "examples": sum(c["examples"] for c in ok),
-        "tokens": sum(c["tokens"] for c in ok),
-        "response_tokens": sum(c["response_tokens"] for c in ok),
-        "learning_rate": ok[0]["learning_rate"] if ok else None,
-        "downlink_bytes": sum(e.downlink_bytes for e in entries),
-        "uplink_bytes": sum(e.uplink_bytes for e in entries),
-    }
-    return round_metrics, clients, good
-
-
-def _checkpoint(
-    run_dir: RunDirectory,
-    server_round: int,
-    arrays: ArrayRecord,
-    adapter: GlobalAdapter,
-    ledger: Ledger,
-    strategy: FedAvg,
-    config: RunConfig,
-) -> None:
-    resume = {
-        "num_rounds": config.federation.num_rounds,
-        "config_digest": config.digest(),
-        "strategy": {
-            "name": type(strategy).__name__,
-            "fraction_train": strategy.fraction_train,
-            "min_train_nodes": strategy.min_train_nodes,
-            "weighted_by_key": strategy.weighted_by_key,
-        },
-        "ledger": ledger.position(),
-        "metrics_lines": server_round,
-        "rng": rng_state(),
-    }
-    run_dir.write_checkpoint(
-        server_round, arrays.to_torch_state_dict(), adapter.peft_config, resume
-    )
 
 
 def preflight(config: RunConfig) -> None:
@@ -413,28 +392,55 @@ def make_server_app(
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        _serve(grid, config, run_dir, Progress(config.federation.num_rounds, emit))
+        serve(grid, config, run_dir, Progress(config.federation.num_rounds, emit))
 
     return bound
 
 
-def _serve(grid: Grid, config: RunConfig, run_dir: RunDirectory, progress: Progress) -> None:
+def serve(grid: Grid, config: RunConfig, run_dir: RunDirectory, progress: Progress) -> None:
+    """Run the federation; whatever ends it is recorded in status.json before it propagates."""
     try:
         run_federation(grid, config, run_dir, progress)
     except BaseException as exc:
-        run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        rounds = _rounds_completed(run_dir)
+        run_dir.set_status(
+            "failed",
+            error=f"{type(exc).__name__}: {exc}",
+            rounds_completed=rounds,
+            resumable=True,
+        )
+        progress.note(f"failed after {rounds} rounds: {exc}")
+        progress.note(
+            f"the run can continue from its last checkpoint: fedtune run --resume {run_dir.path}"
+        )
         raise
 
 
-def _flower_log(line: str) -> None:
-    log(INFO, "%s", line)
+def _rounds_completed(run_dir: RunDirectory) -> int:
+    try:
+        return int(run_dir.status().get("rounds_completed", 0))
+    except (ValueError, OSError):
+        return 0
+
+
+def describe_eval(metrics: dict[str, Any]) -> str:
+    parts = []
+    if "probe_loss" in metrics:
+        parts.append(f"probe loss {metrics['probe_loss']:.4f}")
+    if "mmlu" in metrics:
+        mmlu = metrics["mmlu"]
+        parts.append(
+            f"MMLU ({mmlu['protocol']}, {mmlu['questions']} questions) {mmlu['average']:.2f}"
+        )
+    return ", ".join(parts)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Flower entry point (`flwr run .`): the config is Flower's fused run config."""
-    config = build_config(context.run_config, warn=_flower_log)
+    """Flower entry point (`flwr run .`): the config is Flower's fused run config; set
+    `run.resume` to a run directory to continue it."""
+    config = build_config(context.run_config, warn=log_info)
     preflight(config)
-    run_dir = RunDirectory.create(config)
-    _flower_log(f"fedtune: run directory {run_dir.path}")
-    _serve(grid, config, run_dir, Progress(config.federation.num_rounds, _flower_log))
+    run_dir = open_run(config)
+    log_info(f"fedtune: run directory {run_dir.path}")
+    serve(grid, config, run_dir, Progress(config.federation.num_rounds, log_info))

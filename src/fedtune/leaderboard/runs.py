@@ -14,8 +14,6 @@ A run is refused, with the reason, when:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shlex
 from pathlib import Path
 from typing import Any
@@ -27,38 +25,22 @@ from fedtune.leaderboard.evalresults import (
     find_results,
     read_results,
 )
+from fedtune.provenance import file_sha256
+from fedtune.rundir import (
+    FINISHED_STATES,
+    LEDGER_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    RunDirError,
+    read_environment,
+    read_jsonl,
+    read_run_config,
+    read_status,
+    read_summary,
+)
 
-FINISHED_STATES = ("completed", "stopped-budget")
 # Display names of the embedded models (the board shows the model's own name, not a hub id).
 EMBEDDED_MODEL_NAMES = {"embedded:smollm2-135m-instruct": "SmolLM2-135M-Instruct"}
-
-
-class RunDirError(ValueError):
-    """The run directory cannot become a submission; the message says why."""
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise RunDirError(f"{path.name} is missing from {path.parent}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise RunDirError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise RunDirError(f"{path.name} line {number} is not JSON: {exc}") from exc
-        if not isinstance(row, dict):
-            raise RunDirError(f"{path.name} line {number} is not a JSON object")
-        rows.append(row)
-    return rows
 
 
 def _count(row: dict[str, Any], key: str, where: str) -> int:
@@ -66,15 +48,6 @@ def _count(row: dict[str, Any], key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise RunDirError(f"{where}: {key} must be a non-negative integer, got {value!r}")
     return value
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_ledger(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,11 +58,11 @@ def check_ledger(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]
     Raises:
         RunDirError: missing or inconsistent ledger.
     """
-    ledger_path = run_dir / "ledger.jsonl"
+    ledger_path = run_dir / LEDGER_FILE
     if not ledger_path.is_file():
         raise RunDirError(f"no communication ledger (ledger.jsonl) in {run_dir}")
     per_round: dict[int, dict[str, int]] = {}
-    for i, row in enumerate(_read_jsonl(ledger_path), start=1):
+    for i, row in enumerate(read_jsonl(ledger_path), start=1):
         where = f"ledger.jsonl line {i}"
         number = _count(row, "round", where)
         cell = per_round.setdefault(number, {"downlink_bytes": 0, "uplink_bytes": 0, "clients": 0})
@@ -123,11 +96,11 @@ def check_ledger(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def _check_metrics(run_dir: Path, per_round: dict[int, dict[str, int]]) -> dict[int, float | None]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return {}
     losses: dict[int, float | None] = {}
-    for row in _read_jsonl(path):
+    for row in read_jsonl(path):
         number = row.get("round")
         if number not in per_round:
             raise RunDirError(f"metrics.jsonl has round {number!r}, which the ledger does not")
@@ -213,19 +186,13 @@ def build_submission(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a directory")
-    status_path = run_dir / "status.json"
-    if status_path.is_file():
-        state = _read_json(status_path).get("state")
+    if (run_dir / STATUS_FILE).is_file():
+        state = read_status(run_dir).get("state")
         if state not in FINISHED_STATES:
             raise RunDirError(f"the run has not finished (status.json state {state!r})")
-    config_doc = _read_json(run_dir / "config.json")
-    config = config_doc.get("config") if isinstance(config_doc, dict) else None
-    if not isinstance(config, dict):
-        raise RunDirError("config.json has no resolved configuration ('config')")
-    summary = _read_json(run_dir / "summary.json")
-    environment = (
-        _read_json(run_dir / "environment.json") if (run_dir / "environment.json").is_file() else {}
-    )
+    config, config_digest = read_run_config(run_dir)
+    summary = read_summary(run_dir)
+    environment = read_environment(run_dir)
     rounds = check_ledger(run_dir, summary)
     try:
         results = read_results(find_results(run_dir, eval_name))
@@ -266,7 +233,7 @@ def build_submission(
         "setup": _setup(config, len(rounds), clients_per_round),
         "provenance": {
             "run": run_dir.name,
-            "config_digest": config_doc.get("digest"),
+            "config_digest": config_digest,
             "commit": git.get("commit"),
             "dirty": git.get("dirty"),
             "command": shlex.join(command) if isinstance(command, list) else command,

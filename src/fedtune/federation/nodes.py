@@ -1,0 +1,129 @@
+"""Which node holds which partition, and which partitions train each round.
+
+Flower's node ids are random (`os.urandom` in the simulation engine; assigned by the SuperLink in
+deployment) and its `sample_nodes` draws from a set, so sampling nodes is not reproducible. fedtune
+samples *partition ids* with its own seeded generator and maps them to nodes. The map is learned by
+asking each node which partition it holds (a query message answered from its node config),
+refreshed when nodes join or leave. Every wait for nodes is bounded by `strategy.node-wait-s`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fedtune.federation.messages import NODE, RUN_CONFIG
+
+
+class NodeWaitTimeout(RuntimeError):
+    """Not enough nodes connected (or answered) within strategy.node-wait-s."""
+
+
+class NodeDirectory:
+    """partition id ↔ node id for the nodes currently connected."""
+
+    def __init__(
+        self,
+        grid: Any,
+        run_config: dict[str, Any],
+        num_partitions: int,
+        wait_s: float,
+        note: Callable[[str], None] = lambda _: None,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.grid = grid
+        self.run_config = run_config
+        self.num_partitions = num_partitions
+        self.wait_s = wait_s
+        self.note = note
+        self.poll_s = poll_s
+        self.node_of: dict[int, int] = {}  # partition → node
+        self.partition_of: dict[int, int] = {}  # node → partition
+
+    def refresh(self, timeout_s: float) -> None:
+        """Forget nodes that left; ask new nodes which partition they hold."""
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        connected = set(self.grid.get_node_ids())
+        for node in [n for n in self.partition_of if n not in connected]:
+            self.node_of.pop(self.partition_of.pop(node), None)
+        unknown = sorted(connected - set(self.partition_of))
+        if not unknown:
+            return
+        content = RecordDict({RUN_CONFIG: ConfigRecord(self.run_config)})
+        messages = [
+            Message(content=content, dst_node_id=node, message_type=MessageType.QUERY)
+            for node in unknown
+        ]
+        for reply in self.grid.send_and_receive(messages, timeout=max(timeout_s, 1.0)):
+            if reply.has_error() or NODE not in reply.content.metric_records:
+                continue  # asked again on the next refresh
+            info = reply.content.metric_records[NODE]
+            partition, total = int(info["partition-id"]), int(info["num-partitions"])  # type: ignore[arg-type]
+            node = reply.metadata.src_node_id
+            if total != self.num_partitions:
+                raise ValueError(
+                    f"node {node} holds partition {partition} of {total}, but "
+                    f"federation.num-clients is {self.num_partitions}"
+                )
+            if not 0 <= partition < total:
+                raise ValueError(f"node {node} reports partition {partition} of {total}")
+            previous = self.node_of.get(partition)
+            if previous is not None and previous != node:
+                # The same partition under a new node id: a node that restarted. Newest wins.
+                self.partition_of.pop(previous, None)
+            self.node_of[partition] = node
+            self.partition_of[node] = partition
+
+    def available(self, need: int, minimum: int | None = None) -> list[int]:
+        """Partition ids with a connected node, as soon as `need` are known; when
+        strategy.node-wait-s runs out, whatever is known if that is at least `minimum`.
+
+        Raises:
+            NodeWaitTimeout: fewer than `minimum` (default `need`) after the wait.
+        """
+        minimum = need if minimum is None else minimum
+        deadline = time.monotonic() + self.wait_s
+        announced = False
+        while True:
+            self.refresh(timeout_s=deadline - time.monotonic())
+            if len(self.node_of) >= need:
+                return sorted(self.node_of)
+            left = deadline - time.monotonic()
+            if left <= 0 and len(self.node_of) >= minimum:
+                return sorted(self.node_of)
+            if left <= 0:
+                raise NodeWaitTimeout(
+                    f"waited {self.wait_s:.0f} s for {minimum} nodes, {len(self.node_of)} connected "
+                    f"(of {self.num_partitions}); start more nodes or raise strategy.node-wait-s"
+                )
+            if not announced:
+                self.note(
+                    f"waiting up to {self.wait_s:.0f} s for {need} nodes "
+                    f"({len(self.node_of)} connected)"
+                )
+                announced = True
+            time.sleep(min(self.poll_s, max(left, 0.0)))
+
+
+class PartitionSampler:
+    """Seeded choice of partitions: same seed and same available partitions → same choice."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def sample(
+        self, available: list[int], count: int, exclude: set[int] | None = None
+    ) -> list[int]:
+        pool = sorted(set(available) - (exclude or set()))
+        return sorted(self.rng.sample(pool, min(count, len(pool))))
+
+    def state(self) -> list[Any]:
+        version, internal, gauss = self.rng.getstate()
+        return [version, list(internal), gauss]
+
+    def set_state(self, state: list[Any]) -> None:
+        version, internal, gauss = state
+        self.rng.setstate((version, tuple(internal), gauss))
