@@ -1,0 +1,81 @@
+"""CI's order of work: install (scripts/setup), lint and types (scripts/lint), then the tests.
+
+The scripts run for real in a copy of the repository layout whose tools are stand-ins that record
+their arguments, so the test checks what runs, in which order, and that a failure stops CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _stub(path: Path, log: Path, fail_on: str = "") -> None:
+    """An executable that appends `name args…` to `log`; exits 1 when its line contains fail_on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "#!/usr/bin/env bash\n"
+        f'line="{path.name} $*"\n'
+        f'echo "$line" >> "{log}"\n'
+        f'if [ -n "{fail_on}" ] && [[ "$line" == *"{fail_on}"* ]]; then exit 1; fi\n'
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def _copy_script(relative: str, root: Path) -> Path:
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / relative, target)
+    return target
+
+
+def _run(script: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "FEDTUNE_MMLU_CSV"}
+    return subprocess.run(
+        [str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("fail_on", ["", "ruff check", "ruff format", "mypy"])
+def test_lint_runs_ruff_rules_format_check_and_mypy(tmp_path, fail_on):
+    log = tmp_path / "log"
+    script = _copy_script("scripts/lint", tmp_path)
+    for tool in ("ruff", "mypy"):
+        _stub(tmp_path / ".venv" / "bin" / tool, log, fail_on)
+    done = _run(script, tmp_path)
+    expected = ["ruff check src tests bench", "ruff format --check src tests bench", "mypy"]
+    if fail_on:
+        stop = next(i for i, line in enumerate(expected) if fail_on in line)
+        expected = expected[: stop + 1]
+    assert [line.strip() for line in log.read_text().splitlines()] == expected
+    assert (done.returncode != 0) == bool(fail_on), done.stderr
+
+
+def test_lint_without_a_venv_says_what_to_run(tmp_path):
+    done = _run(_copy_script("scripts/lint", tmp_path), tmp_path)
+    assert done.returncode == 2 and "run scripts/setup first" in done.stderr
+
+
+@pytest.mark.parametrize("fail_on", ["", "lint"])
+def test_ci_installs_then_lints_then_tests(tmp_path, fail_on):
+    log = tmp_path / "log"
+    script = _copy_script(".ci/run", tmp_path)
+    for name in ("setup", "lint", "test"):
+        _stub(tmp_path / "scripts" / name, log, fail_on)
+    done = _run(script, tmp_path)
+    expected = ["setup", "lint"] if fail_on else ["setup", "lint", "test -q"]
+    assert [line.strip() for line in log.read_text().splitlines()] == expected
+    assert (done.returncode != 0) == bool(fail_on), done.stderr
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "exec scripts/test -q" in ci
+    assert "scripts/test" in (ROOT / "README.md").read_text()
