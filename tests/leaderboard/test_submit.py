@@ -190,3 +190,85 @@ def test_cli_get_token_verify(tmp_path, data_dir, capsys):
     for fmt in ("markdown", "csv"):
         assert main(["leaderboard", "show", "--format", fmt, "--data-dir", str(data_dir)]) == 0
         assert "Demo" in capsys.readouterr().out
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_dry_run_allow_partial_checks_everything_and_stores_nothing(tmp_path, data_dir, capsys):
+    run = make_run_dir(tmp_path, name="partial")
+    _replace_eval(run, limit_per_subject=5)
+    before = _files(run)
+    args = ["--track", "open", "--dry-run", "--allow-partial"]
+    assert submit(run, data_dir, *args) == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert "partial evaluation: would be refused" in captured.err
+    assert "nothing was stored" in captured.err
+    summary = json.loads((run / "summary.json").read_text())
+    assert payload["adapter"] == {
+        "location": str(run / "adapter"),
+        "sha256": summary["adapter_sha256"],
+    }
+    assert payload["communication"]["total_bytes"] == summary["communication"]["total_bytes"]
+    assert payload["provenance"]["run"] == "partial"
+    assert payload["provenance"]["evaluation_file"].startswith("eval/mmlu_flowertune_0shot")
+    assert set(payload["scores"]) == {"stem", "social_sciences", "humanities"}
+    assert sum(c["total"] for c in payload["evaluation"]["subjects"].values()) < 10_000
+    assert _files(run) == before  # the run directory is untouched
+    assert not data_dir.exists()
+
+    # Partial by the question counts alone (the file claims to be complete): the same note.
+    unflagged = make_run_dir(tmp_path, name="unflagged")
+    _partial_unflagged(unflagged)
+    assert submit(unflagged, data_dir, *args) == 0
+    assert "partial evaluation: would be refused" in capsys.readouterr().err
+
+    # A complete evaluation: no note.
+    assert submit(make_run_dir(tmp_path, name="complete"), data_dir, *args) == 0
+    assert "partial" not in capsys.readouterr().err
+
+
+def test_allow_partial_still_refuses_what_else_does_not_add_up(tmp_path, data_dir, capsys):
+    def partial(name, edit=lambda run: None, **evaluation):
+        run = make_run_dir(tmp_path, name=name)
+        _replace_eval(run, limit_per_subject=5, **evaluation)
+        edit(run)
+        return run
+
+    cases = [
+        (
+            partial(
+                "adapter-changed",
+                lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"other"),
+            ),
+            "the adapter changed after the run",
+        ),
+        (
+            partial(
+                "other-adapter", adapter=make_run_dir(tmp_path, name="x", evaluate=False, seed=1)
+            ),
+            "evaluation is of another adapter",
+        ),
+        (partial("base-model-only", adapter=None), "base model alone"),
+        (
+            partial(
+                "ledger-summary",
+                lambda r: _edit_json(
+                    r / "summary.json",
+                    communication={"downlink_bytes": 1, "uplink_bytes": 1, "total_bytes": 2},
+                ),
+            ),
+            "ledger and summary disagree",
+        ),
+    ]
+    for run, reason in cases:
+        assert submit(run, data_dir, "--track", "open", "--dry-run", "--allow-partial") == 2
+        err = capsys.readouterr().err
+        assert "refused" in err and reason in err, (run.name, err)
+
+    run = partial("stored")
+    assert submit(run, data_dir, "--track", "open", "--allow-partial") == 2
+    assert "--allow-partial goes with --dry-run only" in capsys.readouterr().err
+    assert not data_dir.exists()

@@ -1,6 +1,7 @@
 """`fedtune leaderboard`: submit a run, show the ranking, serve the web app, manage entries.
 
     fedtune leaderboard submit RUN_DIR --team T --code URL [--track general-nlp|open]
+                                       [--dry-run [--allow-partial]]
     fedtune leaderboard show [--track all|general-nlp|open] [--format table|markdown|csv|json]
     fedtune leaderboard serve [--host 127.0.0.1] [--port 8000]
     fedtune leaderboard get ID | token NAME | verify ID
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from fedtune.leaderboard.entry import TRACKS
@@ -42,6 +46,12 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--token", help="API token for --server")
     submit.add_argument(
         "--dry-run", action="store_true", help="check and print the submission only"
+    )
+    submit.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="with --dry-run: check and print a partial evaluation's submission too, noting that "
+        "the board would refuse it",
     )
     submit.add_argument("--data-dir", help=_DATA_DIR_HELP)
     submit.set_defaults(handler=_submit)
@@ -89,25 +99,47 @@ def _store(args: argparse.Namespace) -> Any:
     return Store.in_dir(args.data_dir)
 
 
+PARTIAL = "partial evaluation"
+
+
 def _submit(args: argparse.Namespace) -> int:
     from fedtune.leaderboard.runs import RunDirError, build_submission
     from fedtune.leaderboard.store import DuplicateEntry
     from fedtune.leaderboard.validation import SubmissionError, validate_submission
 
-    try:
-        payload = build_submission(
-            args.run_dir,
-            team=args.team,
-            code_url=args.code,
-            track=args.track,
-            base_model=args.base_model,
-            eval_name=args.eval_name,
+    if args.allow_partial and not args.dry_run:
+        return _fail(
+            "--allow-partial goes with --dry-run only: a partial evaluation is never stored"
         )
-        entry = validate_submission(payload)
+    options = {
+        "team": args.team,
+        "code_url": args.code,
+        "track": args.track,
+        "base_model": args.base_model,
+        "eval_name": args.eval_name,
+    }
+    partial_note = None
+    try:
+        try:
+            payload = build_submission(args.run_dir, **options)
+        except RunDirError as exc:
+            if not (args.allow_partial and str(exc).startswith(PARTIAL)):
+                raise
+            partial_note = str(exc)
+            payload = _build_despite_partial(Path(args.run_dir), options)
+        try:
+            entry = validate_submission(payload)
+        except SubmissionError as exc:
+            if not (args.allow_partial and exc.reason.startswith(PARTIAL)):
+                raise
+            partial_note = partial_note or exc.reason
     except (RunDirError, SubmissionError) as exc:
         return _fail(f"refused: {exc}")
     if args.dry_run:
         print(json.dumps(payload, indent=2))
+        if partial_note:
+            reason = partial_note.removeprefix(f"{PARTIAL}: ")
+            _fail(f"{PARTIAL}: would be refused ({reason}); nothing was stored")
         return 0
     if args.server:
         return _submit_remote(args.server, args.token, payload)
@@ -124,6 +156,51 @@ def _submit(args: argparse.Namespace) -> int:
         f"{entry.board_gb} · rank {position} in {entry.track} ({store.path})"
     )
     return 0
+
+
+def _build_despite_partial(run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """The submission of a run whose evaluation is marked partial, every other check made.
+
+    `build_submission` stops at the partial mark before it checks the adapter and computes the
+    scores. Here it runs on a view of the run directory: links to the run's own files, and a copy
+    of the evaluation results with the mark cleared. Nothing is written to the run directory.
+    """
+    from fedtune.leaderboard.evalresults import EvalResultsError, find_results
+    from fedtune.leaderboard.runs import RunDirError, build_submission
+
+    try:
+        results = find_results(run_dir, options.get("eval_name")).resolve()
+    except EvalResultsError as exc:
+        raise RunDirError(str(exc)) from exc
+    real = run_dir.resolve()
+    inside = results.is_relative_to(real)
+    relative = results.relative_to(real) if inside else Path("eval") / results.name
+    with tempfile.TemporaryDirectory(prefix="fedtune-submit-") as scratch:
+        view = Path(scratch) / run_dir.resolve().name
+        view.mkdir()
+        for item in real.iterdir():
+            if item.name != relative.parts[0]:
+                os.symlink(item, view / item.name)
+        copy = view / relative
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            document = json.loads(results.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"cannot read evaluation results {results}: {exc}") from exc
+        if isinstance(document, dict):
+            document["partial"] = False
+        copy.write_text(json.dumps(document), encoding="utf-8")
+        payload = build_submission(view, **{**options, "eval_name": str(copy)})
+    # Point what names the view back at the run directory.
+    adapter = payload.get("adapter")
+    if isinstance(adapter, dict) and isinstance(adapter.get("location"), str):
+        location = Path(adapter["location"])
+        if location.is_relative_to(view):
+            adapter["location"] = str(Path(run_dir) / location.relative_to(view))
+    provenance = payload.get("provenance")
+    if isinstance(provenance, dict) and not inside:
+        provenance["evaluation_file"] = str(results)
+    return payload
 
 
 def _submit_remote(server: str, token: str | None, payload: dict[str, Any]) -> int:
