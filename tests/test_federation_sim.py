@@ -102,11 +102,12 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
     assert summary["communication"]["wire_bytes"] > total
     assert metrics[-1]["cumulative_bytes"] == total
 
-    # Checkpoints hold what a resume needs, and the adapter loads with PEFT.
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "round-00002"
-    state = json.loads((run_dir / "checkpoints" / "round-00001" / "state.json").read_text())
-    assert state["round"] == 1 and state["ledger"]["entries"] == 3
-    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    # A resume point after every round (the last one kept), PEFT snapshots every N rounds.
+    assert (run_dir / "checkpoints" / "resume-point").read_text().strip() == "state-00002"
+    state = json.loads((run_dir / "checkpoints" / "state-00002" / "state.json").read_text())
+    assert state["round"] == 2 and state["ledger"]["entries"] == 6
+    assert state["strategy"]["class"] == "FedAvg" and len(state["sampler"]) == 3
+    assert all(m["checkpoint_seconds"] >= 0 for m in metrics)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +117,7 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
     assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # trained: B left zero-init
     checkpoint = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        str(run_dir / "checkpoints" / "round-00001" / "adapter"),
+        str(run_dir / "checkpoints" / "round-00001"),
     )
     assert sum("lora_A" in n for n, _ in checkpoint.named_parameters()) == len(lora_b)
     environment = json.loads((run_dir / "environment.json").read_text())

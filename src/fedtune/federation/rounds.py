@@ -358,6 +358,8 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
             ClientUpdate(m.metadata.dst_node_id, p, attempt, replies.get(m.metadata.dst_node_id))
             for m, p in zip(messages, partitions, strict=True)
         ]
+        order = sorted(range(len(updates)), key=lambda i: updates[i].partition_id)
+        updates, down = [updates[i] for i in order], [down[i] for i in order]
         validate(ctx, state, updates, global_arrays)
         entries = _ledger_entries(server_round, attempt, updates, down)
         ctx.ledger.record(entries)

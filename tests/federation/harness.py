@@ -1,0 +1,113 @@
+"""Start real `fedtune run` processes (simulation engine, tiny model), kill them, look at what is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+
+# 4 clients, 2 per round, one 2-example step of ≤64 tokens: a round takes about a second.
+TINY_RUN = (
+    "federation.num-clients=4",
+    "strategy.clients-per-round=2",
+    "num-server-rounds=5",
+    "train.local-steps=1",
+    "train.batch-size=2",
+    "train.seq-length=64",
+    "train.save-every-round=2",
+    "eval.probe-examples=2",
+)
+
+
+class Run:
+    """One `fedtune run` process with its own Ray temp dir (to find its processes afterwards)."""
+
+    def __init__(
+        self, tmp: Path, name: str, model_dir: Path, *sets: str, faults=(), resume=False, wrap=True
+    ):
+        self.out = tmp / "runs"
+        self.dir = self.out / name
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="ft-ray-", dir="/tmp"))
+        self.pidfile = tmp / f"{name}.pid"
+        args = [sys.executable, "-m", "fedtune.cli", "run"]
+        if resume:
+            args += ["--resume", str(self.dir)]
+        else:
+            args += ["--set", f"model.name={model_dir}"]
+            args += [
+                f"--set={item}"
+                for item in (*TINY_RUN, f"run.output-dir={self.out}", f"run.name={name}")
+            ]
+            args += [f"--set={item}" for item in sets]
+        if wrap:  # fedtune's ClientApp behind the fault-injecting wrapper
+            args += ["--client-app", "faultapp:app"]
+        env = dict(
+            os.environ,
+            RAY_TMPDIR=str(self.ray_tmp),
+            FEDTUNE_TEST_FAULTS=json.dumps(list(faults)),
+            FEDTUNE_TEST_PIDFILE=str(self.pidfile),
+            PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        )
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.pidfile.write_text(str(self.proc.pid))
+
+    def wait(self, timeout: float = 600) -> tuple[int, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.stderr = err
+        return self.proc.returncode, err
+
+    def wait_for(self, predicate, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run ended early: {self.proc.stderr.read()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError("condition not reached in time")
+
+    def metrics_lines(self) -> int:
+        path = self.dir / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    def status(self) -> dict:
+        return json.loads((self.dir / "status.json").read_text())
+
+    def leftovers(self, settle_s: float = 15.0) -> list[str]:
+        """Processes of this run (Ray's, the engine) still alive after `settle_s`."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            alive = []
+            for process in psutil.process_iter(["pid", "cmdline", "environ"]):
+                try:
+                    cmdline = " ".join(process.info["cmdline"] or [])
+                    environ = process.info["environ"] or {}
+                except psutil.Error:
+                    continue
+                if str(self.ray_tmp) in cmdline or environ.get("RAY_TMPDIR") == str(self.ray_tmp):
+                    if process.pid != os.getpid():
+                        alive.append(f"{process.pid} {cmdline[:120]}")
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.5)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def adapter_sha(run_dir: Path) -> str:
+    from fedtune.provenance import file_sha256
+
+    return file_sha256(run_dir / "adapter" / "adapter_model.safetensors")

@@ -1,0 +1,275 @@
+"""The round's parts without an engine: reply schema, update checks, the norm rule, node waits,
+seeded sampling, strategy state save/restore, resume points and status writes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedtune.config import build_config, config_differences
+from fedtune.federation.messages import ReplyError, check_reply_metrics
+from fedtune.federation.nodes import NodeDirectory, NodeWaitTimeout, PartitionSampler
+from fedtune.federation.strategies import build_strategy, restore_strategy_state, strategy_state
+from fedtune.federation.updates import ClientUpdate, drop_outliers, norm_reference, short_reason
+from fedtune.rundir import RunDirectory, RunDirError
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages made outside a Flower run need the ids Flower sets in its processes."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+GOOD = {
+    "train-loss": 1.5,
+    "num-examples": 50,
+    "examples-seen": 8,
+    "tokens": 900,
+    "response-tokens": 300,
+    "padded-tokens": 950,
+    "learning-rate": 1e-3,
+    "seconds": 2.0,
+    "train-seconds": 1.5,
+    "partition-id": 3,
+}
+
+
+def test_reply_metrics_schema():
+    clean, extra = check_reply_metrics({**GOOD, "surprise": 1})
+    assert clean["num-examples"] == 50 and isinstance(clean["num-examples"], int)
+    assert extra == ["surprise"]
+    for broken, reason in [
+        ({k: v for k, v in GOOD.items() if k != "train-loss"}, "missing"),
+        ({**GOOD, "num-examples": -333}, "below 1"),
+        ({**GOOD, "num-examples": 0}, "below 1"),
+        ({**GOOD, "num-examples": 2.5}, "not an integer"),
+        ({**GOOD, "train-loss": float("nan")}, "not finite"),
+        ({**GOOD, "tokens": True}, "not a number"),
+    ]:
+        with pytest.raises(ReplyError, match=reason):
+            check_reply_metrics(broken)
+    with pytest.raises(ReplyError, match="more than the 60 rows"):
+        check_reply_metrics({**GOOD, "num-examples": 61}, max_examples=60)
+
+
+def test_norm_rule_uses_history_else_the_cohorts_smallest():
+    assert norm_reference([], [3.0, 1.0, 2000.0]) == 1.0
+    assert norm_reference([[1.0, 3.0], [2.0]], [500.0]) == 2.0
+    updates = [ClientUpdate(1, p, 1, norm=n) for p, n in enumerate([1.0, 1.2, 1000.0])]
+    drop_outliers(updates, [], ratio=10)
+    assert [u.usable for u in updates] == [True, True, False]
+    assert "validate.update-norm-ratio" in (updates[2].problem or "")
+    # Two clients, one ×1000: the smaller one sets the bar, the outlier goes.
+    pair = [ClientUpdate(1, 0, 1, norm=2.0), ClientUpdate(2, 1, 1, norm=2000.0)]
+    drop_outliers(pair, [], ratio=10)
+    assert [u.usable for u in pair] == [True, False]
+    off = [ClientUpdate(1, 0, 1, norm=1.0), ClientUpdate(2, 1, 1, norm=1e9)]
+    drop_outliers(off, [], ratio=0)
+    assert all(u.usable for u in off)
+
+
+def test_short_reason_keeps_the_exception_line():
+    trace = "Traceback (most recent call last):\n  File x\n    raise X\nRuntimeError: boom in p3\n"
+    assert short_reason(trace) == "RuntimeError: boom in p3"
+    assert len(short_reason("x" * 5000)) == 300
+
+
+class FakeGrid:
+    """Answers query messages for the nodes it holds; node ids as Flower's: arbitrary."""
+
+    def __init__(self, partitions: dict[int, int], total: int) -> None:
+        self.partitions = partitions
+        self.total = total
+        self.asked: list[int] = []
+
+    def get_node_ids(self):
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.asked.append(node)
+            record = MetricRecord(
+                {"partition-id": self.partitions[node], "num-partitions": self.total}
+            )
+            reply = Message(RecordDict({"node": record}), reply_to=message)
+            replies.append(reply)
+        return replies
+
+
+def test_node_directory_maps_partitions_and_bounds_the_wait():
+    grid = FakeGrid({9001: 2, 7: 0, 123456789: 1}, total=4)
+    nodes = NodeDirectory(grid, {}, 4, wait_s=0.3, poll_s=0.05)
+    assert nodes.available(need=3) == [0, 1, 2]
+    assert nodes.node_of == {2: 9001, 0: 7, 1: 123456789}
+    with pytest.raises(NodeWaitTimeout, match="waited 0 s for 4 nodes, 3 connected"):
+        nodes.available(need=4)
+    assert nodes.available(need=4, minimum=2) == [0, 1, 2]  # settles when the wait runs out
+    # A node leaves; its partition comes back under a new node id (a restarted node).
+    del grid.partitions[9001]
+    grid.partitions[55] = 2
+    assert nodes.available(need=3) == [0, 1, 2] and nodes.node_of[2] == 55
+    asked = len(grid.asked)
+    nodes.available(need=3)
+    assert len(grid.asked) == asked  # known nodes are not asked again
+    wrong = NodeDirectory(FakeGrid({1: 0}, total=20), {}, 4, wait_s=1)
+    with pytest.raises(ValueError, match="federation.num-clients is 4"):
+        wrong.available(need=1)
+
+
+def test_sampler_is_seeded_and_resumable():
+    a, b = PartitionSampler(2024), PartitionSampler(2024)
+    draws = [a.sample(list(range(20)), 2) for _ in range(5)]
+    assert draws == [b.sample(list(range(20)), 2) for _ in range(5)]
+    saved = json.loads(json.dumps(a.state()))
+    after = [a.sample(list(range(20)), 2) for _ in range(3)]
+    c = PartitionSampler(0)
+    c.set_state(saved)
+    assert [c.sample(list(range(20)), 2) for _ in range(3)] == after
+    assert 5 not in PartitionSampler(1).sample(list(range(6)), 5, exclude={5})
+
+
+def _reply(arrays: dict, weight: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": weight, "train-loss": 1.0}),
+        }
+    )
+    msg = Message(content, dst_node_id=1, message_type="train")
+    return Message(content, reply_to=msg)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+def test_strategy_state_round_trips_exactly(name):
+    config = build_config({"strategy.name": name})
+    rng = np.random.default_rng(0)
+    start = {
+        "a": rng.normal(size=(4, 3)).astype(np.float32),
+        "b": rng.normal(size=5).astype(np.float32),
+    }
+
+    def one_round(strategy, arrays, server_round):
+        record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        strategy.configure_train(
+            server_round, record, __import__("flwr").app.ConfigRecord(), FakeGrid({1: 0}, 1)
+        )
+        replies = [
+            _reply(
+                {
+                    k: v + rng_round.normal(size=v.shape).astype(np.float32) * 0.01
+                    for k, v in arrays.items()
+                },
+                w,
+            )
+            for w in (3, 5)
+        ]
+        out, _ = strategy.aggregate_train(server_round, replies)
+        return {k: a.numpy() for k, a in out.items()}
+
+    rng_round = np.random.default_rng(1)
+    first = build_strategy(config)
+    arrays = one_round(first, start, 1)
+    tensors, described = strategy_state(first)
+    if name == "fedavg":
+        assert tensors == {}
+    else:
+        assert tensors, f"{name} keeps state between rounds"
+    saved_rng = rng_round.bit_generator.state
+    continued = one_round(first, arrays, 2)
+    second = build_strategy(config)
+    restore_strategy_state(second, tensors, described)
+    rng_round.bit_generator.state = saved_rng
+    resumed = one_round(second, arrays, 2)
+    for key in continued:
+        assert np.array_equal(continued[key], resumed[key]), key
+
+
+def test_config_digest_ignores_run_keys_and_differences_are_named():
+    a = build_config({"run.name": "x", "run.output-dir": "/tmp/a"})
+    b = build_config({"run.name": "y", "run.resume": "/tmp/a/x"})
+    assert a.digest() == b.digest()
+    assert build_config({"train.seed": 1}).digest() != a.digest()
+    assert config_differences(a.to_flat(), build_config({"num-server-rounds": 9}).to_flat()) == [
+        "num-server-rounds: 5 → 9"
+    ]
+
+
+def test_strategy_keys_are_checked():
+    from fedtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy.name: must be one of fedavg, fedavgm, fedadam"):
+        build_config({"strategy.name": "fedsgd"})
+    with pytest.raises(ConfigError, match="applies to strategy.name=fedavgm, not fedavg"):
+        build_config({"strategy.fedavgm.server-momentum": 0.5})
+    with pytest.raises(ConfigError, match="strategy.min-clients: must be in \\[1, 2\\]"):
+        build_config({"strategy.min-clients": 3})
+
+
+def test_resume_point_survives_a_half_written_successor(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    run_dir.write_resume_point(1, {"w": torch.arange(4.0)}, {"note": "one"})
+    # A later point half written (killed before the pointer moved): the old one stands.
+    stale = tmp_path / "checkpoints" / ".state-00002.tmp-999"
+    stale.mkdir()
+    (stale / "tensors.safetensors").write_bytes(b"half")
+    state, tensors = run_dir.read_resume_point()
+    assert state["round"] == 1 and torch.equal(tensors["w"], torch.arange(4.0))
+    run_dir.write_resume_point(2, {"w": torch.ones(4)}, {"note": "two"})
+    assert not stale.exists() and not (tmp_path / "checkpoints" / "state-00001").exists()
+    (tmp_path / "checkpoints" / "state-00002" / "tensors.safetensors").write_bytes(b"changed")
+    with pytest.raises(RunDirError, match="damaged"):
+        run_dir.read_resume_point()
+
+
+def test_logs_are_cut_back_to_the_resume_point(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    run_dir.log_round({"round": 1}, [{"round": 1}])
+    positions = run_dir.log_positions()
+    run_dir.log_round({"round": 2}, [{"round": 2}])
+    dropped = run_dir.cut_logs(positions)
+    assert dropped["metrics.jsonl"] > 0
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    with pytest.raises(RunDirError, match="changed after the run"):
+        run_dir.cut_logs({"metrics.jsonl": 10_000})
+
+
+def test_status_is_recorded_when_the_disk_is_full(tmp_path, monkeypatch):
+    run_dir = RunDirectory(tmp_path)
+    run_dir.set_status("running", rounds_completed=3, note="x" * 200)
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    run_dir.set_status("failed", error="No space left on device")
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "failed" and status["pid"] == os.getpid()
+
+
+def test_resume_recognises_dead_live_and_finished_runs(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    run_dir.set_status("running")  # this process: alive, but it is us
+    RunDirectory.open_for_resume(tmp_path)
+    status = json.loads((tmp_path / "status.json").read_text())
+    (tmp_path / "status.json").write_text(json.dumps({**status, "pid": 1}))  # init: alive
+    with pytest.raises(RunDirError, match="still running"):
+        RunDirectory.open_for_resume(tmp_path)
+    (tmp_path / "status.json").write_text(json.dumps({**status, "pid": 2**22 + 7}))  # gone
+    RunDirectory.open_for_resume(tmp_path)
+    run_dir.set_status("completed")
+    with pytest.raises(RunDirError, match="already ended"):
+        RunDirectory.open_for_resume(tmp_path)
