@@ -1,4 +1,14 @@
-"""Shared fixtures: an offline, quiet environment; tiny random models built in code; the real tokenizer."""
+"""Shared fixtures: an offline, quiet environment; tiny random models built in code; the real tokenizer.
+
+Test tiers (markers declared in pyproject.toml, assigned here at collection):
+- `integration`: loads the real embedded model (the `embedded_source` fixture converts and caches it)
+  or runs against a real server or engine (the `live_server` fixture, Flower's simulation engine, a
+  `fedtune` or `flwr` process). Tests using the fixtures in INTEGRATION_FIXTURES get the marker here;
+  the others carry it in their module.
+- `slow`: over a minute, or the bulk of the suite's time; marked in the module.
+- `unit`: every other test — tiny models built in code and SmolLM2's real tokenizer (read without the
+  model's weights). `pytest -m unit` runs in seconds.
+"""
 
 from __future__ import annotations
 
@@ -27,10 +37,42 @@ OFFLINE_ENV = {
 }
 
 
+# A test that uses any of these fixtures (directly or through another fixture) is an integration test.
+INTEGRATION_FIXTURES = frozenset({"embedded_source", "live_server"})
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     (_TMP / "ray").mkdir(parents=True, exist_ok=True)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tiers: integration by fixture; unit for whatever is neither integration nor slow."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & INTEGRATION_FIXTURES and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+        if not any(item.get_closest_marker(tier) for tier in ("integration", "slow")):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_leave_the_embedded_model_alone(request, monkeypatch):
+    """In a unit test, converting or loading the embedded model fails the test, naming the cure."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import fedtune.model.loading as loading
+
+    def refuse(source, progress=None):
+        raise AssertionError(
+            f"a unit test converts or loads {source.name}: use a tiny model, or mark the test "
+            "integration (tests/conftest.py explains the tiers)"
+        )
+
+    monkeypatch.setattr(loading, "ensure_embedded_cache", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -38,17 +80,40 @@ def embedded_source():
     """The embedded SmolLM2 model source (converted to safetensors once, cached in FEDTUNE_CACHE)."""
     from fedtune.model.loading import ensure_embedded_cache, resolve_model
 
-    source = resolve_model("embedded:smollm2-135m-instruct")
+    source = resolve_model(EMBEDDED_MODEL)
     ensure_embedded_cache(source)
     return source
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(embedded_source):
-    """SmolLM2's real BPE tokenizer (49,152 tokens)."""
-    from fedtune.model.loading import load_tokenizer
+def smollm2_tokenizer_dir() -> Path:
+    """A folder with SmolLM2's tokenizer files, without converting or loading the model's weights.
 
-    return load_tokenizer(embedded_source)
+    The converted model's folder where it is cached already; otherwise the tokenizer is read from the
+    GGUF file alone (~7 s) and saved for this session — the same files the conversion writes.
+    """
+    from transformers import AutoTokenizer
+
+    from fedtune.model.loading import EMBEDDED_PREFIX, _embedded_gguf, resolve_model
+
+    converted = Path(resolve_model(EMBEDDED_MODEL).path)
+    if (converted / "fedtune-conversion.json").is_file():
+        return converted
+    target = _TMP / "smollm2-tokenizer"
+    if not (target / "tokenizer.json").is_file():
+        gguf = _embedded_gguf(EMBEDDED_MODEL[len(EMBEDDED_PREFIX) :])
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_tokenizer_dir):
+    """SmolLM2's real BPE tokenizer (49,152 tokens), loaded as fedtune loads the embedded model's."""
+    from fedtune.model.loading import ModelSource, load_tokenizer
+
+    folder = str(smollm2_tokenizer_dir)
+    return load_tokenizer(ModelSource("local", folder, folder))
 
 
 def build_tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):

@@ -69,10 +69,14 @@ def test_too_small_data_for_the_clients(capsys, output_dir, tmp_path):
     assert code == 2 and "20 clients but only 5 rows" in err[0]
 
 
-def test_existing_run_directory_is_not_overwritten(capsys, output_dir):
+def test_existing_run_directory_is_not_overwritten(capsys, output_dir, tiny_model_dir):
     (output_dir / "taken").mkdir(parents=True)
     (output_dir / "taken" / "keep.txt").write_text("precious")
-    code, err = run_cli(capsys, output_dir, "--set", "run.name=taken")
+    # A local model: with the embedded one, a fresh machine would first convert it (~25 s).
+    capsys.readouterr()  # what building the tiny model printed
+    code, err = run_cli(
+        capsys, output_dir, "--set", "run.name=taken", "--set", f"model.name={tiny_model_dir}"
+    )
     assert code == 2 and "already exists" in err[0]
     assert (output_dir / "taken" / "keep.txt").read_text() == "precious"
 

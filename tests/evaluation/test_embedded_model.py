@@ -10,7 +10,8 @@ from fedtune.evaluation.batching import BatchPlan
 from fedtune.evaluation.prompts import flowertune_prompt
 from fedtune.evaluation.sampling import fixed_subset
 
-pytestmark = pytest.mark.integration
+# Over half of the suite's time when the machine is busy: slow as well as integration.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -95,9 +95,11 @@ class Run:
                     environ = process.info["environ"] or {}
                 except psutil.Error:
                     continue
-                if str(self.ray_tmp) in cmdline or environ.get("RAY_TMPDIR") == str(self.ray_tmp):
-                    if process.pid != os.getpid():
-                        alive.append(f"{process.pid} {cmdline[:120]}")
+                ours = str(self.ray_tmp) in cmdline or environ.get("RAY_TMPDIR") == str(
+                    self.ray_tmp
+                )
+                if ours and process.pid != os.getpid():
+                    alive.append(f"{process.pid} {cmdline[:120]}")
             if not alive or time.monotonic() > deadline:
                 return alive
             time.sleep(0.5)

@@ -9,6 +9,9 @@ import sys
 import time
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.integration  # a real server in its own process
 
 
 def _free_port() -> int:
