@@ -49,13 +49,13 @@ class LedgerEntry:
     round: int
     node_id: int
     partition_id: int
-    attempt: int = 1  # a round retried with other clients has entries for each attempt
     downlink_bytes: int = 0
     uplink_bytes: int = 0
     downlink_arrays: int = 0
     uplink_arrays: int = 0
     downlink_wire_bytes: int = 0
     uplink_wire_bytes: int = 0
+    attempt: int = 1  # a round retried with other clients has entries for each attempt
 
 
 @dataclass
