@@ -70,7 +70,7 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(),
         "rounds": args.rounds,
         "killed_after_round": args.kill_after,
-        "checkpoint_seconds": [m["checkpoint_seconds"] for m in metrics],
+        "checkpoint_seconds": summary["checkpoint_seconds"],
         "round_seconds": [m["seconds"] for m in metrics],
         "kill_to_first_new_round_s": round(first_new_round_s, 1),
         "adapter_sha256": summary["adapter_sha256"],

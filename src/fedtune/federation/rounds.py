@@ -86,6 +86,7 @@ class LoopState:
     retries: int = 0
     max_uplink_bytes: int = 0  # largest uplink payload of one reply so far
     stopped: str | None = None  # "budget" when run.byte-budget stopped the loop
+    checkpoint_seconds: list[float] = field(default_factory=list)  # writing each round's point
     resumes: list[dict[str, Any]] = field(default_factory=list)
 
     def save(
@@ -111,6 +112,7 @@ class LoopState:
                 "retries": self.retries,
                 "max_uplink_bytes": self.max_uplink_bytes,
                 "stopped": self.stopped,
+                "checkpoint_seconds": self.checkpoint_seconds,
                 "resumes": self.resumes,
                 "ledger": ledger.position(),
                 "logs": run_dir.log_positions(),
@@ -154,6 +156,7 @@ class LoopState:
             retries=int(saved["retries"]),
             max_uplink_bytes=int(saved["max_uplink_bytes"]),
             stopped=saved["stopped"],
+            checkpoint_seconds=saved["checkpoint_seconds"],
             resumes=saved["resumes"],
         )
         return state, {**saved["ledger"], "logs": saved["logs"]}
