@@ -55,6 +55,7 @@ def load_from_hub_cache(cache, repo_id):
     )
 
 
+@pytest.mark.integration  # loads through the hub client in a fresh Python process
 def test_hub_id_loads_through_the_hub_client_offline(tmp_path, tiny_model_dir):
     cache = hub_cache_with(tmp_path, "fedtune-test/tiny-llama", tiny_model_dir)
     done = load_from_hub_cache(cache, "fedtune-test/tiny-llama")
@@ -62,6 +63,7 @@ def test_hub_id_loads_through_the_hub_client_offline(tmp_path, tiny_model_dir):
     assert done.stdout.split() == ["64", "<|im_end|>"]
 
 
+@pytest.mark.integration  # a fresh Python process
 def test_hub_id_missing_offline_is_a_clear_error(tmp_path):
     done = load_from_hub_cache(tmp_path / "empty", "nobody/nothing")
     assert done.returncode == 3 and "cannot load 'nobody/nothing'" in done.stdout
