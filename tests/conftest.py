@@ -7,7 +7,7 @@ Test tiers (markers declared in pyproject.toml, assigned here at collection):
   the others carry it in their module.
 - `slow`: over a minute, or the bulk of the suite's time; marked in the module.
 - `unit`: every other test — tiny models built in code and SmolLM2's real tokenizer (read without the
-  model's weights). `pytest -m unit` runs in seconds.
+  model's weights). `pytest -m unit` needs no model conversion and no server.
 """
 
 from __future__ import annotations
