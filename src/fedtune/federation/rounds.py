@@ -29,7 +29,7 @@ from fedtune.accounting.ledger import (
     record_payload_bytes,
     record_wire_bytes,
 )
-from fedtune.federation.messages import ARRAYS, MAX_EXAMPLES, RUN_CONFIG, WEIGHT_KEY
+from fedtune.federation.messages import ARRAYS, MAX_EXAMPLES, RUN_CONFIG
 from fedtune.federation.nodes import NodeDirectory, PartitionSampler
 from fedtune.federation.strategies import restore_strategy_state, strategy_state
 from fedtune.federation.updates import ClientUpdate, check_reply, drop_outliers
@@ -460,15 +460,3 @@ def log_info(text: str) -> None:
     from flwr.common import log
 
     log(INFO, "%s", text)
-
-
-__all__ = [
-    "BudgetReached",
-    "FederationError",
-    "IdentityCodec",
-    "LoopState",
-    "RoundContext",
-    "RoundResult",
-    "WEIGHT_KEY",
-    "run_round",
-]
