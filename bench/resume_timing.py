@@ -1,7 +1,7 @@
 """Checkpoint overhead per round, and the time from a SIGKILL to a resumed run's first new round.
 
 Runs the default job (embedded SmolLM2-135M-Instruct, LoRA r=8 on q,v, 20 clients, 2 per round)
-for --rounds rounds, SIGKILLs `fedtune run` once round --kill-after is recorded, resumes it with
+for --rounds rounds, SIGKILLs `fedtune run` once round --kill-after's resume point is written, resumes it with
 `fedtune run --resume`, and reports:
 - checkpoint_seconds per round (resume point + PEFT snapshot, as metrics.jsonl records it);
 - kill → resumed run's first new round recorded (the whole restart: process, model, Ray, discovery);
@@ -49,10 +49,13 @@ def main() -> None:
     proc = subprocess.Popen(
         fedtune(*sets, "--set", "run.name=killed"), env=env, stderr=subprocess.DEVNULL
     )
-    while len(lines(run_dir / "metrics.jsonl")) < args.kill_after:
+    pointer = run_dir / "checkpoints" / "resume-point"
+    wanted = f"state-{args.kill_after:05d}"
+    # Kill once round --kill-after's resume point is in place: the resumed run starts after it.
+    while not (pointer.exists() and pointer.read_text().strip() == wanted):
         if proc.poll() is not None:
             raise SystemExit("the run ended before the kill")
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     proc.wait()
@@ -73,6 +76,8 @@ def main() -> None:
         "checkpoint_seconds": summary["checkpoint_seconds"],
         "round_seconds": [m["seconds"] for m in metrics],
         "kill_to_first_new_round_s": round(first_new_round_s, 1),
+        # what the restart itself cost: the first new round's own time taken off
+        "restart_overhead_s": round(first_new_round_s - metrics[args.kill_after]["seconds"], 1),
         "adapter_sha256": summary["adapter_sha256"],
         "resumes": summary["resumes"],
     }

@@ -13,6 +13,7 @@ any moment leaves either the previous point or the new one, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -21,7 +22,7 @@ import shutil
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,8 @@ RESUME_POINTER = "resume-point"  # under checkpoints/: the name of the current r
 # How a run ended. Finished runs can be evaluated and submitted; the others can be resumed.
 FINISHED_STATES = ("completed", "stopped-budget")
 ENDED_STATES = (*FINISHED_STATES, "failed", "interrupted", "terminated")
+# States a live process writes; with a dead pid they mean the run was killed.
+LIVE_STATES = ("created", "resuming", "running")
 
 
 class RunDirError(ValueError):
@@ -159,6 +162,20 @@ class RunDirectory:
         self.path = Path(path)
         self._status_lock = threading.Lock()
 
+    @staticmethod
+    def check_new(config: RunConfig) -> Path:
+        """Where `create` would make the run; checked before any slow preparation.
+
+        Raises:
+            RunDirError: the directory already exists.
+        """
+        root = Path(config.run.output_dir).expanduser()
+        name = config.run.name or dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+        path = (root / name).resolve()
+        if path.exists():
+            raise RunDirError(f"run directory {path} already exists; choose another run.name")
+        return path
+
     @classmethod
     def create(cls, config: RunConfig, command: list[str] | None = None) -> RunDirectory:
         """Make the directory and write config.json, environment.json and status.json.
@@ -166,11 +183,7 @@ class RunDirectory:
         Raises:
             RunDirError: the directory already exists or cannot be made.
         """
-        root = Path(config.run.output_dir).expanduser()
-        name = config.run.name or dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-        path = (root / name).resolve()
-        if path.exists():
-            raise RunDirError(f"run directory {path} already exists; choose another run.name")
+        path = cls.check_new(config)
         try:
             path.mkdir(parents=True)
         except OSError as exc:
@@ -199,7 +212,7 @@ class RunDirectory:
             raise RunDirError(f"--resume: the run in {root} already ended ({state}); nothing to do")
         pid, host = status.get("pid"), status.get("host")
         if (
-            state in ("created", "running")
+            state in LIVE_STATES
             and isinstance(pid, int)
             and host == socket.gethostname()
             and pid != os.getpid()
@@ -207,6 +220,25 @@ class RunDirectory:
         ):
             raise RunDirError(f"--resume: the run in {root} is still running (process {pid})")
         return cls(root)
+
+    def claim_for_resume(self) -> None:
+        """Mark the run as being resumed by this process, so a second `--resume` is refused
+        while this one starts (model loading and the engine's start take a while).
+
+        Raises:
+            RunDirError: status.json cannot be written (a read-only or full disk).
+        """
+        previous = self.status()
+        try:
+            self.set_status(
+                "resuming",
+                rounds_completed=int(previous.get("rounds_completed", 0)),
+                resumable=True,
+                previous_state=previous.get("state"),
+                previous_error=previous.get("error"),
+            )
+        except OSError as exc:
+            raise RunDirError(f"--resume: cannot write {self.path / STATUS_FILE}: {exc}") from exc
 
     # ---- status ----------------------------------------------------------------------------
 
@@ -248,6 +280,25 @@ class RunDirectory:
             for name in LOG_FILES
         }
 
+    def log_tail(self, name: str, position: int) -> list[dict[str, Any]]:
+        """The complete JSON lines of a log after byte `position` (what a cut would drop);
+        a torn last line or an unreadable one is skipped."""
+        path = self.path / name
+        if not path.exists():
+            return []
+        with open(path, "rb") as handle:
+            handle.seek(position)
+            tail = handle.read()
+        rows = []
+        for line in tail.split(b"\n")[:-1]:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
     def cut_logs(self, positions: Mapping[str, int]) -> dict[str, int]:
         """Cut each log back to a recorded size (what a killed run wrote after it is dropped).
 
@@ -281,9 +332,10 @@ class RunDirectory:
         staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        peft_config.save_pretrained(str(staging))
-        save_file(state, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        digest = file_sha256(staging / ADAPTER_WEIGHTS)
+        with _removed_on_error(staging):
+            peft_config.save_pretrained(str(staging))
+            save_file(state, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            digest = file_sha256(staging / ADAPTER_WEIGHTS)
         if target.exists():
             # Renaming over a non-empty directory is not possible: move the old one aside first.
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -323,15 +375,16 @@ class RunDirectory:
         staging = checkpoints / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        save_file(tensors, str(staging / "tensors.safetensors"))
-        _fsync_file(staging / "tensors.safetensors")
-        payload = {
-            **state,
-            "round": server_round,
-            "tensors_sha256": file_sha256(staging / "tensors.safetensors"),
-            "written_at": now_utc(),
-        }
-        write_json_atomic(staging / "state.json", payload, durable=True)
+        with _removed_on_error(staging):
+            save_file(tensors, str(staging / "tensors.safetensors"))
+            _fsync_file(staging / "tensors.safetensors")
+            payload = {
+                **state,
+                "round": server_round,
+                "tensors_sha256": file_sha256(staging / "tensors.safetensors"),
+                "written_at": now_utc(),
+            }
+            write_json_atomic(staging / "state.json", payload, durable=True)
         final = checkpoints / name
         if final.exists():  # a point for this round written before a kill: replace it
             shutil.rmtree(final)
@@ -368,6 +421,16 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / SUMMARY_FILE, summary)
+
+
+@contextlib.contextmanager
+def _removed_on_error(staging: Path) -> Iterator[None]:
+    """A half-written staging directory is removed (on a full disk, that frees its space)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _fsync_file(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Fixtures for the federation tests: one tiny model directory shared by a module's runs."""
+"""Fixtures for the federation tests: one tiny model directory, and uninterrupted reference runs
+(one per strategy) that interrupted runs are compared with."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model_dir_module(tmp_path_factory, smollm2_tokenizer):
     import importlib.util
 
@@ -23,3 +24,23 @@ def tiny_model_dir_module(tmp_path_factory, smollm2_tokenizer):
     root_conftest.build_tiny_llama().save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_model_dir_module, tmp_path_factory):
+    """strategy name → the directory of an uninterrupted run with fedtune's own ClientApp
+    (made on first use, shared by the session)."""
+    from harness import Run
+
+    made: dict[str, Path] = {}
+
+    def get(strategy: str = "fedavg") -> Path:
+        if strategy not in made:
+            tmp = tmp_path_factory.mktemp(f"reference-{strategy}")
+            run = Run(tmp, "ref", tiny_model_dir_module, f"strategy.name={strategy}", wrap=False)
+            code, err = run.wait()
+            assert code == 0, err[-3000:]
+            made[strategy] = run.dir
+        return made[strategy]
+
+    return get

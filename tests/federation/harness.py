@@ -113,3 +113,23 @@ def adapter_sha(run_dir: Path) -> str:
     from fedtune.provenance import file_sha256
 
     return file_sha256(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def check_resumed(run_dir: Path, reference: Path) -> None:
+    """The resumed run ended as the uninterrupted one: same adapter bits, each round once in
+    every log, same losses, learning rates and bytes."""
+    assert adapter_sha(run_dir) == adapter_sha(reference)
+    for name in ("metrics.jsonl", "ledger.jsonl", "clients.jsonl"):
+        rows = read_jsonl(run_dir / name)
+        keys = [(r["round"], r.get("partition_id")) for r in rows]
+        assert keys == [
+            (r["round"], r.get("partition_id")) for r in read_jsonl(reference / name)
+        ], name
+    ref_metrics = read_jsonl(reference / "metrics.jsonl")
+    got = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["train_loss"] for m in got] == [m["train_loss"] for m in ref_metrics]
+    assert [m["learning_rate"] for m in got] == [m["learning_rate"] for m in ref_metrics]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    assert summary["communication"]["total_bytes"] == ref_summary["communication"]["total_bytes"]
+    assert summary["resumes"], "the summary records the resume"

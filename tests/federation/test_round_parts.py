@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,6 +247,18 @@ def test_logs_are_cut_back_to_the_resume_point(tmp_path):
         run_dir.cut_logs({"metrics.jsonl": 10_000})
 
 
+def test_log_tail_reads_what_a_cut_drops_skipping_a_torn_line(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    run_dir.log_round({"round": 1}, [])
+    position = run_dir.log_positions()["metrics.jsonl"]
+    run_dir.log_round({"round": 2}, [])
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"round": 3, "tor')  # the write a kill interrupted
+    assert run_dir.log_tail("metrics.jsonl", position) == [{"round": 2}]
+    assert run_dir.log_tail("metrics.jsonl", 0) == [{"round": 1}, {"round": 2}]
+    assert run_dir.log_tail("ledger.jsonl", 0) == []
+
+
 def test_status_is_recorded_when_the_disk_is_full(tmp_path, monkeypatch):
     run_dir = RunDirectory(tmp_path)
     run_dir.set_status("running", rounds_completed=3, note="x" * 200)
@@ -273,3 +286,38 @@ def test_resume_recognises_dead_live_and_finished_runs(tmp_path):
     run_dir.set_status("completed")
     with pytest.raises(RunDirError, match="already ended"):
         RunDirectory.open_for_resume(tmp_path)
+
+
+def test_a_resume_in_progress_is_claimed_and_refuses_a_second(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    run_dir.set_status("failed", rounds_completed=3, error="boom")
+    RunDirectory.open_for_resume(tmp_path).claim_for_resume()
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "resuming" and status["rounds_completed"] == 3
+    assert status["previous_state"] == "failed" and status["previous_error"] == "boom"
+    (tmp_path / "status.json").write_text(json.dumps({**status, "pid": 1}))  # another, alive
+    with pytest.raises(RunDirError, match="still running"):
+        RunDirectory.open_for_resume(tmp_path)
+
+
+def test_a_resume_point_the_disk_refuses_leaves_no_staging(tmp_path, monkeypatch):
+    import safetensors.torch
+    import torch
+
+    run_dir = RunDirectory(tmp_path)
+    run_dir.write_resume_point(1, {"w": torch.zeros(2)}, {"round": 1})
+
+    def full(_tensors, filename, **_kwargs):
+        Path(filename).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        run_dir.write_resume_point(2, {"w": torch.ones(2)}, {"round": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "resume-point",
+        "state-00001",
+    ]
+    state, tensors = run_dir.read_resume_point()
+    assert state["round"] == 1 and tensors["w"].sum() == 0

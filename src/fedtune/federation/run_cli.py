@@ -131,7 +131,7 @@ def handle_run(args: argparse.Namespace) -> int:
     from fedtune.federation.server_app import open_run, preflight
     from fedtune.model.adapters import AdapterMismatch
     from fedtune.model.loading import ModelError, ensure_embedded_cache, resolve_model
-    from fedtune.rundir import RunDirError
+    from fedtune.rundir import RunDirectory, RunDirError
 
     try:
         config = resolve_config(args)
@@ -141,6 +141,8 @@ def handle_run(args: argparse.Namespace) -> int:
             from fedtune.federation.engine import load_client_app
 
             load_client_app(args.client_app)
+        if not config.run.resume:
+            RunDirectory.check_new(config)  # before a model conversion of half a minute
         source = resolve_model(config.model.name)
         if source.kind == "embedded":
             ensure_embedded_cache(source, progress=lambda t: stderr_emit(f"fedtune: {t}"))
@@ -158,7 +160,7 @@ def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
     """Run the engine under supervision; report how the run ended."""
     from fedtune.federation.progress import stderr_emit
     from fedtune.federation.supervisor import engine_command, supervise
-    from fedtune.rundir import read_status, read_summary
+    from fedtune.rundir import ENDED_STATES, read_status, read_summary
 
     command = engine_command(
         run_dir.path,
@@ -170,6 +172,14 @@ def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
     )
     code = supervise(command, run_dir, stderr_emit)
     status = read_status(run_dir.path)
+    if status["state"] not in ENDED_STATES:
+        # Even status.json could not be written (a read-only disk): the messages above say why.
+        return fail(
+            f"run ended after {status.get('rounds_completed', 0)} rounds without recording "
+            f"how (status.json could not be written); once the disk is writable again, "
+            f"continue it with: fedtune run --resume {run_dir.path}",
+            code=code if code not in (0, 2) else 1,
+        )
     if status["state"] not in ("completed", "stopped-budget"):
         message = f"run {status['state']} after {status.get('rounds_completed', 0)} rounds"
         if status.get("error"):

@@ -27,7 +27,7 @@ from fedtune.federation.rounds import (
     run_round,
 )
 from fedtune.federation.strategies import build_strategy
-from fedtune.rundir import RunDirectory, now_utc, read_run_config
+from fedtune.rundir import LEDGER_FILE, RunDirectory, now_utc, read_run_config
 
 app = ServerApp()
 
@@ -155,6 +155,7 @@ def open_run(config: RunConfig, command: list[str] | None = None) -> RunDirector
             f"--resume: the configuration differs from the run's ({len(differences)} keys): "
             + "; ".join(differences)
         )
+    run_dir.claim_for_resume()
     return run_dir
 
 
@@ -189,13 +190,26 @@ def start_or_resume(
         )
         return state, Ledger(run_dir.ledger_path)
     state, position = restored
+    # Messages of rounds the killed run did not checkpoint were really sent: the ledger holds
+    # each round once, the resume record keeps what the redone rounds cost.
+    lost = run_dir.log_tail(LEDGER_FILE, int(position["logs"].get(LEDGER_FILE, 0)))
     dropped = run_dir.cut_logs(position["logs"])
     state.resumes.append(
-        {"after_round": state.round, "at": now_utc(), "dropped_log_bytes": sum(dropped.values())}
+        {
+            "after_round": state.round,
+            "at": now_utc(),
+            "dropped_log_bytes": sum(dropped.values()),
+            "redone_messages": len(lost),
+            "redone_communication_bytes": sum(
+                int(row.get("downlink_bytes", 0)) + int(row.get("uplink_bytes", 0)) for row in lost
+            ),
+        }
     )
     progress.note(
         f"resuming after round {state.round}: its adapter, strategy state, sampler and ledger "
-        f"restored ({sum(dropped.values()):,} bytes of later log lines dropped)"
+        f"restored ({sum(dropped.values()):,} bytes of later log lines dropped"
+        + (f"; {len(lost)} client messages of unfinished rounds are redone" if lost else "")
+        + ")"
     )
     return state, Ledger.continued(run_dir.ledger_path, position)
 
@@ -411,12 +425,15 @@ def serve(grid: Grid, config: RunConfig, run_dir: RunDirectory, progress: Progre
         run_federation(grid, config, run_dir, progress)
     except BaseException as exc:
         rounds = _rounds_completed(run_dir)
-        run_dir.set_status(
-            "failed",
-            error=f"{type(exc).__name__}: {exc}",
-            rounds_completed=rounds,
-            resumable=True,
-        )
+        try:
+            run_dir.set_status(
+                "failed",
+                error=f"{type(exc).__name__}: {exc}",
+                rounds_completed=rounds,
+                resumable=True,
+            )
+        except OSError as unwritable:  # a read-only disk refuses even this
+            progress.note(f"could not record the failure in status.json: {unwritable}")
         progress.note(f"failed after {rounds} rounds: {exc}")
         progress.note(
             f"the run can continue from its last checkpoint: fedtune run --resume {run_dir.path}"

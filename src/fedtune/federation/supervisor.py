@@ -6,9 +6,10 @@
 - The engine dies (OOM killer, a crash): status.json says "failed" with the exit status.
 - The run has ended (status.json final) but the engine does not exit within `EXIT_GRACE_S`
   (a client hung in a worker): the engine is stopped; the run's result stands.
-- `fedtune run` itself is SIGKILLed: the engine dies with it (PR_SET_PDEATHSIG) and Ray's
-  reaper stops Ray's processes; status.json still says "running" with a process id that is
-  gone, which `--resume` recognises.
+- `fedtune run` itself is SIGKILLed: the engine dies with it (PR_SET_PDEATHSIG) and a watchdog
+  process SIGKILLs the engine's whole process group (Ray's agents included, which would otherwise
+  linger for a minute); status.json still says "running" with a process id that is gone, which
+  `--resume` recognises.
 """
 
 from __future__ import annotations
@@ -30,6 +31,28 @@ EXIT_GRACE_S = 30.0
 POLL_S = 0.5
 SIGNAL_STATES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 SIGNAL_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+# Run with `python -I -S -c`: waits for its parent (the supervisor) to go, however it goes, then
+# SIGKILLs the engine's process group. Ctrl-C at a terminal reaches the supervisor, not this.
+WATCHDOG = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+parent, group = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.2)
+try:
+    os.killpg(group, signal.SIGKILL)
+except OSError:
+    pass
+"""
+
+
+def _watch(engine: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", WATCHDOG, str(os.getpid()), str(engine.pid)],
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -75,6 +98,15 @@ def _state(run_dir: RunDirectory) -> dict[str, Any]:
         return {}
 
 
+def _record(run_dir: RunDirectory, emit: Any, state: str, **details: Any) -> None:
+    """Write the run's end to status.json; a disk that refuses even that is reported, not raised
+    (the run's process is gone, which is what `--resume` recognises)."""
+    try:
+        run_dir.set_status(state, **details)
+    except OSError as exc:
+        emit(f"fedtune: could not record the run's end ({state}) in status.json: {exc}")
+
+
 def supervise(command: list[str], run_dir: RunDirectory, emit: Any) -> int:
     """Run the engine command; return the exit code `fedtune run` should end with."""
     received: list[int] = []
@@ -88,8 +120,11 @@ def supervise(command: list[str], run_dir: RunDirectory, emit: Any) -> int:
     tracked: dict[int, Any] = {}
     ended_at: float | None = None
     code: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    watchdog: subprocess.Popen[bytes] | None = None
     try:
         proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+        watchdog = _watch(proc)
         while code is None:
             try:
                 code = proc.wait(timeout=POLL_S)
@@ -103,7 +138,9 @@ def supervise(command: list[str], run_dir: RunDirectory, emit: Any) -> int:
                 emit(f"fedtune: {signal.Signals(signum).name}: stopping the run …")
                 _stop(proc, tracked)
                 status = _state(run_dir)
-                run_dir.set_status(
+                _record(
+                    run_dir,
+                    emit,
                     SIGNAL_STATES.get(signal.Signals(signum), "terminated"),
                     rounds_completed=int(status.get("rounds_completed", 0)),
                     resumable=True,
@@ -126,10 +163,18 @@ def supervise(command: list[str], run_dir: RunDirectory, emit: Any) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _reap(tracked)
+        if proc is not None:  # whatever is left in the engine's group is a leftover
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if watchdog is not None:
+            watchdog.kill()
+            watchdog.wait()
     status = _state(run_dir)
     if status.get("state") not in ENDED_STATES:
         why = f"signal {-code}" if code < 0 else f"exit status {code}"
-        run_dir.set_status(
+        _record(
+            run_dir,
+            emit,
             "failed",
             rounds_completed=int(status.get("rounds_completed", 0)),
             resumable=True,
