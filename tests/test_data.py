@@ -8,7 +8,13 @@ import json
 import pytest
 
 from fedtune.config import build_config
-from fedtune.data.partition import hub_partitioner, load_partition, partition_dataset
+from fedtune.data.partition import (
+    hub_partitioner,
+    load_heldout,
+    load_partition,
+    partition_dataset,
+    split_heldout,
+)
 from fedtune.data.sources import (
     DataError,
     DataSource,
@@ -105,10 +111,13 @@ def test_rows_with_missing_or_empty_fields_are_skipped_and_counted(tmp_path):
     assert rows[1]["input"] == ""
 
 
+CHALLENGE_SPLIT = {"data.heldout-examples": 0}
+
+
 def test_iid_shards_match_the_challenge_sizes():
     from datasets import Dataset
 
-    config = build_config().data
+    config = build_config(CHALLENGE_SPLIT).data
     partitioner = partition_dataset(Dataset.from_list(synthetic(52_002)), config, 20)
     sizes = [len(partitioner.load_partition(i)) for i in range(20)]
     assert sizes == [2_601, 2_601] + [2_600] * 18
@@ -119,7 +128,7 @@ def test_partitions_equal_flwr_datasets_federated_dataset(tmp_path):
     from flwr_datasets.partitioner import IidPartitioner
 
     path = write_jsonl(tmp_path / "rows.jsonl", synthetic(1_003))
-    config = build_config().data
+    config = build_config(CHALLENGE_SPLIT).data
     reference = FederatedDataset(
         dataset="json", data_files=str(path), partitioners={"train": IidPartitioner(20)}
     )
@@ -132,11 +141,33 @@ def test_partitions_equal_flwr_datasets_federated_dataset(tmp_path):
 
 def test_hub_path_goes_through_federated_dataset(tmp_path):
     # The hub code path with a local fixture: the same FederatedDataset call, pointed at `json`.
-    path = write_jsonl(tmp_path / "rows.jsonl", synthetic(200))
-    config = build_config().data
+    path = write_jsonl(tmp_path / "rows.jsonl", synthetic(300))
+    config = build_config({"data.heldout-examples": 40}).data
     hub = hub_partitioner(DataSource("hub", "json", "json"), config, 20, data_files=str(path))
     local = load_partition(resolve_data(str(path)), config, 3, 20)
     assert hub.load_partition(3, "train")["instruction"] == local["instruction"]
+    # The held-out split is the same rows on both paths.
+    held_local = load_heldout(resolve_data(str(path)), config, 20)["instruction"]
+    assert list(hub.load_split("heldout")["instruction"]) == list(held_local)
+    assert len(held_local) == 40
+
+
+def test_heldout_rows_are_disjoint_from_every_partition_and_cover_the_rest():
+    from datasets import Dataset
+
+    rows = Dataset.from_list(synthetic(1_003))
+    config = build_config({"data.heldout-examples": 200}).data
+    partitioner = partition_dataset(rows, config, 20)
+    trained = [x for i in range(20) for x in partitioner.load_partition(i)["instruction"]]
+    _, heldout = split_heldout(rows.shuffle(seed=config.seed), 200, 20)
+    held = list(heldout["instruction"])
+    assert len(held) == 200 and not set(held) & set(trained)
+    assert sorted(trained + held) == sorted(rows["instruction"])
+    # Held out after the challenge's shuffle: the clients' rows keep the challenge's order.
+    challenge = partition_dataset(rows, build_config(CHALLENGE_SPLIT).data, 1).load_partition(0)
+    assert trained == list(challenge["instruction"])[:803]
+    with pytest.raises(DataError, match="fewer than one per client"):
+        partition_dataset(rows, build_config({"data.heldout-examples": 990}).data, 20)
 
 
 def test_label_partitioners_by_name():
@@ -150,6 +181,7 @@ def test_label_partitioners_by_name():
             "data.partitioner": "pathological",
             "data.partition-by": "category",
             "federation.num-clients": 4,
+            **CHALLENGE_SPLIT,
         }
     ).data
     partitioner = partition_dataset(rows, pathological, 4)
@@ -160,6 +192,7 @@ def test_label_partitioners_by_name():
             "data.partitioner": "dirichlet",
             "data.partition-by": "category",
             "federation.num-clients": 4,
+            **CHALLENGE_SPLIT,
         }
     ).data
     sizes = [len(partition_dataset(rows, dirichlet, 4).load_partition(i)) for i in range(4)]

@@ -62,9 +62,10 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
         "eval.mmlu-every-rounds=1",
         "eval.mmlu-questions=44",
         "eval.probe-examples=4",
+        "data.heldout-examples=24",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "round 2/2 │ clients 3" in done.stderr
+    assert "round 2/2 │ clients 3" in done.stderr and "│ held-out " in done.stderr
     for name in (
         "config.json",
         "environment.json",
@@ -99,6 +100,10 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["communication"]["total_bytes"] == total
     assert sorted(summary["server_eval"]) == ["0", "1", "2"]
+    # The held-out loss (24 rows no client holds) before training and after every round.
+    heldout = [summary["server_eval"][r]["heldout_loss"] for r in ("0", "1", "2")]
+    assert heldout[1:] == [m["heldout_loss"] for m in metrics]
+    assert summary["final_heldout_loss"] == heldout[-1] and heldout[-1] != heldout[0]
     assert summary["communication"]["wire_bytes"] > total
     assert metrics[-1]["cumulative_bytes"] == total
 

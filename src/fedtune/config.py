@@ -99,6 +99,12 @@ class DataConfig:
     seed: int = _key(
         "data.seed", "Shuffle seed before partitioning (42 in the challenge, as flwr-datasets)."
     )
+    heldout_examples: int = _key(
+        "data.heldout-examples",
+        "Rows held out before partitioning (the last N of the shuffled split): no client trains "
+        "on them; the server scores the held-out loss on them after every round. 0 keeps the "
+        "challenge's split exactly (and reports no held-out loss).",
+    )
 
 
 @dataclass(frozen=True)
@@ -315,6 +321,7 @@ DEFAULTS: dict[str, Any] = {
     "data.dirichlet-alpha": 0.5,
     "data.classes-per-partition": 2,
     "data.seed": 42,
+    "data.heldout-examples": 200,
     "federation.num-clients": 20,
     "strategy.fraction-train": 0.1,
     "strategy.clients-per-round": 0,
@@ -547,6 +554,7 @@ def validate(config: RunConfig) -> None:
         _require(bool(d.partition_by), "data.partition-by", f"{d.partitioner} needs a label column")
     _require(d.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0")
     _require(d.classes_per_partition >= 1, "data.classes-per-partition", "must be >= 1")
+    _require(d.heldout_examples >= 0, "data.heldout-examples", "must be >= 0 (0 = none)")
     _require(fed.num_rounds >= 1, "num-server-rounds", f"must be >= 1, got {fed.num_rounds}")
     _require(fed.num_clients >= 1, "federation.num-clients", f"must be >= 1, got {fed.num_clients}")
     _require(

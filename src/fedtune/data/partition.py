@@ -57,8 +57,46 @@ def make_partitioner(config: DataConfig, num_partitions: int) -> Partitioner:
     raise DataError(f"data.partitioner: unknown partitioner {name!r}")
 
 
+HELDOUT_SPLIT = "heldout"
+
+
+def split_heldout(shuffled: Dataset, count: int, num_partitions: int) -> tuple[Dataset, Dataset]:
+    """(rows the clients share, held-out rows): the last `count` rows of the shuffled split.
+
+    Taken after the shuffle and before the partitioner, so `count` = 0 leaves the challenge's
+    partitions exactly as they were, and any `count` leaves the order of the rest unchanged.
+
+    Raises:
+        DataError: too few rows left for the clients.
+    """
+    if len(shuffled) - count < num_partitions:
+        raise DataError(
+            f"data.heldout-examples: holding out {count:,} of {len(shuffled):,} rows leaves "
+            f"fewer than one per client ({num_partitions})"
+        )
+    if count == 0:
+        return shuffled, shuffled.select([])
+    kept = len(shuffled) - count
+    return shuffled.select(range(kept)), shuffled.select(range(kept, len(shuffled)))
+
+
+def heldout_preprocessor(config: DataConfig, num_partitions: int) -> Any:
+    """A FederatedDataset preprocessor adding the held-out split (hub data sets)."""
+
+    def preprocess(splits: Any) -> Any:
+        from datasets import DatasetDict
+
+        train, heldout = split_heldout(
+            splits[config.split], config.heldout_examples, num_partitions
+        )
+        return DatasetDict({**splits, config.split: train, HELDOUT_SPLIT: heldout})
+
+    return preprocess
+
+
 def partition_dataset(dataset: Dataset, config: DataConfig, num_partitions: int) -> Partitioner:
-    """Shuffle with `data.seed` (as FederatedDataset does) and attach the partitioner.
+    """Shuffle with `data.seed` (as FederatedDataset does), hold out the last
+    `data.heldout-examples` rows, and attach the partitioner to the rest.
 
     Raises:
         DataError: a label column that does not exist, or a natural-id split with the wrong count.
@@ -73,7 +111,10 @@ def partition_dataset(dataset: Dataset, config: DataConfig, num_partitions: int)
             f"federation.num-clients: {num_partitions} clients but only {len(dataset)} rows"
         )
     partitioner = make_partitioner(config, num_partitions)
-    partitioner.dataset = dataset.shuffle(seed=config.seed)
+    shared, _ = split_heldout(
+        dataset.shuffle(seed=config.seed), config.heldout_examples, num_partitions
+    )
+    partitioner.dataset = shared
     if config.partitioner == "natural-id" and partitioner.num_partitions != num_partitions:
         raise DataError(
             f"data.partition-by: {config.partition_by!r} has {partitioner.num_partitions} distinct "
@@ -91,6 +132,7 @@ def hub_partitioner(
     return FederatedDataset(
         dataset=source.path,
         partitioners={config.split: make_partitioner(config, num_partitions)},
+        preprocessor=heldout_preprocessor(config, num_partitions),
         shuffle=True,
         seed=config.seed,
         **load_kwargs,
@@ -113,3 +155,19 @@ def load_partition(
     return partition_dataset(load_local_rows(source), config, num_partitions).load_partition(
         partition_id
     )
+
+
+def load_heldout(source: DataSource, config: DataConfig, num_partitions: int) -> Dataset:
+    """The held-out rows (columns normalized, not yet cleaned); empty when none are held out."""
+    if source.kind == "hub":
+        federated = hub_partitioner(source, config, num_partitions)
+        try:
+            rows = federated.load_split(HELDOUT_SPLIT)
+        except Exception as exc:  # the hub is unreachable offline; say so plainly
+            raise DataError(f"data.name: cannot load {source.name!r} from the hub: {exc}") from exc
+        return normalize_columns(rows)
+    dataset = load_local_rows(source)
+    _, heldout = split_heldout(
+        dataset.shuffle(seed=config.seed), config.heldout_examples, num_partitions
+    )
+    return heldout

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import RunConfig
-from fedtune.data.partition import load_partition
+from fedtune.data.partition import load_heldout, load_partition
 from fedtune.data.prompts import TokenizedExample, tokenize_rows
 from fedtune.data.sources import DataError, clean_rows, resolve_data
 
@@ -43,3 +43,22 @@ def partition_examples(
         "dropped-no-response": stats.dropped_no_response,
     }
     return examples, counts
+
+
+def heldout_examples(
+    tokenizer: PreTrainedTokenizerBase, config: RunConfig
+) -> list[TokenizedExample]:
+    """The tokenized held-out rows (`data.heldout-examples`), cleaned and cut as training is;
+    empty when none are held out."""
+    if config.data.heldout_examples == 0:
+        return []
+    rows = load_heldout(resolve_data(config.data.name), config.data, config.federation.num_clients)
+    clean, _ = clean_rows(rows)
+    examples, _ = tokenize_rows(
+        tokenizer,
+        clean,
+        config.train.seq_length,
+        include_input=config.data.include_input,
+        append_eos=config.data.append_eos,
+    )
+    return examples

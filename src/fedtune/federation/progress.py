@@ -65,6 +65,7 @@ class Progress:
             + (f" ({failed} failed)" if failed else "")
             + f" │ loss {loss_text}"
             + (f" (probe {metrics['probe_loss']:.4f})" if "probe_loss" in metrics else "")
+            + (f" │ held-out {metrics['heldout_loss']:.4f}" if "heldout_loss" in metrics else "")
             + (f" │ MMLU {metrics['mmlu']['average']:.2f}" if "mmlu" in metrics else "")
             + f" │ ↓ {human_bytes(metrics.get('downlink_bytes', 0))}"
             + f" ↑ {human_bytes(metrics.get('uplink_bytes', 0))}"

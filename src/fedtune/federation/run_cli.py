@@ -194,6 +194,11 @@ def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
         f"fedtune: {summary['state']} {summary['rounds_completed']}/{summary['rounds_planned']} "
         f"rounds in {summary['seconds']:.0f} s; final train loss "
         + (f"{loss:.4f}" if isinstance(loss, float) else "n/a")
+        + (
+            f"; held-out loss {summary['final_heldout_loss']:.4f}"
+            if isinstance(summary.get("final_heldout_loss"), float)
+            else ""
+        )
         + f"; communication {comm['total_bytes']:,} bytes = "
         f"{comm['total_mib']:.1f} MiB (board: {comm['board_gb']} GB)"
         + (f"; {summary['dropped_replies']} replies dropped" if summary["dropped_replies"] else "")

@@ -46,6 +46,8 @@ class ServerEvaluator:
     - the probe loss: the loss on a fixed sample of client 0's data. Clients train on different
       data every round, so their losses mix learning with data noise; the probe holds the data
       fixed and shows the federation's progress alone;
+    - the held-out loss: the loss on the rows no client trains on (`data.heldout-examples`),
+      the quality signal that compares configurations;
     - MMLU on a fixed stratified subset, every `eval.mmlu-every-rounds` rounds.
     """
 
@@ -53,6 +55,7 @@ class ServerEvaluator:
     tokenizer: Any
     device: str
     probe_examples: list[Any]
+    heldout_examples: list[Any]
     mmlu_questions: list[Any]
     mmlu_protocol: str
     mmlu_every: int
@@ -72,6 +75,10 @@ class ServerEvaluator:
         if self.probe_examples:
             metrics["probe_loss"] = evaluate_loss(
                 self.model, self.probe_examples, self.tokenizer.pad_token_id, self.device
+            )
+        if self.heldout_examples:
+            metrics["heldout_loss"] = evaluate_loss(
+                self.model, self.heldout_examples, self.tokenizer.pad_token_id, self.device
             )
         if self.mmlu_due(server_round):
             from fedtune.evaluation.api import score_questions
@@ -94,7 +101,7 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
     The base model is needed once (DoRA's magnitudes come from the base weights); it is kept
     only when the server evaluates between rounds.
     """
-    from fedtune.data.pipeline import partition_examples
+    from fedtune.data.pipeline import heldout_examples, partition_examples
     from fedtune.model.adapters import adapter_state, attach_adapter, count_parameters
     from fedtune.model.loading import load_model, load_tokenizer, pick_device, resolve_model
     from fedtune.training.local import draw_examples
@@ -112,7 +119,7 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
     resolved.base_model_name_or_path = config.model.name
     adapter = GlobalAdapter(state, resolved, count_parameters(state))
     ev = config.eval
-    if ev.probe_examples == 0 and ev.mmlu_every_rounds == 0:
+    if ev.probe_examples == 0 and ev.mmlu_every_rounds == 0 and config.data.heldout_examples == 0:
         return adapter, None
     tokenizer = load_tokenizer(source)
     probe: list[Any] = []
@@ -120,6 +127,7 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
         examples, _ = partition_examples(tokenizer, config, 0, config.federation.num_clients)
         count = min(ev.probe_examples, len(examples))
         probe = [examples[i] for i in draw_examples(len(examples), count, config.data.seed)]
+    heldout = heldout_examples(tokenizer, config)
     questions: list[Any] = []
     if ev.mmlu_every_rounds:
         from fedtune.evaluation.sampling import fixed_subset
@@ -130,6 +138,7 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
         tokenizer,
         device,
         probe,
+        heldout,
         questions,
         ev.mmlu_protocol,
         ev.mmlu_every_rounds,
@@ -377,6 +386,7 @@ def finish(
         "message_payload_bytes": array_record_bytes(state.arrays),
         "communication": ledger.summary(),
         "final_train_loss": state.last_train_loss,
+        "final_heldout_loss": state.server_eval.get(str(state.round), {}).get("heldout_loss"),
         "dropped_replies": state.dropped_replies,
         "retried_rounds": state.retries,
         "resumes": state.resumes,
@@ -452,6 +462,8 @@ def describe_eval(metrics: dict[str, Any]) -> str:
     parts = []
     if "probe_loss" in metrics:
         parts.append(f"probe loss {metrics['probe_loss']:.4f}")
+    if "heldout_loss" in metrics:
+        parts.append(f"held-out loss {metrics['heldout_loss']:.4f}")
     if "mmlu" in metrics:
         mmlu = metrics["mmlu"]
         parts.append(

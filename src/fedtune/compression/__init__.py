@@ -1,0 +1,1 @@
+"""What crosses the wire: adapter message codecs per direction (see `codecs.py`)."""
