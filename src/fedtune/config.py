@@ -182,6 +182,32 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    downlink: str = _key(
+        "compress.downlink",
+        "Codec of the server → client adapter: fp32 (as sent today), fp16, bf16, int8, int4, "
+        "optionally with top-k=F and zstd, comma-separated (e.g. 'int8,zstd').",
+    )
+    uplink: str = _key(
+        "compress.uplink",
+        "Codec of the client → server adapter: as compress.downlink, plus 'delta' (send the "
+        "change from the global adapter received), e.g. 'delta,top-k=0.05,int8,zstd'.",
+    )
+    block_size: int = _key(
+        "compress.block-size", "Values per fp16 scale in int8/int4 block quantization."
+    )
+    stochastic_rounding: bool = _key(
+        "compress.stochastic-rounding",
+        "Round int8/int4 values stochastically (unbiased, seeded) instead of to the nearest.",
+    )
+    error_feedback: bool = _key(
+        "compress.error-feedback",
+        "Uplink error feedback: each client adds what its codec lost last time to its next "
+        "update (kept in the node's state across rounds; needs a lossy uplink codec).",
+    )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     learning_rate_max: float = _key(
         "train.learning-rate-max", "Learning rate of round 0 of the per-round cosine schedule."
@@ -264,6 +290,7 @@ class RunConfig:
     federation: FederationConfig
     strategy: StrategyConfig
     validate: ValidateConfig
+    compress: CompressConfig
     train: TrainConfig
     eval: EvalConfig
     run: RunSettings
@@ -295,6 +322,7 @@ _SECTIONS = {
     "federation": FederationConfig,
     "strategy": StrategyConfig,
     "validate": ValidateConfig,
+    "compress": CompressConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "run": RunSettings,
@@ -338,6 +366,11 @@ DEFAULTS: dict[str, Any] = {
     "strategy.fedadam.tau": 1e-3,
     "validate.update-norm-ratio": 10.0,
     "validate.norm-window-rounds": 5,
+    "compress.downlink": "fp32",
+    "compress.uplink": "fp32",
+    "compress.block-size": 64,
+    "compress.stochastic-rounding": False,
+    "compress.error-feedback": False,
     "train.learning-rate-max": 2e-3,
     "train.learning-rate-min": 2e-4,
     "train.seq-length": 256,
@@ -570,6 +603,7 @@ def validate(config: RunConfig) -> None:
     )
     _require(fed.round_timeout_s > 0, "strategy.round-timeout-s", "must be > 0")
     _validate_strategy(config)
+    _validate_compress(config)
     _require(t.learning_rate_max > 0, "train.learning-rate-max", "must be > 0")
     _require(
         0 <= t.learning_rate_min <= t.learning_rate_max,
@@ -610,6 +644,42 @@ def validate(config: RunConfig) -> None:
         "may hold letters, digits, '.', '_' and '-' only",
     )
     _require(r.byte_budget >= 0, "run.byte-budget", "must be >= 0 (0 = no limit)")
+
+
+def codec_specs(config: RunConfig) -> tuple[Any, Any]:
+    """(downlink, uplink) CodecSpecs of `compress.*`.
+
+    Raises:
+        ConfigError: a spec that cannot be built, naming its key.
+    """
+    from fedtune.compression.codecs import CodecError, parse_spec
+
+    c = config.compress
+    specs = []
+    for direction, text in (("downlink", c.downlink), ("uplink", c.uplink)):
+        try:
+            specs.append(
+                parse_spec(
+                    text,
+                    block_size=c.block_size,
+                    stochastic=c.stochastic_rounding,
+                    error_feedback=c.error_feedback and direction == "uplink",
+                    direction=direction,
+                )
+            )
+        except CodecError as exc:
+            key = (
+                "compress.error-feedback"
+                if "error feedback" in str(exc)
+                else f"compress.{direction}"
+            )
+            raise ConfigError(f"{key}: {exc}") from None
+    return specs[0], specs[1]
+
+
+def _validate_compress(config: RunConfig) -> None:
+    _require(config.compress.block_size >= 1, "compress.block-size", "must be >= 1")
+    codec_specs(config)
 
 
 def _validate_strategy(config: RunConfig) -> None:

@@ -28,19 +28,19 @@ def tiny_model_dir_module(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="session")
 def reference_run(tiny_model_dir_module, tmp_path_factory):
-    """strategy name → the directory of an uninterrupted run with fedtune's own ClientApp
-    (made on first use, shared by the session)."""
-    from harness import Run
+    """setup name (harness.SETUPS) → the directory of an uninterrupted run with fedtune's own
+    ClientApp (made on first use, shared by the session)."""
+    from harness import SETUPS, Run
 
     made: dict[str, Path] = {}
 
-    def get(strategy: str = "fedavg") -> Path:
-        if strategy not in made:
-            tmp = tmp_path_factory.mktemp(f"reference-{strategy}")
-            run = Run(tmp, "ref", tiny_model_dir_module, f"strategy.name={strategy}", wrap=False)
+    def get(setup: str = "fedavg") -> Path:
+        if setup not in made:
+            tmp = tmp_path_factory.mktemp(f"reference-{setup}")
+            run = Run(tmp, "ref", tiny_model_dir_module, *SETUPS[setup], wrap=False)
             code, err = run.wait()
             assert code == 0, err[-3000:]
-            made[strategy] = run.dir
-        return made[strategy]
+            made[setup] = run.dir
+        return made[setup]
 
     return get

@@ -55,15 +55,18 @@ def train(msg: Message, context: Context) -> Message:
     reply = fedtune_client.local_train(msg, context)
     if kind == "sleep":
         time.sleep(float(fault["seconds"]))
-    state = reply.content.array_records[ARRAYS].to_torch_state_dict()
+    arrays = reply.content.array_records[ARRAYS]  # as the uplink codec encoded it
     metrics = dict(reply.content.metric_records[METRICS])
-    first = sorted(state)[0]
-    if kind == "nan":
-        state[first].view(-1)[0] = float("nan")
-    elif kind == "shape":
-        state[first] = state[first][:-1]
-    elif kind == "scale":
-        state = {k: v * 1000 for k, v in state.items()}
+    if kind in ("nan", "shape", "scale"):  # (plain fp32 arrays only)
+        state = arrays.to_torch_state_dict()
+        first = sorted(state)[0]
+        if kind == "nan":
+            state[first].view(-1)[0] = float("nan")
+        elif kind == "shape":
+            state[first] = state[first][:-1]
+        else:
+            state = {k: v * 1000 for k, v in state.items()}
+        arrays = ArrayRecord(state)
     elif kind == "no-loss":
         metrics.pop("train-loss")
     elif kind == "extra-metric":
@@ -74,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics["num-examples"] = 10**12
     elif kind == "nan-loss":
         metrics["train-loss"] = float("nan")
-    content = RecordDict({ARRAYS: ArrayRecord(state), METRICS: MetricRecord(metrics)})
+    content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

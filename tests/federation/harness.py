@@ -26,6 +26,20 @@ TINY_RUN = (
     "eval.probe-examples=2",
 )
 
+# Setups the resume tests compare: each stateful strategy, and a compressed run whose clients
+# keep error-feedback residuals across rounds (and round stochastically, seeded).
+SETUPS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedavgm": ("strategy.name=fedavgm",),
+    "fedadam-compressed": (
+        "strategy.name=fedadam",
+        "compress.downlink=int8",
+        "compress.uplink=delta,top-k=0.1,int4,zstd",
+        "compress.error-feedback=true",
+        "compress.stochastic-rounding=true",
+    ),
+}
+
 
 class Run:
     """One `fedtune run` process with its own Ray temp dir (to find its processes afterwards)."""

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import Run, adapter_sha, check_resumed, read_jsonl
+from harness import SETUPS, Run, adapter_sha, check_resumed, read_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,19 +40,24 @@ def _resume(tmp_path, name, model_dir, reference):
 
 
 @pytest.mark.parametrize(
-    "where,strategy",
+    "where,setup",
     # Each stateful strategy resumes through a real SIGKILL: FedAvgM's momentum and FedAdam's
-    # moments must come back bit for bit for the adapter to match.
-    [("mid-round", "fedavg"), ("between-rounds", "fedavgm"), ("in-checkpoint", "fedadam")],
+    # moments must come back bit for bit for the adapter to match; so must the clients'
+    # error-feedback residuals of a compressed run, killed after its clients had already
+    # moved on to round 2's residuals.
+    [
+        ("mid-round", "fedavg"),
+        ("between-rounds", "fedavgm"),
+        ("in-checkpoint", "fedadam-compressed"),
+    ],
 )
-def test_sigkill_then_resume(where, strategy, reference_run, tiny_model_dir_module, tmp_path):
+def test_sigkill_then_resume(where, setup, reference_run, tiny_model_dir_module, tmp_path):
     faults = []
     if where == "mid-round":
         faults = [{"round": 3, "partition": None, "kind": "kill-run"}]
     elif where == "in-checkpoint":
         faults = [{"round": 2, "kind": "kill-in-checkpoint"}]
-    sets = [f"strategy.name={strategy}"]
-    run = Run(tmp_path, "killed", tiny_model_dir_module, *sets, faults=faults)
+    run = Run(tmp_path, "killed", tiny_model_dir_module, *SETUPS[setup], faults=faults)
     if where == "between-rounds":
         run.wait_for(lambda: run.metrics_lines() >= 2)
         run.proc.kill()
@@ -60,7 +65,7 @@ def test_sigkill_then_resume(where, strategy, reference_run, tiny_model_dir_modu
     assert code == -signal.SIGKILL
     assert run.leftovers(settle_s=5) == []  # the watchdog stops Ray's agents at once
     assert run.status()["state"] in ("running", "failed")  # what --resume recognises
-    reference = reference_run(strategy)
+    reference = reference_run(setup)
     _resume(tmp_path, "killed", tiny_model_dir_module, reference)
     if where == "in-checkpoint":
         # Round 2's messages were logged, then the kill came before its resume point: the
@@ -109,3 +114,39 @@ def test_resume_refuses_a_different_config_and_a_finished_run(reference, tmp_pat
         (reference / "status.json").write_text(json.dumps(status))
     assert done.returncode == 2
     assert "num-server-rounds: 5 → 9" in done.stderr and "train.learning-rate-max" in done.stderr
+
+
+def test_a_compressed_run_pays_for_what_it_serializes(reference_run):
+    """The compressed reference: the ledger counts the codec payloads, scales and indices
+    included; the clients' residuals are kept per partition; the summary names the codecs."""
+    import math
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from fedtune.compression.codecs import parse_spec
+    from fedtune.compression.message import MessageCodec
+
+    run_dir = reference_run("fedadam-compressed")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["codecs"] == {
+        "downlink": "int8 (blocks of 64, stochastic)",
+        "uplink": "delta,top-k=0.1,int4,zstd=3 (blocks of 64, stochastic) + error feedback",
+    }
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    snapshot = load_file(str(run_dir / "checkpoints" / "round-00002" / "adapter_model.safetensors"))
+    sizes = [v.size for v in snapshot.values()]
+    int8_bytes = 8 + sum(n + 2 * math.ceil(n / 64) for n in sizes)
+    assert {e["downlink_bytes"] for e in ledger} == {int8_bytes}
+    record, _ = MessageCodec(parse_spec("int8", stochastic=True)).encode(
+        snapshot, rng=np.random.default_rng(0)
+    )
+    assert record["fedtune.codec"].data.__len__() == int8_bytes  # the round-3 message, re-made
+    fp32_message = summary["message_payload_bytes"]
+    assert all(0 < e["uplink_bytes"] < fp32_message / 10 for e in ledger)
+    assert summary["communication"]["total_bytes"] == sum(
+        e["downlink_bytes"] + e["uplink_bytes"] for e in ledger
+    )
+    trained = {e["partition_id"] for e in ledger}
+    kept = {p.name for p in (run_dir / "node-state").iterdir()}
+    assert kept == {f"partition-{p}" for p in trained}

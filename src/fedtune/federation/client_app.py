@@ -18,8 +18,16 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.config import RunConfig, build_config
-from fedtune.federation.messages import ARRAYS, METRICS, NODE, RUN_CONFIG, STRATEGY_CONFIG
+from fedtune.compression.message import MessageCodec
+from fedtune.config import RunConfig, build_config, codec_specs
+from fedtune.federation.messages import (
+    ARRAYS,
+    METRICS,
+    NODE,
+    RUN_CONFIG,
+    RUN_CONTEXT,
+    STRATEGY_CONFIG,
+)
 
 app = ClientApp()
 
@@ -84,7 +92,7 @@ def get_partition(
 
 def local_train(msg: Message, context: Context) -> Message:
     """Load the global adapter, train locally for one round, reply with the new adapter."""
-    from fedtune.model.adapters import adapter_state, load_adapter_state
+    from fedtune.model.adapters import adapter_state, load_adapter_state, state_spec
     from fedtune.training.local import cosine_annealing, train_local
 
     started = time.perf_counter()
@@ -92,7 +100,10 @@ def local_train(msg: Message, context: Context) -> Message:
     server_round = int(cast(int, msg.content[STRATEGY_CONFIG]["server-round"]))
     partition_id, num_partitions = node_partition(context, config)
     worker = get_worker(config)
-    load_adapter_state(worker.model, msg.content.array_records[ARRAYS].to_torch_state_dict())
+    downlink, uplink = (MessageCodec(spec) for spec in codec_specs(config))
+    layout = state_spec(adapter_state(worker.model))
+    received = downlink.decode(msg.content.array_records[ARRAYS], layout)
+    load_adapter_state(worker.model, received.to_torch_state_dict())
     examples, counts = get_partition(worker, config, partition_id, num_partitions)
     train = config.train
     learning_rate = cosine_annealing(
@@ -126,13 +137,44 @@ def local_train(msg: Message, context: Context) -> Message:
         "partition-id": partition_id,
         **counts,
     }
-    content = RecordDict(
-        {
-            ARRAYS: ArrayRecord(adapter_state(worker.model)),
-            METRICS: MetricRecord(metrics),
-        }
+    arrays = encode_reply(
+        msg, context, config, uplink, worker, received, server_round, partition_id
     )
+    content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def encode_reply(
+    msg: Message,
+    context: Context,
+    config: RunConfig,
+    uplink: MessageCodec,
+    worker: ClientWorker,
+    received: ArrayRecord,
+    server_round: int,
+    partition_id: int,
+) -> ArrayRecord:
+    """The trained adapter through the uplink codec: as a change from the global adapter this
+    client received (`delta`), plus last round's residual (error feedback), seeded rounding."""
+    import numpy as np
+
+    from fedtune.federation.node_state import ResidualStore
+    from fedtune.model.adapters import adapter_state
+
+    tensors = {k: v.numpy() for k, v in adapter_state(worker.model).items()}
+    reference = {k: a.numpy() for k, a in received.items()}
+    store = residual = None
+    if uplink.spec.error_feedback:
+        run_dir = ""
+        if RUN_CONTEXT in msg.content.config_records:
+            run_dir = str(msg.content.config_records[RUN_CONTEXT].get("run-dir", ""))
+        store = ResidualStore.for_node(context, run_dir, partition_id)
+        residual = store.load(server_round)
+    rng = np.random.default_rng([config.train.seed, server_round, partition_id + 1])
+    record, new_residual = uplink.encode(tensors, reference=reference, residual=residual, rng=rng)
+    if store is not None and new_residual is not None:
+        store.save(server_round, new_residual)
+    return record
 
 
 def run_config(msg: Message) -> RunConfig:

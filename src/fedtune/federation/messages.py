@@ -8,7 +8,10 @@ A train message holds three records:
   adds: FedProx's `proximal-mu`, a DP wrapper's clipping norm, ...). It reaches the client
   untouched; the client reads the keys it knows and ignores the rest;
 - `run-config` (ConfigRecord): fedtune's resolved flat configuration, so every client trains
-  with exactly the server's settings.
+  with exactly the server's settings;
+- `run-context` (ConfigRecord): `run-dir`, the server's run directory, where a simulated node
+  keeps the state it must carry across a resume (error-feedback residuals) when its node config
+  names no `state-dir` of its own.
 A reply holds `arrays` (the client's adapter, encoded by the uplink codec) and `metrics`
 (MetricRecord) following REPLY_METRICS. A query message (node discovery) holds `run-config`;
 its reply holds `node` (MetricRecord: partition-id, num-partitions).
@@ -26,6 +29,7 @@ STRATEGY_CONFIG = "config"
 RUN_CONFIG = "run-config"
 METRICS = "metrics"
 NODE = "node"
+RUN_CONTEXT = "run-context"
 
 # The weight FedAvg-family strategies aggregate by.
 WEIGHT_KEY = "num-examples"

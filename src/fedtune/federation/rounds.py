@@ -5,7 +5,8 @@
 - configure: fedtune samples partitions (seeded) and maps them to nodes; the strategy builds the
   messages at its documented hook (`configure_train`) from the nodes it is shown; the run config
   is added in its own record.
-- encode / decode: the codecs of the downlink and the uplink (identity for now: fp32 adapters).
+- encode / decode: the codecs of the downlink and the uplink (`compression/`, `compress.*`); the
+  uplink is decoded against the global adapter the round sent (for `delta`).
 - meter: the ledger counts what is really serialized, downlink and uplink separately.
 - send: one bounded wait (`strategy.round-timeout-s`).
 - validate: `updates.py`; dropped replies keep their reason. Fewer than `strategy.min-clients`
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from logging import INFO
-from typing import Any, Protocol
+from typing import Any
 
 from fedtune.accounting.ledger import (
     Ledger,
@@ -29,7 +30,9 @@ from fedtune.accounting.ledger import (
     record_payload_bytes,
     record_wire_bytes,
 )
-from fedtune.federation.messages import ARRAYS, MAX_EXAMPLES, RUN_CONFIG
+from fedtune.compression.codecs import CodecSpec
+from fedtune.compression.message import MessageCodec
+from fedtune.federation.messages import ARRAYS, MAX_EXAMPLES, RUN_CONFIG, RUN_CONTEXT
 from fedtune.federation.nodes import NodeDirectory, PartitionSampler
 from fedtune.federation.strategies import restore_strategy_state, strategy_state
 from fedtune.federation.updates import ClientUpdate, check_reply, drop_outliers
@@ -44,26 +47,6 @@ class FederationError(RuntimeError):
 
 class BudgetReached(Exception):
     """The next attempt would take the total past run.byte-budget."""
-
-
-class Codec(Protocol):
-    name: str
-
-    def encode(self, arrays: Any) -> Any: ...
-
-    def decode(self, arrays: Any) -> Any: ...
-
-
-class IdentityCodec:
-    """Sends the adapter as it is (fp32 arrays, as every board entry does)."""
-
-    name = "identity"
-
-    def encode(self, arrays: Any) -> Any:
-        return arrays
-
-    def decode(self, arrays: Any) -> Any:
-        return arrays
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,8 +169,10 @@ class RoundContext:
     norm_ratio: float
     norm_window: int
     partition_rows: list[int] | None  # rows per partition when the server knows them
-    downlink: Codec = field(default_factory=IdentityCodec)
-    uplink: Codec = field(default_factory=IdentityCodec)
+    downlink: MessageCodec = field(default_factory=lambda: MessageCodec(CodecSpec()))
+    uplink: MessageCodec = field(default_factory=lambda: MessageCodec(CodecSpec()))
+    seed: int = 0  # seeds the downlink's stochastic rounding, per round
+    run_dir: str = ""  # where simulated nodes keep state that must survive a resume
     log: Any = None  # callable(str) for per-client problems
 
 
@@ -226,15 +211,21 @@ def configure(
         )
     )
     run_config = ConfigRecord(ctx.run_config)
+    run_context = ConfigRecord({"run-dir": ctx.run_dir})
     for content in {id(m.content): m.content for m in messages}.values():
         content[RUN_CONFIG] = run_config
+        content[RUN_CONTEXT] = run_context
     return messages
 
 
-def encode(ctx: RoundContext, messages: list[Any]) -> list[Any]:
+def encode(ctx: RoundContext, messages: list[Any], server_round: int) -> list[Any]:
     """Put each message's adapter through the downlink codec (once per shared payload)."""
+    import numpy as np
+
     for content in {id(m.content): m.content for m in messages}.values():
-        content[ARRAYS] = ctx.downlink.encode(content.array_records[ARRAYS])
+        tensors = {k: a.numpy() for k, a in content.array_records[ARRAYS].items()}
+        rng = np.random.default_rng([ctx.seed, server_round, 0])
+        content[ARRAYS], _ = ctx.downlink.encode(tensors, rng=rng)
     return messages
 
 
@@ -251,9 +242,13 @@ def meter_downlink(messages: list[Any]) -> list[tuple[int, int, int]]:
 def expected_uplink_bytes(ctx: RoundContext, state: LoopState, arrays: Any) -> int:
     """What one reply will cost: the largest seen so far, or before any, the global adapter as
     the uplink codec would encode it."""
+    import numpy as np
+
     if state.max_uplink_bytes:
         return state.max_uplink_bytes
-    return array_record_bytes(ctx.uplink.encode(arrays))
+    tensors = {k: a.numpy() for k, a in arrays.items()}
+    record, _ = ctx.uplink.encode(tensors, reference=tensors, rng=np.random.default_rng(0))
+    return array_record_bytes(record)
 
 
 def send(ctx: RoundContext, messages: list[Any]) -> dict[int, Any]:
@@ -269,11 +264,14 @@ def validate(
     global_arrays: dict[str, Any],
 ) -> None:
     """Decode and check each reply, then apply the norm rule to the attempt's cohort."""
+    reference = {k: a.numpy() for k, a in state.arrays.items()}  # the global this round sent
+
+    def decode(record: Any) -> Any:
+        return ctx.uplink.decode(record, ctx.expected_spec, reference=reference)
+
     for update in updates:
         rows = ctx.partition_rows[update.partition_id] if ctx.partition_rows else None
-        check_reply(
-            update, ctx.uplink.decode, ctx.expected_spec, global_arrays, rows or MAX_EXAMPLES
-        )
+        check_reply(update, decode, ctx.expected_spec, global_arrays, rows or MAX_EXAMPLES)
         if update.usable and update.metrics.get("partition-id") != update.partition_id:
             update.problem = (
                 f"reply says partition {update.metrics.get('partition-id')}, "
@@ -342,7 +340,7 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
         if not partitions:
             break
         tried.update(partitions)
-        messages = encode(ctx, configure(ctx, server_round, state.arrays, partitions))
+        messages = encode(ctx, configure(ctx, server_round, state.arrays, partitions), server_round)
         # The strategy may order its messages as it likes: take each one's partition from its node.
         partitions = [ctx.nodes.partition_of[m.metadata.dst_node_id] for m in messages]
         down = meter_downlink(messages)

@@ -10,13 +10,21 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.accounting.ledger import Ledger, array_record_bytes
-from fedtune.config import ConfigError, RunConfig, build_config, config_differences
+from fedtune.compression.message import MessageCodec
+from fedtune.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    codec_specs,
+    config_differences,
+)
 from fedtune.federation.nodes import NodeDirectory, PartitionSampler
 from fedtune.federation.progress import Progress
 from fedtune.federation.rounds import (
@@ -231,9 +239,11 @@ def round_context(
     adapter: GlobalAdapter,
     sampler: PartitionSampler,
     progress: Progress,
+    run_dir: Path | str = "",
 ) -> RoundContext:
     fed, s = config.federation, config.strategy
     flat = config.to_flat()
+    downlink, uplink = codec_specs(config)
     return RoundContext(
         grid=grid,
         strategy=strategy,
@@ -253,6 +263,10 @@ def round_context(
         norm_ratio=config.validate.update_norm_ratio,
         norm_window=config.validate.norm_window_rounds,
         partition_rows=partition_rows(config),
+        downlink=MessageCodec(downlink),
+        uplink=MessageCodec(uplink),
+        seed=config.train.seed,
+        run_dir=str(run_dir),
         log=progress.note,
     )
 
@@ -276,7 +290,9 @@ def run_federation(
     state, ledger = start_or_resume(run_dir, config, adapter, strategy, progress)
     sampler = PartitionSampler(train.seed)
     sampler.set_state(state.sampler)
-    ctx = round_context(grid, config, strategy, ledger, adapter, sampler, progress)
+    ctx = round_context(
+        grid, config, strategy, ledger, adapter, sampler, progress, run_dir=run_dir.path
+    )
     progress.start(state.round)
     progress.note(
         f"adapter: {adapter.parameters:,} parameters in {len(adapter.state)} tensors, "
@@ -380,7 +396,10 @@ def finish(
         "clients_per_round": fed.sampled_clients,
         "num_clients": fed.num_clients,
         "strategy": config.strategy.name,
-        "codecs": {"downlink": "identity", "uplink": "identity"},
+        "codecs": {
+            "downlink": MessageCodec(codec_specs(config)[0]).name,
+            "uplink": MessageCodec(codec_specs(config)[1]).name,
+        },
         "adapter_parameters": adapter.parameters,
         "adapter_tensors": len(adapter.state),
         "message_payload_bytes": array_record_bytes(state.arrays),

@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedtune.compression.codecs import CodecError
 from fedtune.federation.messages import (
     ARRAYS,
     MAX_EXAMPLES,
@@ -86,7 +87,7 @@ def check_reply(
         arrays = decode(content.array_records[ARRAYS])
         received = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         check_state(expected_spec, received)
-    except (ReplyError, AdapterMismatch) as exc:
+    except (ReplyError, AdapterMismatch, CodecError) as exc:
         update.problem = str(exc)
         return
     squared = 0.0
