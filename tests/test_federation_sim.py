@@ -125,6 +125,7 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
         str(run_dir / "checkpoints" / "round-00001"),
     )
     assert sum("lora_A" in n for n, _ in checkpoint.named_parameters()) == len(lora_b)
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at the end
     environment = json.loads((run_dir / "environment.json").read_text())
     assert environment["packages"]["flwr"] == "1.42.0" and environment["command"][:2] == [
         "fedtune",
@@ -178,6 +179,7 @@ def test_embedded_smollm2_one_round(tmp_path, embedded_source):
         "train.local-steps=2",
         "train.batch-size=2",
         "train.seq-length=64",
+        "data.heldout-examples=16",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")

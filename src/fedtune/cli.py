@@ -1,4 +1,4 @@
-"""The `fedtune` command: run, eval, leaderboard.
+"""The `fedtune` command: run, eval, leaderboard, report.
 
 Each command group lives beside the code it drives and registers its own sub-parser; heavy imports
 (torch, transformers, flwr) happen inside the handlers so `fedtune --help` stays instant.
@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "fedtune.federation.run_cli",
     "fedtune.evaluation.cli",
     "fedtune.leaderboard.cli",
+    "fedtune.report",
 )
 
 

@@ -340,7 +340,14 @@ def run_federation(
         )
         progress.end_round(server_round, metrics)
     state.elapsed_s = elapsed_before + time.perf_counter() - started
-    return finish(run_dir, config, adapter, state, ledger, strategy)
+    summary = finish(run_dir, config, adapter, state, ledger, strategy)
+    try:
+        from fedtune.report import plot_run
+
+        progress.note(f"curves drawn: {plot_run(run_dir.path)}")
+    except Exception as exc:  # noqa: BLE001 - a figure must not fail a finished run
+        progress.note(f"could not draw report.png: {exc}")
+    return summary
 
 
 def checkpoint(
