@@ -58,6 +58,9 @@ class ModelConfig:
     )
 
 
+LORA_VARIANTS = ("lora", "ffa")
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     r: int = _key("model.lora.peft-lora-r", "LoRA rank.")
@@ -69,6 +72,11 @@ class LoraConfig:
         "or 'default' (PEFT's default for the architecture, e.g. q_proj,v_proj).",
     )
     use_dora: bool = _key("model.lora.use-dora", "Weight-decomposed LoRA (DoRA).")
+    variant: str = _key(
+        "model.lora.variant",
+        "lora (A and B train and travel) or ffa (FFA-LoRA: A stays at its seeded initial "
+        "value on every node; only B trains, travels and is aggregated).",
+    )
 
 
 @dataclass(frozen=True)
@@ -340,6 +348,7 @@ DEFAULTS: dict[str, Any] = {
     "model.lora.dropout": 0.05,
     "model.lora.target-modules": "q_proj,v_proj",
     "model.lora.use-dora": False,
+    "model.lora.variant": "lora",
     "data.name": "embedded:alpaca-gpt4-sample",
     "data.split": "train",
     "data.include-input": False,
@@ -572,6 +581,11 @@ def validate(config: RunConfig) -> None:
     _require(lo.r >= 1, "model.lora.peft-lora-r", f"rank must be >= 1, got {lo.r}")
     _require(lo.alpha > 0, "model.lora.peft-lora-alpha", f"must be > 0, got {lo.alpha}")
     _require(0 <= lo.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    _require(
+        lo.variant in LORA_VARIANTS,
+        "model.lora.variant",
+        f"must be one of {', '.join(LORA_VARIANTS)}, got {lo.variant!r}",
+    )
     modules = target_modules(lo)
     if isinstance(modules, list):
         _require(bool(modules), "model.lora.target-modules", "names no module")

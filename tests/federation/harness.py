@@ -26,11 +26,12 @@ TINY_RUN = (
     "eval.probe-examples=2",
 )
 
-# Setups the resume tests compare: each stateful strategy, and a compressed run whose clients
-# keep error-feedback residuals across rounds (and round stochastically, seeded).
+# Setups the resume tests compare: each stateful strategy, FFA-LoRA (only B travels), and a
+# compressed run whose clients keep error-feedback residuals across rounds (and round
+# stochastically, seeded).
 SETUPS: dict[str, tuple[str, ...]] = {
     "fedavg": (),
-    "fedavgm": ("strategy.name=fedavgm",),
+    "fedavgm-ffa": ("strategy.name=fedavgm", "model.lora.variant=ffa"),
     "fedadam-compressed": (
         "strategy.name=fedadam",
         "compress.downlink=int8",

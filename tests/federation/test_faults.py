@@ -47,7 +47,7 @@ def test_bad_replies_are_dropped_with_their_reasons(tiny_model_dir_module, tmp_p
         (2, 1): "metric 'train-loss' missing",
         (2, 2): None,
         (2, 3): "metric 'num-examples' is -333",
-        (3, 0): "metric 'num-examples' is 1,000,000,000,000, more than the 250 rows",
+        (3, 0): "metric 'num-examples' is 1,000,000,000,000, more than the 200 rows",
         (3, 1): "metric 'train-loss' is not finite",
         (3, 2): "no reply within strategy.round-timeout-s",
         (3, 3): None,

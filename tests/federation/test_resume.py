@@ -47,7 +47,7 @@ def _resume(tmp_path, name, model_dir, reference):
     # moved on to round 2's residuals.
     [
         ("mid-round", "fedavg"),
-        ("between-rounds", "fedavgm"),
+        ("between-rounds", "fedavgm-ffa"),
         ("in-checkpoint", "fedadam-compressed"),
     ],
 )
@@ -150,3 +150,30 @@ def test_a_compressed_run_pays_for_what_it_serializes(reference_run):
     trained = {e["partition_id"] for e in ledger}
     kept = {p.name for p in (run_dir / "node-state").iterdir()}
     assert kept == {f"partition-{p}" for p in trained}
+
+
+def test_ffa_lora_sends_only_b_and_keeps_a_at_its_seeded_start(
+    reference_run, tiny_model_dir_module
+):
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.config import build_config
+    from fedtune.model.adapters import adapter_state, attach_adapter
+
+    run_dir = reference_run("fedavgm-ffa")
+    final = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    config = build_config({"model.name": str(tiny_model_dir_module)})
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir_module)
+    start = {
+        k: v.numpy() for k, v in adapter_state(attach_adapter(base, config.lora, 2024)).items()
+    }
+    a_keys = [k for k in final if ".lora_A." in k]
+    b_keys = [k for k in final if ".lora_B." in k]
+    assert a_keys and b_keys
+    assert all((final[k] == start[k]).all() for k in a_keys)  # bit for bit, after 5 rounds
+    assert all(abs(final[k]).sum() > 0 for k in b_keys)  # B trained (it starts at zero)
+    b_bytes = sum(final[k].nbytes + 128 for k in b_keys)  # .npy payloads of the B factors
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    assert {e["downlink_bytes"] for e in ledger} == {b_bytes}
+    assert {e["uplink_bytes"] for e in ledger} == {b_bytes}

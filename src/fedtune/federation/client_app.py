@@ -54,7 +54,7 @@ def _model_key(config: RunConfig) -> tuple[Any, ...]:
 
 def get_worker(config: RunConfig) -> ClientWorker:
     """The cached worker for this model setup, (re)loading the base model only when it changed."""
-    from fedtune.model.adapters import attach_adapter
+    from fedtune.model.adapters import attach_adapter, freeze_for_variant
     from fedtune.model.loading import load_model, load_tokenizer, pick_device, resolve_model
 
     key = _model_key(config)
@@ -71,6 +71,7 @@ def get_worker(config: RunConfig) -> ClientWorker:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model = attach_adapter(model, config.lora, config.train.seed)
+    freeze_for_variant(peft_model, config.lora.variant)
     worker = ClientWorker(key, peft_model, load_tokenizer(source), device)
     _WORKER["worker"] = worker
     return worker
@@ -92,7 +93,12 @@ def get_partition(
 
 def local_train(msg: Message, context: Context) -> Message:
     """Load the global adapter, train locally for one round, reply with the new adapter."""
-    from fedtune.model.adapters import adapter_state, load_adapter_state, state_spec
+    from fedtune.model.adapters import (
+        adapter_state,
+        load_adapter_state,
+        state_spec,
+        travelling_keys,
+    )
     from fedtune.training.local import cosine_annealing, train_local
 
     started = time.perf_counter()
@@ -101,9 +107,12 @@ def local_train(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = node_partition(context, config)
     worker = get_worker(config)
     downlink, uplink = (MessageCodec(spec) for spec in codec_specs(config))
-    layout = state_spec(adapter_state(worker.model))
+    own = adapter_state(worker.model)
+    travelling = travelling_keys(config.lora.variant, own)
+    check_frozen(msg, own, travelling)
+    layout = state_spec({k: own[k] for k in travelling})
     received = downlink.decode(msg.content.array_records[ARRAYS], layout)
-    load_adapter_state(worker.model, received.to_torch_state_dict())
+    load_adapter_state(worker.model, received.to_torch_state_dict(), keys=travelling)
     examples, counts = get_partition(worker, config, partition_id, num_partitions)
     train = config.train
     learning_rate = cosine_annealing(
@@ -161,8 +170,8 @@ def encode_reply(
     from fedtune.federation.node_state import ResidualStore
     from fedtune.model.adapters import adapter_state
 
-    tensors = {k: v.numpy() for k, v in adapter_state(worker.model).items()}
     reference = {k: a.numpy() for k, a in received.items()}
+    tensors = {k: v.numpy() for k, v in adapter_state(worker.model).items() if k in reference}
     store = residual = None
     if uplink.spec.error_feedback:
         run_dir = ""
@@ -175,6 +184,25 @@ def encode_reply(
     if store is not None and new_residual is not None:
         store.save(server_round, new_residual)
     return record
+
+
+def check_frozen(msg: Message, own: dict[str, Any], travelling: list[str]) -> None:
+    """The adapter tensors that do not travel (FFA-LoRA's A factors) must be the server's: each
+    side builds them from the same seed, and the server's digest says what they should be.
+
+    Raises:
+        ValueError: this node's frozen tensors differ from the server's.
+    """
+    from fedtune.model.adapters import frozen_digest
+
+    if RUN_CONTEXT not in msg.content.config_records:
+        return
+    expected = str(msg.content.config_records[RUN_CONTEXT].get("frozen-sha256", ""))
+    if expected and frozen_digest(own, travelling) != expected:
+        raise ValueError(
+            "this node's frozen adapter tensors differ from the server's (same seed, other "
+            "initialisation: another torch/peft version or device?)"
+        )
 
 
 def run_config(msg: Message) -> RunConfig:

@@ -173,6 +173,7 @@ class RoundContext:
     uplink: MessageCodec = field(default_factory=lambda: MessageCodec(CodecSpec()))
     seed: int = 0  # seeds the downlink's stochastic rounding, per round
     run_dir: str = ""  # where simulated nodes keep state that must survive a resume
+    frozen_sha256: str = ""  # digest of the adapter tensors that do not travel (nodes check it)
     log: Any = None  # callable(str) for per-client problems
 
 
@@ -211,7 +212,7 @@ def configure(
         )
     )
     run_config = ConfigRecord(ctx.run_config)
-    run_context = ConfigRecord({"run-dir": ctx.run_dir})
+    run_context = ConfigRecord({"run-dir": ctx.run_dir, "frozen-sha256": ctx.frozen_sha256})
     for content in {id(m.content): m.content for m in messages}.values():
         content[RUN_CONFIG] = run_config
         content[RUN_CONTEXT] = run_context
@@ -264,7 +265,7 @@ def validate(
     global_arrays: dict[str, Any],
 ) -> None:
     """Decode and check each reply, then apply the norm rule to the attempt's cohort."""
-    reference = {k: a.numpy() for k, a in state.arrays.items()}  # the global this round sent
+    reference = {k: state.arrays[k].numpy() for k in ctx.expected_spec}  # what this round sent
 
     def decode(record: Any) -> Any:
         return ctx.uplink.decode(record, ctx.expected_spec, reference=reference)
@@ -321,7 +322,11 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
         FederationError: too few usable replies after every retry.
         NodeWaitTimeout: not enough nodes within strategy.node-wait-s.
     """
-    global_arrays = {k: a.numpy().astype("float64") for k, a in state.arrays.items()}
+    from flwr.app import ArrayRecord
+
+    # What travels: the adapter, or a variant's trainable part (FFA-LoRA: the B factors).
+    sent = ArrayRecord({k: state.arrays[k] for k in ctx.expected_spec})
+    global_arrays = {k: a.numpy().astype("float64") for k, a in sent.items()}
     usable: list[ClientUpdate] = []
     clients: list[dict[str, Any]] = []
     tried: set[int] = set()
@@ -340,13 +345,11 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
         if not partitions:
             break
         tried.update(partitions)
-        messages = encode(ctx, configure(ctx, server_round, state.arrays, partitions), server_round)
+        messages = encode(ctx, configure(ctx, server_round, sent, partitions), server_round)
         # The strategy may order its messages as it likes: take each one's partition from its node.
         partitions = [ctx.nodes.partition_of[m.metadata.dst_node_id] for m in messages]
         down = meter_downlink(messages)
-        cost = sum(d[0] for d in down) + len(messages) * expected_uplink_bytes(
-            ctx, state, state.arrays
-        )
+        cost = sum(d[0] for d in down) + len(messages) * expected_uplink_bytes(ctx, state, sent)
         if ctx.ledger.would_exceed(ctx.byte_budget, cost):
             if attempt == 1:
                 raise BudgetReached(
@@ -386,7 +389,9 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
             f"round {server_round}: {len(usable)} usable replies after {attempt} attempt(s), "
             f"strategy.min-clients is {ctx.min_clients} (reasons: {reasons})"
         )
-    arrays, aggregated = aggregate(ctx, server_round, usable)
+    aggregated_part, aggregated = aggregate(ctx, server_round, usable)
+    # The new global: the aggregate where it travelled, the frozen rest unchanged, in order.
+    arrays = ArrayRecord({k: aggregated_part.get(k, a) for k, a in state.arrays.items()})
     metrics: dict[str, Any] = {
         "round": server_round,
         "attempts": attempt,

@@ -35,6 +35,7 @@ from fedtune.federation.rounds import (
     run_round,
 )
 from fedtune.federation.strategies import build_strategy
+from fedtune.model.adapters import frozen_digest, travelling_keys
 from fedtune.rundir import LEDGER_FILE, RunDirectory, now_utc, read_run_config
 
 app = ServerApp()
@@ -244,6 +245,7 @@ def round_context(
     fed, s = config.federation, config.strategy
     flat = config.to_flat()
     downlink, uplink = codec_specs(config)
+    travelling = travelling_keys(config.lora.variant, adapter.state)
     return RoundContext(
         grid=grid,
         strategy=strategy,
@@ -254,7 +256,9 @@ def round_context(
         expected_spec={
             k: (tuple(v.shape), str(v.dtype).replace("torch.", ""))
             for k, v in adapter.state.items()
+            if k in travelling
         },
+        frozen_sha256=frozen_digest(adapter.state, travelling),
         clients_per_round=fed.sampled_clients,
         min_clients=s.min_clients,
         max_retries=s.max_retries,

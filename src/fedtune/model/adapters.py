@@ -59,6 +59,39 @@ def attach_adapter(model: PreTrainedModel, lora: LoraConfig, seed: int) -> PeftM
     return peft_model
 
 
+def travelling_keys(variant: str, keys: Any) -> list[str]:
+    """The adapter tensors that train, travel and are aggregated, in the adapter's order:
+    all of them for `lora`; all but the A factors for `ffa` (FFA-LoRA)."""
+    if variant == "ffa":
+        return [k for k in keys if ".lora_A." not in k]
+    return list(keys)
+
+
+def freeze_for_variant(model: PeftModel, variant: str) -> None:
+    """FFA-LoRA: the A factors keep their seeded initial values (no gradient, no update)."""
+    if variant != "ffa":
+        return
+    for name, parameter in model.named_parameters():
+        if ".lora_A." in name:
+            parameter.requires_grad_(False)
+
+
+def frozen_digest(state: Mapping[str, Any], travelling: list[str]) -> str:
+    """sha256 over the adapter tensors that do not travel (names, shapes, bytes): nodes and the
+    server must hold the same ones, which they check instead of sending them."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for key in sorted(set(state) - set(travelling)):
+        value = state[key]
+        array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+        digest.update(f"{key}:{tuple(array.shape)}:{array.dtype}\n".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """A copy of the adapter tensors (PEFT's saved-checkpoint key names), on CPU, contiguous."""
     from peft import get_peft_model_state_dict
@@ -106,26 +139,34 @@ def check_state(expected: Mapping[str, TensorSpec], received: Mapping[str, Tenso
         raise AdapterMismatch("adapter does not fit this model: " + "; ".join(problems))
 
 
-def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+def load_adapter_state(
+    model: PeftModel, state: Mapping[str, torch.Tensor], keys: list[str] | None = None
+) -> None:
     """Check, then copy received adapter tensors into the model in place.
 
+    Args:
+        keys: the tensors expected (a variant's travelling ones); default: the whole adapter.
     Raises:
         AdapterMismatch: see check_state.
     """
     import torch
 
     own = dict(model.named_parameters())
-    targets = _state_key_to_parameter(model, state.keys(), own)
+    targets = _state_key_to_parameter(model, state.keys(), own, keys)
     check_state(state_spec({k: own[targets[k]] for k in targets}), state_spec(state))
     with torch.no_grad():
         for key, value in state.items():
             own[targets[key]].copy_(value)
 
 
-def _state_key_to_parameter(model: PeftModel, keys: Any, own: Mapping[str, Any]) -> dict[str, str]:
+def _state_key_to_parameter(
+    model: PeftModel, keys: Any, own: Mapping[str, Any], wanted: list[str] | None = None
+) -> dict[str, str]:
     """Map saved-checkpoint keys (no adapter name) to the model's parameter names."""
     adapter = model.active_adapter
-    expected = adapter_state(model)
+    expected: Any = adapter_state(model)
+    if wanted is not None:
+        expected = [k for k in expected if k in set(wanted)]
     mapping: dict[str, str] = {}
     for key in expected:
         candidates = [
