@@ -48,6 +48,11 @@ def test_run_eval_submit(tmp_path, tiny_model_dir):
         "train.batch-size=1",
         "train.seq-length=64",
         "eval.probe-examples=2",
+        "data.heldout-examples=8",
+        # An adapter that sends less, through a codec: the chain must carry both to the board.
+        "model.lora.variant=sb",
+        "model.lora.sb-init-examples=4",
+        "compress.uplink=delta,int8,zstd",
         f"run.output-dir={runs}",
         "run.name=chain",
     ]
@@ -93,6 +98,13 @@ def test_run_eval_submit(tmp_path, tiny_model_dir):
     assert payload["communication"]["uplink_bytes"] == sum(r["uplink_bytes"] for r in ledger)
     assert payload["communication"]["total_bytes"] > 0
     assert [(r["round"], r["clients"]) for r in payload["rounds"]] == [(1, 2)]
+    # The entry shows how the bytes were saved: adapter type, strategy and codecs.
+    setup = payload["setup"]
+    assert setup["adapter"] == "Fed-SB r×r r=8 alpha=16 on q_proj,v_proj"
+    assert setup["strategy"] == "fedavg" and setup["codec_downlink"] == "identity"
+    assert setup["codec_uplink"] == "delta,int8,zstd=3 (blocks of 64)"
+    # Only the r×r matrices travel: 2 layers × (q, v) × 8·8 fp32 (+ the .npy header) down.
+    assert {r["downlink_bytes"] for r in ledger} == {4 * (8 * 8 * 4 + 128)}
 
     # The adapter: the run's, on disk, and the one evaluated.
     weights = run_dir / "adapter" / "adapter_model.safetensors"

@@ -58,7 +58,7 @@ class ModelConfig:
     )
 
 
-LORA_VARIANTS = ("lora", "ffa")
+LORA_VARIANTS = ("lora", "ffa", "sb")
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,15 @@ class LoraConfig:
     use_dora: bool = _key("model.lora.use-dora", "Weight-decomposed LoRA (DoRA).")
     variant: str = _key(
         "model.lora.variant",
-        "lora (A and B train and travel) or ffa (FFA-LoRA: A stays at its seeded initial "
-        "value on every node; only B trains, travels and is aggregated).",
+        "lora (A and B train and travel); ffa (FFA-LoRA: A stays at its seeded initial "
+        "value on every node; only B trains, travels and is aggregated); sb (the r×r adapter "
+        "of LoRA-SB/Fed-SB: A and B set once from a first gradient's SVD and frozen; only an "
+        "r×r matrix per module trains, travels and is aggregated).",
+    )
+    sb_init_examples: int = _key(
+        "model.lora.sb-init-examples",
+        "Public examples (embedded Alpaca-GPT4 sample, held-out rows excluded) whose gradient "
+        "sets the sb variant's frozen A and B.",
     )
 
 
@@ -349,6 +356,7 @@ DEFAULTS: dict[str, Any] = {
     "model.lora.target-modules": "q_proj,v_proj",
     "model.lora.use-dora": False,
     "model.lora.variant": "lora",
+    "model.lora.sb-init-examples": 16,
     "data.name": "embedded:alpaca-gpt4-sample",
     "data.split": "train",
     "data.include-input": False,
@@ -585,6 +593,12 @@ def validate(config: RunConfig) -> None:
         lo.variant in LORA_VARIANTS,
         "model.lora.variant",
         f"must be one of {', '.join(LORA_VARIANTS)}, got {lo.variant!r}",
+    )
+    _require(lo.sb_init_examples >= 1, "model.lora.sb-init-examples", "must be >= 1")
+    _require(
+        not (lo.variant == "sb" and lo.use_dora),
+        "model.lora.variant",
+        "sb does not combine with model.lora.use-dora",
     )
     modules = target_modules(lo)
     if isinstance(modules, list):

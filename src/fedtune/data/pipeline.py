@@ -62,3 +62,40 @@ def heldout_examples(
         append_eos=config.data.append_eos,
     )
     return examples
+
+
+SB_INIT_DATA = "embedded:alpaca-gpt4-sample"
+
+
+def sb_init_examples(
+    tokenizer: PreTrainedTokenizerBase, config: RunConfig
+) -> list[TokenizedExample]:
+    """The public examples whose gradient sets the r×r adapter's frozen factors: a seeded draw
+    from the embedded Alpaca-GPT4 sample (on every node, offline), without its held-out rows
+    when the run holds them out of that same sample."""
+    from fedtune.data.partition import split_heldout
+    from fedtune.data.sources import load_local_rows
+
+    rows = load_local_rows(resolve_data(SB_INIT_DATA)).shuffle(seed=config.data.seed)
+    if config.data.name == SB_INIT_DATA and config.data.heldout_examples:
+        rows, _ = split_heldout(rows, config.data.heldout_examples, 1)
+    wanted = config.lora.sb_init_examples
+    examples: list[TokenizedExample] = []
+    for start in range(0, len(rows), 4 * wanted):  # rows whose response survives the cut
+        clean, _ = clean_rows(rows.select(range(start, min(len(rows), start + 4 * wanted))))
+        batch, _ = tokenize_rows(
+            tokenizer,
+            clean,
+            config.train.seq_length,
+            include_input=config.data.include_input,
+            append_eos=config.data.append_eos,
+        )
+        examples.extend(batch)
+        if len(examples) >= wanted:
+            break
+    if not examples:
+        raise DataError(
+            f"model.lora.sb-init-examples: no example keeps a response token within "
+            f"train.seq-length={config.train.seq_length}"
+        )
+    return examples[:wanted]

@@ -49,12 +49,14 @@ _WORKER: dict[str, ClientWorker] = {}
 
 
 def _model_key(config: RunConfig) -> tuple[Any, ...]:
-    return (config.model, config.lora, config.train.seed)
+    # (data and sequence length: the r×r adapter's factors come from tokenized examples)
+    return (config.model, config.lora, config.train.seed, config.data, config.train.seq_length)
 
 
 def get_worker(config: RunConfig) -> ClientWorker:
     """The cached worker for this model setup, (re)loading the base model only when it changed."""
-    from fedtune.model.adapters import attach_adapter, freeze_for_variant
+    from fedtune.data.pipeline import sb_init_examples
+    from fedtune.model.adapters import prepare_adapter
     from fedtune.model.loading import load_model, load_tokenizer, pick_device, resolve_model
 
     key = _model_key(config)
@@ -70,9 +72,12 @@ def get_worker(config: RunConfig) -> ClientWorker:
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = attach_adapter(model, config.lora, config.train.seed)
-    freeze_for_variant(peft_model, config.lora.variant)
-    worker = ClientWorker(key, peft_model, load_tokenizer(source), device)
+    tokenizer = load_tokenizer(source)
+    init = sb_init_examples(tokenizer, config) if config.lora.variant == "sb" else None
+    peft_model = prepare_adapter(
+        model, config.lora, config.train.seed, init, tokenizer.pad_token_id
+    )
+    worker = ClientWorker(key, peft_model, tokenizer, device)
     _WORKER["worker"] = worker
     return worker
 

@@ -35,7 +35,7 @@ from fedtune.federation.rounds import (
     run_round,
 )
 from fedtune.federation.strategies import build_strategy
-from fedtune.model.adapters import frozen_digest, travelling_keys
+from fedtune.model.adapters import frozen_digest, to_peft, travelling_keys
 from fedtune.rundir import LEDGER_FILE, RunDirectory, now_utc, read_run_config
 
 app = ServerApp()
@@ -110,8 +110,8 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
     The base model is needed once (DoRA's magnitudes come from the base weights); it is kept
     only when the server evaluates between rounds.
     """
-    from fedtune.data.pipeline import heldout_examples, partition_examples
-    from fedtune.model.adapters import adapter_state, attach_adapter, count_parameters
+    from fedtune.data.pipeline import heldout_examples, partition_examples, sb_init_examples
+    from fedtune.model.adapters import adapter_state, count_parameters, prepare_adapter
     from fedtune.model.loading import load_model, load_tokenizer, pick_device, resolve_model
     from fedtune.training.local import draw_examples
 
@@ -120,7 +120,11 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
     model = load_model(
         source, dtype=config.model.dtype, quantization=config.model.quantization, device=device
     )
-    peft_model = attach_adapter(model, config.lora, config.train.seed)
+    tokenizer = load_tokenizer(source)
+    init = sb_init_examples(tokenizer, config) if config.lora.variant == "sb" else None
+    peft_model = prepare_adapter(
+        model, config.lora, config.train.seed, init, tokenizer.pad_token_id
+    )
     state = adapter_state(peft_model)
     resolved = copy.deepcopy(peft_model.peft_config[peft_model.active_adapter])
     # PEFT records the directory it loaded from (for the embedded model, a cache path); the
@@ -130,7 +134,6 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
     ev = config.eval
     if ev.probe_examples == 0 and ev.mmlu_every_rounds == 0 and config.data.heldout_examples == 0:
         return adapter, None
-    tokenizer = load_tokenizer(source)
     probe: list[Any] = []
     if ev.probe_examples:
         examples, _ = partition_examples(tokenizer, config, 0, config.federation.num_clients)
@@ -299,8 +302,14 @@ def run_federation(
     )
     progress.start(state.round)
     progress.note(
-        f"adapter: {adapter.parameters:,} parameters in {len(adapter.state)} tensors, "
-        f"{array_record_bytes(state.arrays):,} bytes per message; {config.strategy.name}, "
+        f"adapter: {adapter.parameters:,} parameters in {len(adapter.state)} tensors"
+        + (
+            f" ({config.lora.variant}: {len(ctx.expected_spec)} travel)"
+            if len(ctx.expected_spec) < len(adapter.state)
+            else ""
+        )
+        + f", {array_record_bytes(ArrayRecord({k: state.arrays[k] for k in ctx.expected_spec})):,} "
+        f"bytes per uncompressed message; {config.strategy.name}, "
         f"{fed.sampled_clients} of {fed.num_clients} clients per round, {fed.num_rounds} rounds"
     )
     run_dir.set_status("running", rounds_completed=state.round)
@@ -377,7 +386,11 @@ def checkpoint(
     state.save(run_dir, ledger, strategy)
     every = config.train.save_every_round
     if state.round == config.federation.num_rounds or (every and state.round % every == 0):
-        run_dir.write_snapshot(state.round, state.arrays.to_torch_state_dict(), adapter.peft_config)
+        run_dir.write_snapshot(
+            state.round,
+            to_peft(state.arrays.to_torch_state_dict(), config.lora.variant),
+            adapter.peft_config,
+        )
     # The round's metrics line is written before its resume point (which counts it), so the
     # point's cost is kept in the loop state and reported in the summary.
     spent = round(time.perf_counter() - began, 4)
@@ -398,7 +411,9 @@ def finish(
     fed = config.federation
     state_name = "stopped-budget" if state.stopped == "budget" else "completed"
     digest = run_dir.write_adapter(
-        run_dir.path / "adapter", state.arrays.to_torch_state_dict(), adapter.peft_config
+        run_dir.path / "adapter",
+        to_peft(state.arrays.to_torch_state_dict(), config.lora.variant),
+        adapter.peft_config,
     )
     summary = {
         "state": state_name,
@@ -413,7 +428,12 @@ def finish(
         },
         "adapter_parameters": adapter.parameters,
         "adapter_tensors": len(adapter.state),
-        "message_payload_bytes": array_record_bytes(state.arrays),
+        # what one uncompressed message carries: the tensors that travel, as fp32 arrays
+        "message_payload_bytes": array_record_bytes(
+            ArrayRecord(
+                {k: state.arrays[k] for k in travelling_keys(config.lora.variant, state.arrays)}
+            )
+        ),
         "communication": ledger.summary(),
         "final_train_loss": state.last_train_loss,
         "final_heldout_loss": state.server_eval.get(str(state.round), {}).get("heldout_loss"),

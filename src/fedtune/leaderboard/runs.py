@@ -230,7 +230,7 @@ def build_submission(
             "extra": results.extra,
         },
         "adapter": adapter,
-        "setup": _setup(config, len(rounds), clients_per_round),
+        "setup": _setup(config, len(rounds), clients_per_round, summary),
         "provenance": {
             "run": run_dir.name,
             "config_digest": config_digest,
@@ -251,12 +251,28 @@ def build_submission(
     }
 
 
-def _setup(config: dict[str, Any], num_rounds: int, clients_per_round: int) -> dict[str, Any]:
+def _setup(
+    config: dict[str, Any], num_rounds: int, clients_per_round: int, summary: dict[str, Any]
+) -> dict[str, Any]:
     setup: dict[str, Any] = {"dataset": str(config.get("data.name", "")), "rounds": num_rounds}
     if isinstance(config.get("federation.num-clients"), int):
         setup["num_clients"] = config["federation.num-clients"]
     if clients_per_round:
         setup["clients_per_round"] = clients_per_round
+    setup["strategy"] = str(summary.get("strategy") or config.get("strategy.name", "fedavg"))
+    variant = str(config.get("model.lora.variant", "lora"))
+    kind = (
+        "DoRA"
+        if config.get("model.lora.use-dora")
+        else {"ffa": "FFA-LoRA", "sb": "Fed-SB r×r"}.get(variant, "LoRA")
+    )
+    setup["adapter"] = (
+        f"{kind} r={config.get('model.lora.peft-lora-r')} "
+        f"alpha={config.get('model.lora.peft-lora-alpha')} on {config.get('model.lora.target-modules')}"
+    )
+    codecs = summary.get("codecs") or {}
+    setup["codec_downlink"] = str(codecs.get("downlink", "identity"))
+    setup["codec_uplink"] = str(codecs.get("uplink", "identity"))
     return setup
 
 

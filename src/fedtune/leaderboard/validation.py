@@ -18,7 +18,8 @@ The shape (every key below the top level is optional unless stated):
                     "subjects": {subject: {"correct": int, "total": int}},        # required
                     "answer_distribution": {letter: int}, "extra": {name: number}},
      "adapter": {"location": str, "sha256": hex64},
-     "setup": {"dataset": str, "num_clients": int, "rounds": int, "clients_per_round": int},
+     "setup": {"dataset": str, "num_clients": int, "rounds": int, "clients_per_round": int,
+               "strategy": str, "adapter": str, "codec_downlink": str, "codec_uplink": str},
      "provenance": {...}, "config": {key: scalar},
      "rounds": [{"round": int, "train_loss": float | null, "downlink_bytes": int,
                  "uplink_bytes": int}]}
@@ -373,11 +374,13 @@ def _adapter(value: Any) -> dict[str, str]:
 
 def _setup(value: Any) -> dict[str, Any]:
     obj = _mapping(value, "setup", required=False)
-    _no_unknown(obj, "setup", {"dataset", "num_clients", "rounds", "clients_per_round"})
+    texts = ("dataset", "strategy", "adapter", "codec_downlink", "codec_uplink")
+    _no_unknown(obj, "setup", {*texts, "num_clients", "rounds", "clients_per_round"})
     setup: dict[str, Any] = {}
-    dataset = _text(obj, "dataset", "setup", MAX_URL_CHARS, required=False)
-    if dataset:
-        setup["dataset"] = dataset
+    for key in texts:
+        text = _text(obj, key, "setup", MAX_URL_CHARS, required=False)
+        if text:
+            setup[key] = text
     for key in ("num_clients", "rounds", "clients_per_round"):
         if key in obj:
             setup[key] = _int(obj[key], f"setup.{key}", minimum=1)

@@ -64,12 +64,16 @@ def travelling_keys(variant: str, keys: Any) -> list[str]:
     all of them for `lora`; all but the A factors for `ffa` (FFA-LoRA)."""
     if variant == "ffa":
         return [k for k in keys if ".lora_A." not in k]
+    if variant == "sb":
+        from fedtune.model.sb import CORE
+
+        return [k for k in keys if k.endswith(CORE)]
     return list(keys)
 
 
 def freeze_for_variant(model: PeftModel, variant: str) -> None:
-    """FFA-LoRA: the A factors keep their seeded initial values (no gradient, no update)."""
-    if variant != "ffa":
+    """FFA-LoRA and the r×r adapter: the A factors keep their values (no gradient, no update)."""
+    if variant not in ("ffa", "sb"):
         return
     for name, parameter in model.named_parameters():
         if ".lora_A." in name:
@@ -90,6 +94,31 @@ def frozen_digest(state: Mapping[str, Any], travelling: list[str]) -> str:
         digest.update(f"{key}:{tuple(array.shape)}:{array.dtype}\n".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def prepare_adapter(
+    model: PreTrainedModel, lora: LoraConfig, seed: int, init_examples: Any = None, pad_id: int = 0
+) -> PeftModel:
+    """The adapter a variant trains: attach (seeded), then for `sb` set A and B from the first
+    gradient on `init_examples`, then freeze what the variant keeps fixed."""
+    peft_model = attach_adapter(model, lora, seed)
+    if lora.variant == "sb":
+        from fedtune.model import sb
+
+        if not init_examples:
+            raise ValueError("the sb variant needs examples for its first gradient")
+        sb.install(peft_model, sb.init_gradients(peft_model, list(init_examples or []), pad_id))
+    freeze_for_variant(peft_model, lora.variant)
+    return peft_model
+
+
+def to_peft(state: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """The adapter as PEFT saves and loads it (the r×r adapter merged to plain LoRA)."""
+    if variant == "sb":
+        from fedtune.model.sb import peft_state
+
+        return peft_state(state)
+    return dict(state)
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -151,7 +180,7 @@ def load_adapter_state(
     """
     import torch
 
-    own = dict(model.named_parameters())
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     targets = _state_key_to_parameter(model, state.keys(), own, keys)
     check_state(state_spec({k: own[targets[k]] for k in targets}), state_spec(state))
     with torch.no_grad():
@@ -172,7 +201,9 @@ def _state_key_to_parameter(
         candidates = [
             key.replace(".lora_A.weight", f".lora_A.{adapter}.weight")
             .replace(".lora_B.weight", f".lora_B.{adapter}.weight")
-            .replace(".lora_magnitude_vector", f".lora_magnitude_vector.{adapter}.weight"),
+            .replace(".lora_magnitude_vector", f".lora_magnitude_vector.{adapter}.weight")
+            .replace(".lora_B.core", f".lora_B.{adapter}.core")
+            .replace(".lora_B.basis", f".lora_B.{adapter}.basis"),
         ]
         for candidate in candidates:
             if candidate in own:
