@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_llama
 from fedtune.config import build_config
 from fedtune.data.pipeline import sb_init_examples
 from fedtune.model import sb
@@ -26,21 +25,22 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
-def setup(smollm2_tokenizer):
+def setup(smollm2_tokenizer, tiny_llama):
+    """(config, init examples, pad id, the tiny-model builder of tests/conftest.py)."""
     config = build_config(
         {"model.lora.variant": "sb", "model.lora.sb-init-examples": 4, "train.seq-length": 48}
     )
     examples = sb_init_examples(smollm2_tokenizer, config)
-    return config, examples, smollm2_tokenizer.pad_token_id
+    return config, examples, smollm2_tokenizer.pad_token_id, tiny_llama
 
 
 def prepared(setup):
-    config, examples, pad = setup
-    return prepare_adapter(build_tiny_llama(), config.lora, config.train.seed, examples, pad)
+    config, examples, pad, build = setup
+    return prepare_adapter(build(), config.lora, config.train.seed, examples, pad)
 
 
 def test_factors_are_the_gradients_svd_and_the_adapter_starts_as_the_base_model(setup):
-    config, examples, pad = setup
+    config, examples, pad, build_tiny_llama = setup
     model = prepared(setup)
     ids = torch.tensor([[5, 17, 230, 4000, 12]])
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_the_merged_adapter_is_plain_peft_lora_and_computes_the_same(setup, tmp_
 
     from fedtune.rundir import RunDirectory
 
-    config = setup[0]
+    config, _, _, build_tiny_llama = setup
     model = prepared(setup)
     state = adapter_state(model)
     trained = {k: (torch.randn(8, 8) * 0.1 if k.endswith(".core") else v) for k, v in state.items()}
