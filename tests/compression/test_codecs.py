@@ -220,3 +220,29 @@ def test_spec_text_round_trips():
     assert parse_spec("delta,top-k=0.05,int4,zstd=3", stochastic=True) == spec
     assert parse_spec("").identity and parse_spec("fp32").identity
     assert not parse_spec("fp32,zstd").identity
+
+
+@pytest.mark.parametrize(
+    "text", ["fp32", "int8", "delta,int8,zstd", "delta,top-k=0.05,int4,zstd", "fp16,zstd"]
+)
+def test_the_budget_never_undercounts_a_first_reply(text):
+    """Before any reply, the byte budget estimates one from the global adapter; a real reply
+    (any values, here random) must not be larger than that estimate."""
+    from types import SimpleNamespace
+
+    from flwr.app import Array, ArrayRecord
+
+    from fedtune.federation.rounds import LoopState, expected_uplink_bytes
+
+    tensors = adapter(0)
+    arrays = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+    codec = MessageCodec(parse_spec(text))
+    estimate = expected_uplink_bytes(SimpleNamespace(uplink=codec), LoopState(arrays), arrays)
+    trained = {
+        k: v + np.random.default_rng(3).standard_normal(v.shape).astype(np.float32)
+        for k, v in tensors.items()
+    }
+    record, _ = codec.encode(trained, reference=tensors, rng=np.random.default_rng(0))
+    assert array_record_bytes(record) <= estimate
+    if "zstd" not in text:
+        assert array_record_bytes(record) == estimate  # fixed-size codecs: exact

@@ -41,6 +41,13 @@ from fedtune.rundir import RunDirectory, RunDirError
 STATE_FORMAT = 1
 
 
+def zstd_bound(size: int) -> int:
+    """The most a zstd frame of `size` input bytes can take (ZSTD_COMPRESSBOUND), plus fedtune's
+    3-byte marker: the budget's estimate of a reply never undercounts."""
+    small = (131072 - size) >> 11 if size < 131072 else 0
+    return size + (size >> 8) + small + 3
+
+
 class FederationError(RuntimeError):
     """A round could not produce an aggregate; the run stops with a resumable checkpoint."""
 
@@ -242,14 +249,20 @@ def meter_downlink(messages: list[Any]) -> list[tuple[int, int, int]]:
 
 def expected_uplink_bytes(ctx: RoundContext, state: LoopState, arrays: Any) -> int:
     """What one reply will cost: the largest seen so far, or before any, the global adapter as
-    the uplink codec would encode it."""
+    the uplink codec would encode it — without its zstd stage, whose ratio depends on the values
+    (an unchanged adapter's delta is all zeros and would compress to almost nothing)."""
+    import dataclasses
+
     import numpy as np
 
     if state.max_uplink_bytes:
         return state.max_uplink_bytes
     tensors = {k: a.numpy() for k, a in arrays.items()}
-    record, _ = ctx.uplink.encode(tensors, reference=tensors, rng=np.random.default_rng(0))
-    return array_record_bytes(record)
+    spec = ctx.uplink.spec
+    codec = MessageCodec(dataclasses.replace(spec, zstd=0)) if spec.zstd else ctx.uplink
+    record, _ = codec.encode(tensors, reference=tensors, rng=np.random.default_rng(0))
+    size = array_record_bytes(record)
+    return zstd_bound(size) if spec.zstd else size
 
 
 def send(ctx: RoundContext, messages: list[Any]) -> dict[int, Any]:
