@@ -13,6 +13,21 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+def prepare_rows(
+    tokenizer: PreTrainedTokenizerBase, config: RunConfig, rows: Any
+) -> tuple[list[TokenizedExample], Any, int]:
+    """Clean and tokenize rows as training does: (examples, tokenize stats, rows skipped)."""
+    clean, skipped = clean_rows(rows)
+    examples, stats = tokenize_rows(
+        tokenizer,
+        clean,
+        config.train.seq_length,
+        include_input=config.data.include_input,
+        append_eos=config.data.append_eos,
+    )
+    return examples, stats, skipped
+
+
 def partition_examples(
     tokenizer: PreTrainedTokenizerBase, config: RunConfig, partition_id: int, num_partitions: int
 ) -> tuple[list[TokenizedExample], dict[str, int]]:
@@ -22,14 +37,7 @@ def partition_examples(
         DataError: the partition has no usable example.
     """
     rows = load_partition(resolve_data(config.data.name), config.data, partition_id, num_partitions)
-    clean, skipped = clean_rows(rows)
-    examples, stats = tokenize_rows(
-        tokenizer,
-        clean,
-        config.train.seq_length,
-        include_input=config.data.include_input,
-        append_eos=config.data.append_eos,
-    )
+    examples, stats, skipped = prepare_rows(tokenizer, config, rows)
     if not examples:
         raise DataError(
             f"partition {partition_id} has no usable example ({len(rows)} rows, {skipped} "
@@ -53,15 +61,7 @@ def heldout_examples(
     if config.data.heldout_examples == 0:
         return []
     rows = load_heldout(resolve_data(config.data.name), config.data, config.federation.num_clients)
-    clean, _ = clean_rows(rows)
-    examples, _ = tokenize_rows(
-        tokenizer,
-        clean,
-        config.train.seq_length,
-        include_input=config.data.include_input,
-        append_eos=config.data.append_eos,
-    )
-    return examples
+    return prepare_rows(tokenizer, config, rows)[0]
 
 
 SB_INIT_DATA = "embedded:alpaca-gpt4-sample"
@@ -82,15 +82,8 @@ def sb_init_examples(
     wanted = config.lora.sb_init_examples
     examples: list[TokenizedExample] = []
     for start in range(0, len(rows), 4 * wanted):  # rows whose response survives the cut
-        clean, _ = clean_rows(rows.select(range(start, min(len(rows), start + 4 * wanted))))
-        batch, _ = tokenize_rows(
-            tokenizer,
-            clean,
-            config.train.seq_length,
-            include_input=config.data.include_input,
-            append_eos=config.data.append_eos,
-        )
-        examples.extend(batch)
+        chunk = rows.select(range(start, min(len(rows), start + 4 * wanted)))
+        examples.extend(prepare_rows(tokenizer, config, chunk)[0])
         if len(examples) >= wanted:
             break
     if not examples:
