@@ -274,9 +274,7 @@ def handle_report(args: Any) -> int:
     except RunDirError as exc:
         print(f"fedtune report: error: {exc}", file=sys.stderr)
         return 2
-    target = args.target
-    if target is None and rows:
-        target = rows[0]["final_heldout_loss"]
+    target = args.target if args.target is not None else rows[0]["final_heldout_loss"]
     print(format_table(rows, target))
     print(f"figure: {path}")
     return 0

@@ -422,10 +422,13 @@ def finish(
         "clients_per_round": fed.sampled_clients,
         "num_clients": fed.num_clients,
         "strategy": config.strategy.name,
-        "codecs": {
-            "downlink": MessageCodec(codec_specs(config)[0]).name,
-            "uplink": MessageCodec(codec_specs(config)[1]).name,
-        },
+        "codecs": dict(
+            zip(
+                ("downlink", "uplink"),
+                (MessageCodec(s).name for s in codec_specs(config)),
+                strict=True,
+            )
+        ),
         "adapter_parameters": adapter.parameters,
         "adapter_tensors": len(adapter.state),
         # what one uncompressed message carries: the tensors that travel, as fp32 arrays
