@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # name → the settings that differ from the reference (fp32 LoRA, FedAvg, identity codecs).
 CONFIGS: dict[str, list[str]] = {
     "fp32": [],
+    "fp16": ["compress.downlink=fp16", "compress.uplink=fp16"],
     "int8": ["compress.downlink=int8", "compress.uplink=delta,int8"],
+    "int4": ["compress.downlink=int8", "compress.uplink=delta,int4"],
     "topk-ef": [
         "compress.downlink=int8",
         "compress.uplink=delta,top-k=0.05,int8,zstd",
@@ -42,6 +44,13 @@ CONFIGS: dict[str, list[str]] = {
         "compress.uplink=delta,int8,zstd",
     ],
     "sb": ["model.lora.variant=sb"],
+    # FlexLoRA: clients at ranks 4 and 8 (alpha 16 as the reference), the global at 16 (two
+    # clients a round: exact).
+    "flexlora": [
+        "strategy.name=flexlora",
+        "model.lora.peft-lora-r=16",
+        "model.lora.client-ranks=4,8",
+    ],
     "sb-int8": [
         "model.lora.variant=sb",
         "compress.downlink=int8,zstd",
@@ -91,7 +100,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients-per-round", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--mmlu", type=int, default=1000, help="stratified MMLU questions")
     parser.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for all")
     parser.add_argument("--out", default="/tmp/fedtune-comm-vs-quality")
@@ -117,9 +126,12 @@ def main() -> None:
     for name in names:
         run_dir = out / name
         if not (run_dir / "summary.json").exists():
-            sets = [*common, f"run.name={name}", *CONFIGS[name]]
             command = [sys.executable, "-m", "fedtune.cli", "run"]
-            command += [x for item in sets for x in ("--set", item)]
+            if run_dir.exists():  # an interrupted grid continues where the run stopped
+                command += ["--resume", str(run_dir)]
+            else:
+                sets = [*common, f"run.name={name}", *CONFIGS[name]]
+                command += [x for item in sets for x in ("--set", item)]
             print(f"[{name}] training …", flush=True)
             train_s = run(command, out / f"{name}.run.log")
         else:

@@ -84,6 +84,12 @@ class LoraConfig:
         "Public examples (embedded Alpaca-GPT4 sample, held-out rows excluded) whose gradient "
         "sets the sb variant's frozen A and B.",
     )
+    client_ranks: str = _key(
+        "model.lora.client-ranks",
+        "Heterogeneous LoRA ranks for strategy.name=flexlora: comma-separated, partition p "
+        "trains at rank number p mod their count (e.g. '4,8,16'); empty: every client trains "
+        "at model.lora.peft-lora-r. Each must be <= model.lora.peft-lora-r, the global's rank.",
+    )
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,9 @@ class FederationConfig:
 class StrategyConfig:
     name: str = _key(
         "strategy.name",
-        "Flower strategy: fedavg, fedavgm (server momentum) or fedadam (server Adam).",
+        "Flower strategy: fedavg, fedavgm (server momentum), fedadam (server Adam) or flexlora "
+        "(FlexLoRA: averages the clients' products B·A, hands each client back a truncated SVD "
+        "at its own rank; see model.lora.client-ranks).",
     )
     min_clients: int = _key(
         "strategy.min-clients",
@@ -357,6 +365,7 @@ DEFAULTS: dict[str, Any] = {
     "model.lora.use-dora": False,
     "model.lora.variant": "lora",
     "model.lora.sb-init-examples": 16,
+    "model.lora.client-ranks": "",
     "data.name": "embedded:alpaca-gpt4-sample",
     "data.split": "train",
     "data.include-input": False,
@@ -567,6 +576,31 @@ def target_modules(lora: LoraConfig) -> list[str] | str | None:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
+def client_ranks(lora: LoraConfig) -> tuple[int, ...]:
+    """The ranks of `model.lora.client-ranks` (empty: every client at the global rank).
+
+    Raises:
+        ConfigError: an entry that is not a positive integer.
+    """
+    ranks = []
+    for item in lora.client_ranks.split(","):
+        if not item.strip():
+            continue
+        try:
+            ranks.append(int(item))
+        except ValueError:
+            raise ConfigError(
+                f"model.lora.client-ranks: {item.strip()!r} is not an integer"
+            ) from None
+    return tuple(ranks)
+
+
+def client_rank(lora: LoraConfig, partition_id: int) -> int:
+    """The LoRA rank partition `partition_id` trains at."""
+    ranks = client_ranks(lora)
+    return ranks[partition_id % len(ranks)] if ranks else lora.r
+
+
 def validate(config: RunConfig) -> None:
     """Check values that a type alone does not constrain. Raises ConfigError."""
     m, lo, d, fed, t, r = (
@@ -599,6 +633,13 @@ def validate(config: RunConfig) -> None:
         not (lo.variant == "sb" and lo.use_dora),
         "model.lora.variant",
         "sb does not combine with model.lora.use-dora",
+    )
+    ranks = client_ranks(lo)
+    _require(
+        all(1 <= rank <= lo.r for rank in ranks),
+        "model.lora.client-ranks",
+        f"every rank must be in [1, {lo.r}] (model.lora.peft-lora-r, the global's rank), "
+        f"got {lo.client_ranks!r}",
     )
     modules = target_modules(lo)
     if isinstance(modules, list):
@@ -725,6 +766,19 @@ def _validate_strategy(config: RunConfig) -> None:
         f"must be in [1, {fed.sampled_clients}] (the clients sampled per round), "
         f"got {s.min_clients}",
     )
+    lo = config.lora
+    _require(
+        not client_ranks(lo) or s.name == "flexlora",
+        "model.lora.client-ranks",
+        "clients of different ranks need strategy.name=flexlora (factors of different ranks "
+        "cannot be averaged)",
+    )
+    _require(
+        s.name != "flexlora" or (lo.variant == "lora" and not lo.use_dora),
+        "strategy.name",
+        "flexlora aggregates plain LoRA factors: it needs model.lora.variant=lora without "
+        "model.lora.use-dora",
+    )
     _require(s.max_retries >= 0, "strategy.max-retries", "must be >= 0")
     _require(s.node_wait_s > 0, "strategy.node-wait-s", "must be > 0")
     _require(
@@ -748,12 +802,18 @@ def _validate_strategy(config: RunConfig) -> None:
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Keys whose values differ between two flat configurations (`run.*` aside), described."""
+    """Keys whose values differ between two flat configurations (`run.*` aside), described.
+    A key one side lacks counts as its default (a run started before the key existed)."""
     keys = sorted((set(old) | set(new)) - {k for k in set(old) | set(new) if k.startswith("run.")})
+    missing = object()
+
+    def value(flat: Mapping[str, Any], key: str) -> Any:
+        return flat.get(key, DEFAULTS.get(key, missing))
+
     return [
         f"{key}: {old.get(key, '<unset>')!r} → {new.get(key, '<unset>')!r}"
         for key in keys
-        if old.get(key) != new.get(key)
+        if value(old, key) != value(new, key)
     ]
 
 

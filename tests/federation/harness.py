@@ -32,6 +32,13 @@ TINY_RUN = (
 SETUPS: dict[str, tuple[str, ...]] = {
     "fedavg": (),
     "fedavgm-ffa": ("strategy.name=fedavgm", "model.lora.variant=ffa"),
+    # FlexLoRA with clients of two ranks (partitions 0, 2 at 4; 1, 3 at 8), replies as deltas
+    # against each client's own factors.
+    "flexlora": (
+        "strategy.name=flexlora",
+        "model.lora.client-ranks=4,8",
+        "compress.uplink=delta,int8",
+    ),
     "fedadam-compressed": (
         "strategy.name=fedadam",
         "compress.downlink=int8",

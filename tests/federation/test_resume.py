@@ -44,9 +44,9 @@ def _resume(tmp_path, name, model_dir, reference):
     # Each stateful strategy resumes through a real SIGKILL: FedAvgM's momentum and FedAdam's
     # moments must come back bit for bit for the adapter to match; so must the clients'
     # error-feedback residuals of a compressed run, killed after its clients had already
-    # moved on to round 2's residuals.
+    # moved on to round 2's residuals; FlexLoRA's SVDs give the same factors again.
     [
-        ("mid-round", "fedavg"),
+        ("mid-round", "flexlora"),
         ("between-rounds", "fedavgm-ffa"),
         ("in-checkpoint", "fedadam-compressed"),
     ],
@@ -177,3 +177,33 @@ def test_ffa_lora_sends_only_b_and_keeps_a_at_its_seeded_start(
     ledger = read_jsonl(run_dir / "ledger.jsonl")
     assert {e["downlink_bytes"] for e in ledger} == {b_bytes}
     assert {e["uplink_bytes"] for e in ledger} == {b_bytes}
+
+
+def test_flexlora_clients_train_at_their_ranks_and_the_global_is_a_peft_adapter(
+    reference_run, tiny_model_dir_module
+):
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    run_dir = reference_run("flexlora")
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    final = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    a_keys = [k for k in final if ".lora_A." in k]
+    assert a_keys and all(final[k].shape[0] == 8 for k in a_keys)  # the global's rank
+    by_rank: dict[int, set[tuple[int, int]]] = {4: set(), 8: set()}
+    for entry in ledger:
+        by_rank[(4, 8)[entry["partition_id"] % 2]].add(
+            (entry["downlink_bytes"], entry["uplink_bytes"])
+        )
+    # Each rank always pays the same fp32 factors down and int8 deltas up; rank 4 half as much.
+    per_rank_fp32 = {r: sum(r * final[k].size // 8 * 4 + 128 for k in final) for r in (4, 8)}
+    assert {down for down, _ in by_rank[4]} == {per_rank_fp32[4]}
+    assert {down for down, _ in by_rank[8]} == {per_rank_fp32[8]}
+    (up4,), (up8,) = ({up for _, up in by_rank[r]} for r in (4, 8))
+    assert up4 < up8 < per_rank_fp32[8] / 3
+    clients = read_jsonl(run_dir / "clients.jsonl")
+    assert clients and not [c for c in clients if "problem" in c]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir_module)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    assert model.peft_config["default"].r == 8

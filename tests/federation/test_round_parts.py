@@ -20,16 +20,7 @@ from fedtune.federation.strategies import build_strategy, restore_strategy_state
 from fedtune.federation.updates import ClientUpdate, drop_outliers, norm_reference, short_reason
 from fedtune.rundir import RunDirectory, RunDirError
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages made outside a Flower run need the ids Flower sets in its processes."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 GOOD = {
@@ -206,12 +197,20 @@ def test_config_digest_ignores_run_keys_and_differences_are_named():
     assert config_differences(a.to_flat(), build_config({"num-server-rounds": 9}).to_flat()) == [
         "num-server-rounds: 5 → 9"
     ]
+    # A run recorded before a key existed resumes under a fedtune that has it at its default.
+    older = {k: v for k, v in a.to_flat().items() if k != "model.lora.client-ranks"}
+    assert config_differences(older, a.to_flat()) == []
+    assert config_differences(older, {**a.to_flat(), "model.lora.client-ranks": "4"}) == [
+        "model.lora.client-ranks: '<unset>' → '4'"
+    ]
 
 
 def test_strategy_keys_are_checked():
     from fedtune.config import ConfigError
 
-    with pytest.raises(ConfigError, match="strategy.name: must be one of fedavg, fedavgm, fedadam"):
+    with pytest.raises(
+        ConfigError, match="strategy.name: must be one of fedavg, fedavgm, fedadam, flexlora"
+    ):
         build_config({"strategy.name": "fedsgd"})
     with pytest.raises(ConfigError, match="applies to strategy.name=fedavgm, not fedavg"):
         build_config({"strategy.fedavgm.server-momentum": 0.5})

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.compression.message import MessageCodec
-from fedtune.config import RunConfig, build_config, codec_specs
+from fedtune.config import RunConfig, build_config, client_rank, codec_specs
 from fedtune.federation.messages import (
     ARRAYS,
     METRICS,
@@ -103,6 +103,7 @@ def local_train(msg: Message, context: Context) -> Message:
         load_adapter_state,
         state_spec,
         travelling_keys,
+        use_rank,
     )
     from fedtune.training.local import cosine_annealing, train_local
 
@@ -111,6 +112,8 @@ def local_train(msg: Message, context: Context) -> Message:
     server_round = int(cast(int, msg.content[STRATEGY_CONFIG]["server-round"]))
     partition_id, num_partitions = node_partition(context, config)
     worker = get_worker(config)
+    # FlexLoRA's heterogeneous ranks (model.lora.client-ranks); the global's rank otherwise.
+    use_rank(worker.model, config.lora, client_rank(config.lora, partition_id), config.train.seed)
     downlink, uplink = (MessageCodec(spec) for spec in codec_specs(config))
     own = adapter_state(worker.model)
     travelling = travelling_keys(config.lora.variant, own)

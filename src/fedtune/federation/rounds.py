@@ -181,6 +181,7 @@ class RoundContext:
     seed: int = 0  # seeds the downlink's stochastic rounding, per round
     run_dir: str = ""  # where simulated nodes keep state that must survive a resume
     frozen_sha256: str = ""  # digest of the adapter tensors that do not travel (nodes check it)
+    rank_of: Any = None  # partition → its LoRA rank, for a strategy with `node_ranks` (FlexLoRA)
     log: Any = None  # callable(str) for per-client problems
 
 
@@ -213,6 +214,8 @@ def configure(
     from flwr.app import ConfigRecord
 
     node_ids = [ctx.nodes.node_of[p] for p in partitions]
+    if ctx.rank_of is not None and hasattr(ctx.strategy, "node_ranks"):
+        ctx.strategy.node_ranks = {ctx.nodes.node_of[p]: ctx.rank_of(p) for p in partitions}
     messages = list(
         ctx.strategy.configure_train(
             server_round, arrays, ConfigRecord(), _SampledGrid(ctx.grid, node_ids)
@@ -271,21 +274,43 @@ def send(ctx: RoundContext, messages: list[Any]) -> dict[int, Any]:
     return {reply.metadata.src_node_id: reply for reply in replies}
 
 
+def sent_adapters(messages: list[Any]) -> dict[int, dict[str, Any]]:
+    """node id → the adapter its message carries before encoding (float32 arrays): what its
+    reply must match in layout and is decoded and measured against. Nodes sent one body share
+    one entry."""
+    by_body: dict[int, dict[str, Any]] = {}
+    sent = {}
+    for message in messages:
+        key = id(message.content)
+        if key not in by_body:
+            by_body[key] = {k: a.numpy() for k, a in message.content.array_records[ARRAYS].items()}
+        sent[message.metadata.dst_node_id] = by_body[key]
+    return sent
+
+
 def validate(
     ctx: RoundContext,
     state: LoopState,
     updates: list[ClientUpdate],
-    global_arrays: dict[str, Any],
+    sent: dict[int, dict[str, Any]],
 ) -> None:
-    """Decode and check each reply, then apply the norm rule to the attempt's cohort."""
-    reference = {k: state.arrays[k].numpy() for k in ctx.expected_spec}  # what this round sent
-
-    def decode(record: Any) -> Any:
-        return ctx.uplink.decode(record, ctx.expected_spec, reference=reference)
-
+    """Decode and check each reply against what its node was sent (its layout, the reference of
+    `delta`, the origin of its norm), then apply the norm rule to the attempt's cohort."""
+    layouts: dict[int, tuple[Any, Any]] = {}
     for update in updates:
+        reference = sent[update.node_id]
+        if id(reference) not in layouts:
+            origin = {k: v.astype("float64") for k, v in reference.items()}
+            # Shapes from what was sent (FlexLoRA's ranks differ), dtypes the adapter's.
+            spec = {k: (tuple(v.shape), ctx.expected_spec[k][1]) for k, v in reference.items()}
+            layouts[id(reference)] = (spec, origin)
+        spec, origin = layouts[id(reference)]
+
+        def decode(record: Any, spec: Any = spec, reference: Any = reference) -> Any:
+            return ctx.uplink.decode(record, spec, reference=reference)
+
         rows = ctx.partition_rows[update.partition_id] if ctx.partition_rows else None
-        check_reply(update, decode, ctx.expected_spec, global_arrays, rows or MAX_EXAMPLES)
+        check_reply(update, decode, spec, origin, rows or MAX_EXAMPLES)
         if update.usable and update.metrics.get("partition-id") != update.partition_id:
             update.problem = (
                 f"reply says partition {update.metrics.get('partition-id')}, "
@@ -339,7 +364,6 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
 
     # What travels: the adapter, or a variant's trainable part (FFA-LoRA: the B factors).
     sent = ArrayRecord({k: state.arrays[k] for k in ctx.expected_spec})
-    global_arrays = {k: a.numpy().astype("float64") for k, a in sent.items()}
     usable: list[ClientUpdate] = []
     clients: list[dict[str, Any]] = []
     tried: set[int] = set()
@@ -358,7 +382,9 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
         if not partitions:
             break
         tried.update(partitions)
-        messages = encode(ctx, configure(ctx, server_round, sent, partitions), server_round)
+        messages = configure(ctx, server_round, sent, partitions)
+        sent_to = sent_adapters(messages)
+        messages = encode(ctx, messages, server_round)
         # The strategy may order its messages as it likes: take each one's partition from its node.
         partitions = [ctx.nodes.partition_of[m.metadata.dst_node_id] for m in messages]
         down = meter_downlink(messages)
@@ -377,7 +403,7 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
         ]
         order = sorted(range(len(updates)), key=lambda i: updates[i].partition_id)
         updates, down = [updates[i] for i in order], [down[i] for i in order]
-        validate(ctx, state, updates, global_arrays)
+        validate(ctx, state, updates, sent_to)
         entries = _ledger_entries(server_round, attempt, updates, down)
         ctx.ledger.record(entries)
         down_total += sum(e.downlink_bytes for e in entries)

@@ -7,6 +7,7 @@ build the strategy → start or resume the loop state → run rounds → write t
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from fedtune.config import (
     ConfigError,
     RunConfig,
     build_config,
+    client_rank,
     codec_specs,
     config_differences,
 )
@@ -262,6 +264,7 @@ def round_context(
             if k in travelling
         },
         frozen_sha256=frozen_digest(adapter.state, travelling),
+        rank_of=functools.partial(client_rank, config.lora) if s.name == "flexlora" else None,
         clients_per_round=fed.sampled_clients,
         min_clients=s.min_clients,
         max_retries=s.max_retries,
@@ -293,7 +296,7 @@ def run_federation(
     fed, train = config.federation, config.train
     progress.note("building the initial global adapter")
     adapter, evaluator = init_global_adapter(config)
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, {k: v.numpy() for k, v in adapter.state.items()})
     state, ledger = start_or_resume(run_dir, config, adapter, strategy, progress)
     sampler = PartitionSampler(train.seed)
     sampler.set_state(state.sampler)

@@ -11,6 +11,7 @@ resume point, so a resumed run continues it exactly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedtune.federation.messages import ARRAYS, STRATEGY_CONFIG, WEIGHT_KEY
@@ -20,11 +21,15 @@ if TYPE_CHECKING:
 
     from fedtune.config import RunConfig
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "flexlora")
 
 
-def build_strategy(config: RunConfig) -> FedAvg:
-    """The configured Flower strategy (`strategy.name`), weighted by `num-examples`."""
+def build_strategy(config: RunConfig, initial: Mapping[str, Any] | None = None) -> FedAvg:
+    """The configured Flower strategy (`strategy.name`), weighted by `num-examples`.
+
+    Args:
+        initial: the initial global adapter (FlexLoRA starts empty directions from its A).
+    """
     from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
     common: dict[str, Any] = dict(
@@ -53,6 +58,12 @@ def build_strategy(config: RunConfig) -> FedAvg:
             beta_1=s.fedadam_beta_1,
             beta_2=s.fedadam_beta_2,
             tau=s.fedadam_tau,
+        )
+    if s.name == "flexlora":
+        from fedtune.federation.flexlora import FlexLoRA
+
+        return FlexLoRA(
+            **common, alpha=config.lora.alpha, rank=config.lora.r, initial=initial or {}
         )
     raise ValueError(f"strategy.name: unknown strategy {s.name!r}")  # config validated it
 

@@ -270,6 +270,8 @@ def _setup(
         f"{kind} r={config.get('model.lora.peft-lora-r')} "
         f"alpha={config.get('model.lora.peft-lora-alpha')} on {config.get('model.lora.target-modules')}"
     )
+    if config.get("model.lora.client-ranks"):
+        setup["adapter"] += f", client ranks {config['model.lora.client-ranks']}"
     codecs = summary.get("codecs") or {}
     setup["codec_downlink"] = str(codecs.get("downlink", "identity"))
     setup["codec_uplink"] = str(codecs.get("uplink", "identity"))

@@ -59,6 +59,22 @@ def attach_adapter(model: PreTrainedModel, lora: LoraConfig, seed: int) -> PeftM
     return peft_model
 
 
+def use_rank(model: PeftModel, lora: LoraConfig, rank: int, seed: int) -> None:
+    """Make the adapter of rank `rank` the one that trains: the model's own (named `default`)
+    at `lora.r`, else a second adapter of that rank added to the same base model (seeded) the
+    first time it is asked for. FlexLoRA's clients of different ranks share one base model."""
+    import dataclasses
+
+    import torch
+
+    name = "default" if rank == lora.r else f"rank-{rank}"
+    if name not in model.peft_config:
+        torch.manual_seed(seed)
+        model.add_adapter(name, peft_config(dataclasses.replace(lora, r=rank)))
+    if model.active_adapter != name:
+        model.set_adapter(name)
+
+
 def travelling_keys(variant: str, keys: Any) -> list[str]:
     """The adapter tensors that train, travel and are aggregated, in the adapter's order:
     all of them for `lora`; all but the A factors for `ffa` (FFA-LoRA)."""
@@ -127,7 +143,9 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 
     return {
         key: value.detach().to("cpu", copy=True).contiguous()
-        for key, value in get_peft_model_state_dict(model).items()
+        for key, value in get_peft_model_state_dict(
+            model, adapter_name=model.active_adapter
+        ).items()
     }
 
 
