@@ -159,3 +159,64 @@ def test_empty_partition_is_refused(tiny_llama):
             seed=0,
             pad_id=0,
         )
+
+
+def test_fedprox_adds_exactly_the_proximal_gradient(tiny_llama):
+    from fedtune.training.local import add_proximal_gradient
+
+    model = attach_adapter(
+        tiny_llama(vocab_size=64), build_config({"model.lora.dropout": 0.0}).lora, seed=0
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]
+    with torch.no_grad():  # the client has moved away from the global adapter it received
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    ids, attention, labelled = collate(random_examples(3, seed=5), 0, "cpu")
+    mu = 0.3
+
+    def gradients(proximal_in_loss: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss, _ = summed_token_loss(model, ids, attention, labelled)
+        if proximal_in_loss:  # FedProx's objective, differentiated by autograd
+            loss = loss + mu / 2 * sum(
+                ((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)
+            )
+        loss.backward()
+        return [p.grad.clone() for p in params]
+
+    plain = gradients(False)
+    objective = gradients(True)
+    gradients(False)
+    add_proximal_gradient(params, anchors, mu)
+    for p, a, g0, g_obj in zip(params, anchors, plain, objective, strict=True):
+        proximal = mu * (p.detach() - a)
+        assert proximal.abs().max() > 0
+        torch.testing.assert_close(p.grad - g0, proximal, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p.grad, g_obj, rtol=1e-5, atol=1e-6)
+
+
+def test_fedprox_keeps_a_client_closer_to_the_global_adapter(tiny_llama):
+    def distance(mu: float) -> float:
+        model = attach_adapter(
+            tiny_llama(vocab_size=64), build_config({"model.lora.dropout": 0.0}).lora, seed=0
+        )
+        start = adapter_state(model)
+        result = train_local(
+            model,
+            random_examples(8, seed=4),
+            steps=12,
+            batch_size=4,
+            grad_accumulation=1,
+            learning_rate=1e-2,
+            seed=0,
+            pad_id=0,
+            max_grad_norm=0.0,
+            proximal_mu=mu,
+        )
+        assert math.isfinite(result.train_loss)
+        end = adapter_state(model)
+        return sum(float(((end[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+
+    free, held = distance(0.0), distance(50.0)
+    assert held < 0.8 * free

@@ -158,9 +158,11 @@ class FederationConfig:
 class StrategyConfig:
     name: str = _key(
         "strategy.name",
-        "Flower strategy: fedavg, fedavgm (server momentum), fedadam (server Adam) or flexlora "
-        "(FlexLoRA: averages the clients' products B·A, hands each client back a truncated SVD "
-        "at its own rank; see model.lora.client-ranks).",
+        "fedavg, fedavgm (server momentum), fedprox (FedAvg + the clients' proximal term), "
+        "fedadam, fedyogi, fedadagrad (server optimizers), fedmedian, fedtrimmedavg, krum, "
+        "multikrum (robust aggregation) — Flower's own — or flexlora (FlexLoRA: averages the "
+        "clients' products B·A, hands each client back a truncated SVD at its own rank; see "
+        "model.lora.client-ranks).",
     )
     min_clients: int = _key(
         "strategy.min-clients",
@@ -187,6 +189,32 @@ class StrategyConfig:
     fedadam_beta_2: float = _key("strategy.fedadam.beta-2", "FedAdam: second-moment decay.")
     fedadam_tau: float = _key(
         "strategy.fedadam.tau", "FedAdam: adaptivity (added to the root of the second moment)."
+    )
+    fedprox_proximal_mu: float = _key(
+        "strategy.fedprox.proximal-mu",
+        "FedProx: μ of the clients' proximal term μ/2·‖w − w_global‖² on the trained adapter.",
+    )
+    fedyogi_eta: float = _key("strategy.fedyogi.eta", "FedYogi: server learning rate.")
+    fedyogi_beta_1: float = _key("strategy.fedyogi.beta-1", "FedYogi: first-moment decay.")
+    fedyogi_beta_2: float = _key("strategy.fedyogi.beta-2", "FedYogi: second-moment decay.")
+    fedyogi_tau: float = _key("strategy.fedyogi.tau", "FedYogi: adaptivity.")
+    fedadagrad_eta: float = _key("strategy.fedadagrad.eta", "FedAdagrad: server learning rate.")
+    fedadagrad_tau: float = _key("strategy.fedadagrad.tau", "FedAdagrad: adaptivity.")
+    fedtrimmedavg_beta: float = _key(
+        "strategy.fedtrimmedavg.beta",
+        "FedTrimmedAvg: fraction of the replies cut at each end, per coordinate, in [0, 0.5).",
+    )
+    krum_num_malicious_nodes: int = _key(
+        "strategy.krum.num-malicious-nodes",
+        "Krum: f, the replies that may be hostile; needs clients-per-round >= f + 3.",
+    )
+    multikrum_num_malicious_nodes: int = _key(
+        "strategy.multikrum.num-malicious-nodes",
+        "MultiKrum: f, the replies that may be hostile; needs clients-per-round >= f + 3.",
+    )
+    multikrum_num_nodes_to_select: int = _key(
+        "strategy.multikrum.num-nodes-to-select",
+        "MultiKrum: m, the best-scored replies averaged (1 = Krum).",
     )
 
 
@@ -390,6 +418,17 @@ DEFAULTS: dict[str, Any] = {
     "strategy.fedadam.beta-1": 0.9,
     "strategy.fedadam.beta-2": 0.99,
     "strategy.fedadam.tau": 1e-3,
+    "strategy.fedprox.proximal-mu": 0.01,
+    "strategy.fedyogi.eta": 1e-3,
+    "strategy.fedyogi.beta-1": 0.9,
+    "strategy.fedyogi.beta-2": 0.99,
+    "strategy.fedyogi.tau": 1e-3,
+    "strategy.fedadagrad.eta": 1e-3,
+    "strategy.fedadagrad.tau": 1e-3,
+    "strategy.fedtrimmedavg.beta": 0.2,
+    "strategy.krum.num-malicious-nodes": 0,
+    "strategy.multikrum.num-malicious-nodes": 0,
+    "strategy.multikrum.num-nodes-to-select": 2,
     "validate.update-norm-ratio": 10.0,
     "validate.norm-window-rounds": 5,
     "compress.downlink": "fp32",
@@ -791,6 +830,32 @@ def _validate_strategy(config: RunConfig) -> None:
     _require(0 <= s.fedadam_beta_1 < 1, "strategy.fedadam.beta-1", "must be in [0, 1)")
     _require(0 <= s.fedadam_beta_2 < 1, "strategy.fedadam.beta-2", "must be in [0, 1)")
     _require(s.fedadam_tau > 0, "strategy.fedadam.tau", "must be > 0")
+    _require(s.fedprox_proximal_mu > 0, "strategy.fedprox.proximal-mu", "must be > 0")
+    _require(s.fedyogi_eta > 0, "strategy.fedyogi.eta", "must be > 0")
+    _require(0 <= s.fedyogi_beta_1 < 1, "strategy.fedyogi.beta-1", "must be in [0, 1)")
+    _require(0 <= s.fedyogi_beta_2 < 1, "strategy.fedyogi.beta-2", "must be in [0, 1)")
+    _require(s.fedyogi_tau > 0, "strategy.fedyogi.tau", "must be > 0")
+    _require(s.fedadagrad_eta > 0, "strategy.fedadagrad.eta", "must be > 0")
+    _require(s.fedadagrad_tau > 0, "strategy.fedadagrad.tau", "must be > 0")
+    _require(0 <= s.fedtrimmedavg_beta < 0.5, "strategy.fedtrimmedavg.beta", "must be in [0, 0.5)")
+    for family, malicious in (
+        ("krum", s.krum_num_malicious_nodes),
+        ("multikrum", s.multikrum_num_malicious_nodes),
+    ):
+        key = f"strategy.{family}.num-malicious-nodes"
+        _require(malicious >= 0, key, "must be >= 0")
+        _require(
+            s.name != family or fed.sampled_clients >= malicious + 3,
+            key,
+            f"{family} scores each reply by its distance to the n - f - 2 nearest others: it "
+            f"needs at least f + 3 = {malicious + 3} clients a round, got {fed.sampled_clients}",
+        )
+    _require(
+        s.multikrum_num_nodes_to_select >= 1
+        and (s.name != "multikrum" or s.multikrum_num_nodes_to_select <= fed.sampled_clients),
+        "strategy.multikrum.num-nodes-to-select",
+        f"must be in [1, {fed.sampled_clients}] (the clients sampled per round)",
+    )
     # A setting of another strategy would silently do nothing: refuse it.
     flat = config.to_flat()
     for key, value in flat.items():

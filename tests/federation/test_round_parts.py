@@ -144,7 +144,19 @@ def _reply(arrays: dict, weight: int) -> Message:
     return Message(content, reply_to=msg)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fedavg",
+        "fedavgm",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedmedian",
+        "fedtrimmedavg",
+    ],
+)
 def test_strategy_state_round_trips_exactly(name):
     config = build_config({"strategy.name": name})
     rng = np.random.default_rng(0)
@@ -175,7 +187,7 @@ def test_strategy_state_round_trips_exactly(name):
     first = build_strategy(config)
     arrays = one_round(first, start, 1)
     tensors, described = strategy_state(first)
-    if name == "fedavg":
+    if name in ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg"):
         assert tensors == {}
     else:
         assert tensors, f"{name} keeps state between rounds"
@@ -209,7 +221,8 @@ def test_strategy_keys_are_checked():
     from fedtune.config import ConfigError
 
     with pytest.raises(
-        ConfigError, match="strategy.name: must be one of fedavg, fedavgm, fedadam, flexlora"
+        ConfigError,
+        match="strategy.name: must be one of fedavg, fedavgm, fedprox, fedadam, fedyogi",
     ):
         build_config({"strategy.name": "fedsgd"})
     with pytest.raises(ConfigError, match="applies to strategy.name=fedavgm, not fedavg"):

@@ -139,6 +139,9 @@ def local_train(msg: Message, context: Context) -> Message:
         max_grad_norm=train.max_grad_norm,
         weight_decay=train.weight_decay,
         device=worker.device,
+        proximal_mu=(
+            config.strategy.fedprox_proximal_mu if config.strategy.name == "fedprox" else 0.0
+        ),
     )
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "train-loss": result.train_loss,

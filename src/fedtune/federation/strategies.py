@@ -21,7 +21,19 @@ if TYPE_CHECKING:
 
     from fedtune.config import RunConfig
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "flexlora")
+STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "flexlora",
+)
 
 
 def build_strategy(config: RunConfig, initial: Mapping[str, Any] | None = None) -> FedAvg:
@@ -30,7 +42,7 @@ def build_strategy(config: RunConfig, initial: Mapping[str, Any] | None = None) 
     Args:
         initial: the initial global adapter (FlexLoRA starts empty directions from its A).
     """
-    from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+    from flwr.serverapp import strategy as flower
 
     common: dict[str, Any] = dict(
         fraction_train=1.0,
@@ -43,22 +55,43 @@ def build_strategy(config: RunConfig, initial: Mapping[str, Any] | None = None) 
         configrecord_key=STRATEGY_CONFIG,
     )
     s = config.strategy
-    if s.name == "fedavg":
-        return FedAvg(**common)
-    if s.name == "fedavgm":
-        return FedAvgM(
+    built: dict[str, Any] = {
+        "fedavg": lambda: flower.FedAvg(**common),
+        "fedavgm": lambda: flower.FedAvgM(
             **common,
             server_learning_rate=s.fedavgm_server_learning_rate,
             server_momentum=s.fedavgm_server_momentum,
-        )
-    if s.name == "fedadam":
-        return FedAdam(
+        ),
+        # The server side of FedProx is FedAvg's; the proximal term is the clients' (local.py).
+        "fedprox": lambda: flower.FedProx(**common, proximal_mu=s.fedprox_proximal_mu),
+        "fedadam": lambda: flower.FedAdam(
             **common,
             eta=s.fedadam_eta,
             beta_1=s.fedadam_beta_1,
             beta_2=s.fedadam_beta_2,
             tau=s.fedadam_tau,
-        )
+        ),
+        "fedyogi": lambda: flower.FedYogi(
+            **common,
+            eta=s.fedyogi_eta,
+            beta_1=s.fedyogi_beta_1,
+            beta_2=s.fedyogi_beta_2,
+            tau=s.fedyogi_tau,
+        ),
+        "fedadagrad": lambda: flower.FedAdagrad(
+            **common, eta=s.fedadagrad_eta, tau=s.fedadagrad_tau
+        ),
+        "fedmedian": lambda: flower.FedMedian(**common),
+        "fedtrimmedavg": lambda: flower.FedTrimmedAvg(**common, beta=s.fedtrimmedavg_beta),
+        "krum": lambda: flower.Krum(**common, num_malicious_nodes=s.krum_num_malicious_nodes),
+        "multikrum": lambda: flower.MultiKrum(
+            **common,
+            num_malicious_nodes=s.multikrum_num_malicious_nodes,
+            num_nodes_to_select=s.multikrum_num_nodes_to_select,
+        ),
+    }
+    if s.name in built:
+        return built[s.name]()
     if s.name == "flexlora":
         from fedtune.federation.flexlora import FlexLoRA
 

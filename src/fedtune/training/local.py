@@ -154,6 +154,17 @@ class LocalResult:
     seconds: float
 
 
+def add_proximal_gradient(params: Sequence[Any], anchors: Sequence[Any], mu: float) -> None:
+    """grad += μ·(w − w₀) for each parameter: the gradient of FedProx's μ/2·‖w − w₀‖²."""
+    import torch
+
+    with torch.no_grad():
+        for param, anchor in zip(params, anchors, strict=True):
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.add_(param - anchor, alpha=mu)
+
+
 def train_local(
     model: Any,
     examples: Sequence[TokenizedExample],
@@ -169,6 +180,7 @@ def train_local(
     max_batch_tokens: int = 4096,
     device: str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
+    proximal_mu: float = 0.0,
 ) -> LocalResult:
     """Run `steps` AdamW steps of `batch_size × grad_accumulation` examples each.
 
@@ -177,6 +189,9 @@ def train_local(
         examples: the client's tokenized examples.
         seed: decides which examples each step sees, and dropout.
         max_batch_tokens: padded-token budget per micro-batch (memory knob, not a math knob).
+        proximal_mu: FedProx's μ: every step's gradient gets μ·(w − w₀), the gradient of
+            μ/2·‖w − w₀‖² with w₀ the trainable parameters as the round started (the global
+            adapter received), before clipping. The reported loss stays the data loss.
     Returns:
         Loss and work counters of the round.
     """
@@ -193,6 +208,7 @@ def train_local(
     optimizer = torch.optim.AdamW(
         params, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
     )
+    anchors = [p.detach().clone() for p in params] if proximal_mu else []
     model.train()
     step_losses: list[float] = []
     tokens = response_tokens = padded = 0
@@ -207,6 +223,8 @@ def train_local(
             (loss_sum / step_targets).backward()
             step_loss += float(loss_sum.detach()) / step_targets
             padded += ids.numel()
+        if proximal_mu:
+            add_proximal_gradient(params, anchors, proximal_mu)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
