@@ -1,4 +1,4 @@
-"""The `fedtune` command: run, eval, leaderboard, report.
+"""The `fedtune` command: run, eval, leaderboard, report, data.
 
 Each command group lives beside the code it drives and registers its own sub-parser; heavy imports
 (torch, transformers, flwr) happen inside the handlers so `fedtune --help` stays instant.
@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "fedtune.evaluation.cli",
     "fedtune.leaderboard.cli",
     "fedtune.report",
+    "fedtune.data.cli",
 )
 
 

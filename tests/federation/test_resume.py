@@ -207,3 +207,7 @@ def test_flexlora_clients_train_at_their_ranks_and_the_global_is_a_peft_adapter(
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir_module)
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     assert model.peft_config["default"].r == 8
+    # Every run directory says what each client held (here 4 IID partitions of the sample).
+    report = json.loads((run_dir / "partitions.json").read_text())
+    assert report["num_partitions"] == 4 and len(report["sizes"]) == 4
+    assert (run_dir / "partitions.png").exists()

@@ -19,7 +19,10 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_DATASETS = {"alpaca-gpt4-sample": "alpaca-gpt4/alpaca_gpt4_sample.jsonl.gz"}
+EMBEDDED_DATASETS = {
+    "alpaca-gpt4-sample": "alpaca-gpt4/alpaca_gpt4_sample.jsonl.gz",
+    "dolly-15k": "dolly-15k/dolly_train.jsonl.gz",  # with an 8-value `category` label
+}
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
 
 # Other spellings of the three fields, in order of preference.

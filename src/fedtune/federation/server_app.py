@@ -27,6 +27,7 @@ from fedtune.config import (
     codec_specs,
     config_differences,
 )
+from fedtune.data.partition_report import PartitionReport
 from fedtune.federation.nodes import NodeDirectory, PartitionSampler
 from fedtune.federation.progress import Progress
 from fedtune.federation.rounds import (
@@ -182,18 +183,19 @@ def open_run(config: RunConfig, command: list[str] | None = None) -> RunDirector
     return run_dir
 
 
-def partition_rows(config: RunConfig) -> list[int] | None:
-    """Rows per partition when the server can know them (local and embedded data): the most
-    examples a client can truthfully report. None for hub data."""
-    from fedtune.data.partition import partition_dataset
-    from fedtune.data.sources import load_local_rows, resolve_data
+def partition_report(
+    run_dir: RunDirectory, config: RunConfig, progress: Progress
+) -> PartitionReport | None:
+    """What each client holds (local and embedded data; None for hub data), written to the run
+    directory as partitions.json/.png when the run starts. Its sizes are the most examples a
+    client can truthfully report."""
+    from fedtune.data.partition_report import REPORT_JSON, build_report, describe, save
 
-    source = resolve_data(config.data.name)
-    if source.kind == "hub":
-        return None
-    rows = load_local_rows(source)
-    partitioner = partition_dataset(rows, config.data, config.federation.num_clients)
-    return [len(partitioner.load_partition(i)) for i in range(config.federation.num_clients)]
+    report = build_report(config.data, config.federation.num_clients)
+    if report is not None and not (run_dir.path / REPORT_JSON).exists():
+        save(report, run_dir.path)
+        progress.note(f"partitions: {describe(report)} (partitions.png)")
+    return report
 
 
 def start_or_resume(
@@ -246,6 +248,7 @@ def round_context(
     sampler: PartitionSampler,
     progress: Progress,
     run_dir: Path | str = "",
+    rows: list[int] | None = None,
 ) -> RoundContext:
     fed, s = config.federation, config.strategy
     flat = config.to_flat()
@@ -272,7 +275,7 @@ def round_context(
         byte_budget=config.run.byte_budget,
         norm_ratio=config.validate.update_norm_ratio,
         norm_window=config.validate.norm_window_rounds,
-        partition_rows=partition_rows(config),
+        partition_rows=rows,
         downlink=MessageCodec(downlink),
         uplink=MessageCodec(uplink),
         seed=config.train.seed,
@@ -300,8 +303,17 @@ def run_federation(
     state, ledger = start_or_resume(run_dir, config, adapter, strategy, progress)
     sampler = PartitionSampler(train.seed)
     sampler.set_state(state.sampler)
+    report = partition_report(run_dir, config, progress)
     ctx = round_context(
-        grid, config, strategy, ledger, adapter, sampler, progress, run_dir=run_dir.path
+        grid,
+        config,
+        strategy,
+        ledger,
+        adapter,
+        sampler,
+        progress,
+        run_dir=run_dir.path,
+        rows=report.sizes if report else None,
     )
     progress.start(state.round)
     progress.note(
