@@ -144,8 +144,13 @@ def main() -> None:
             command += ["--protocol", "loglik", "--sample", str(args.mmlu), "--no-progress"]
             eval_s = run(command, out / f"{name}.eval.log")
             found = sorted(eval_dir.glob("mmlu_*.json"))
-        else:
-            eval_s = 0.0
+        else:  # scored by an earlier invocation: the time between the two logs' last writes
+            eval_log, run_log = out / f"{name}.eval.log", out / f"{name}.run.log"
+            eval_s = (
+                eval_log.stat().st_mtime - run_log.stat().st_mtime
+                if eval_log.exists() and run_log.exists()
+                else 0.0
+            )
         mmlu, mmlu_se = mmlu_with_error(json.loads(found[-1].read_text()))
         curves = read_curves(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
