@@ -220,3 +220,38 @@ def test_fedprox_keeps_a_client_closer_to_the_global_adapter(tiny_llama):
 
     free, held = distance(0.0), distance(50.0)
     assert held < 0.8 * free
+
+
+def test_scaffold_correction_is_added_to_the_gradient_and_the_raw_mean_returned(tiny_llama):
+    def fresh():
+        return attach_adapter(
+            tiny_llama(vocab_size=64), build_config({"model.lora.dropout": 0.0}).lora, seed=0
+        )
+
+    examples = random_examples(4, seed=6)
+    settings = dict(
+        steps=1, batch_size=4, grad_accumulation=1, learning_rate=1e-2, seed=0, pad_id=0
+    )
+    settings["max_grad_norm"] = 0.0
+    # The raw gradient at the start, by parameter name.
+    probe = fresh()
+    ids, attention, labelled = collate(examples, 0, "cpu")
+    loss, _ = summed_token_loss(probe, ids, attention, labelled)
+    targets = sum(e.num_response_tokens - int(e.label_mask[0]) for e in examples)
+    (loss / targets).backward()
+    raw = {n: p.grad.clone() for n, p in probe.named_parameters() if p.requires_grad}
+    terms = {n: torch.randn_like(g) for n, g in raw.items()}
+    model = fresh()
+    used = {}
+
+    def capture(step, loss):  # after the optimizer step: .grad is what it stepped with
+        used.update({n: p.grad.clone() for n, p in model.named_parameters() if n in terms})
+
+    result = train_local(model, examples, **settings, gradient_correction=terms, on_step=capture)
+    for name, gradient in raw.items():
+        torch.testing.assert_close(result.mean_gradients[name], gradient, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(used[name], gradient + terms[name], rtol=1e-5, atol=1e-6)
+    plain = train_local(fresh(), examples, **settings)
+    assert plain.mean_gradients is None
+    with pytest.raises(ValueError, match="do not train"):
+        train_local(fresh(), examples, **settings, gradient_correction={"nope": terms[name]})

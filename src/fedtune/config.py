@@ -159,6 +159,7 @@ class StrategyConfig:
     name: str = _key(
         "strategy.name",
         "fedavg, fedavgm (server momentum), fedprox (FedAvg + the clients' proximal term), "
+        "scaffold (control variates against client drift), "
         "fedadam, fedyogi, fedadagrad (server optimizers), fedmedian, fedtrimmedavg, krum, "
         "multikrum (robust aggregation) — Flower's own — or flexlora (FlexLoRA: averages the "
         "clients' products B·A, hands each client back a truncated SVD at its own rank; see "
@@ -193,6 +194,10 @@ class StrategyConfig:
     fedprox_proximal_mu: float = _key(
         "strategy.fedprox.proximal-mu",
         "FedProx: μ of the clients' proximal term μ/2·‖w − w_global‖² on the trained adapter.",
+    )
+    scaffold_server_learning_rate: float = _key(
+        "strategy.scaffold.server-learning-rate",
+        "SCAFFOLD: η_g, the step from the global adapter towards the clients' mean.",
     )
     fedyogi_eta: float = _key("strategy.fedyogi.eta", "FedYogi: server learning rate.")
     fedyogi_beta_1: float = _key("strategy.fedyogi.beta-1", "FedYogi: first-moment decay.")
@@ -419,6 +424,7 @@ DEFAULTS: dict[str, Any] = {
     "strategy.fedadam.beta-2": 0.99,
     "strategy.fedadam.tau": 1e-3,
     "strategy.fedprox.proximal-mu": 0.01,
+    "strategy.scaffold.server-learning-rate": 1.0,
     "strategy.fedyogi.eta": 1e-3,
     "strategy.fedyogi.beta-1": 0.9,
     "strategy.fedyogi.beta-2": 0.99,
@@ -831,6 +837,11 @@ def _validate_strategy(config: RunConfig) -> None:
     _require(0 <= s.fedadam_beta_2 < 1, "strategy.fedadam.beta-2", "must be in [0, 1)")
     _require(s.fedadam_tau > 0, "strategy.fedadam.tau", "must be > 0")
     _require(s.fedprox_proximal_mu > 0, "strategy.fedprox.proximal-mu", "must be > 0")
+    _require(
+        s.scaffold_server_learning_rate > 0,
+        "strategy.scaffold.server-learning-rate",
+        "must be > 0",
+    )
     _require(s.fedyogi_eta > 0, "strategy.fedyogi.eta", "must be > 0")
     _require(0 <= s.fedyogi_beta_1 < 1, "strategy.fedyogi.beta-1", "must be in [0, 1)")
     _require(0 <= s.fedyogi_beta_2 < 1, "strategy.fedyogi.beta-2", "must be in [0, 1)")

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedtune.config import ConfigError, build_config, codec_specs
-from fedtune.federation.node_state import ResidualStore
+from fedtune.federation.node_state import NodeStateStore
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +23,7 @@ def residual(value: float) -> dict[str, np.ndarray]:
 
 
 def test_a_redone_round_gets_the_residual_it_had_the_first_time(tmp_path):
-    store = ResidualStore.for_node(context(), str(tmp_path), 3)
+    store = NodeStateStore.for_node(context(), str(tmp_path), 3)
     assert store.directory == tmp_path / "node-state" / "partition-3"
     assert store.load(1) is None
     store.save(1, residual(1.0))
@@ -31,7 +31,7 @@ def test_a_redone_round_gets_the_residual_it_had_the_first_time(tmp_path):
     assert store.load(4)["w"][0, 0] == 1.0  # round 4 uses what round 1 left
     assert store.load(5)["w"][0, 0] == 4.0
     # A resumed server redoes round 4 in a new process: the disk has what memory had.
-    fresh = ResidualStore.for_node(context(), str(tmp_path), 3)
+    fresh = NodeStateStore.for_node(context(), str(tmp_path), 3)
     assert fresh.load(4)["w"][0, 0] == 1.0
     fresh.save(4, residual(4.5))  # the redo replaces round 4's residual
     assert fresh.load(5)["w"][0, 0] == 4.5
@@ -44,9 +44,9 @@ def test_a_redone_round_gets_the_residual_it_had_the_first_time(tmp_path):
 
 
 def test_a_node_config_state_dir_wins_and_no_directory_keeps_memory_only(tmp_path):
-    store = ResidualStore.for_node(context({"state-dir": str(tmp_path / "n")}), "/elsewhere", 0)
+    store = NodeStateStore.for_node(context({"state-dir": str(tmp_path / "n")}), "/elsewhere", 0)
     assert store.directory == tmp_path / "n" / "partition-0"
-    memory_only = ResidualStore.for_node(context(), "", 0)
+    memory_only = NodeStateStore.for_node(context(), "", 0)
     memory_only.save(2, residual(2.0))
     assert memory_only.load(3)["w"][0, 0] == 2.0 and memory_only.load(2) is None
 

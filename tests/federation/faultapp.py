@@ -78,6 +78,9 @@ def train(msg: Message, context: Context) -> Message:
     elif kind == "nan-loss":
         metrics["train-loss"] = float("nan")
     content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
+    for name, record in reply.content.array_records.items():  # a strategy's extra records
+        if name != ARRAYS:
+            content[name] = record
     return Message(content=content, reply_to=msg)
 
 

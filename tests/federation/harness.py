@@ -31,7 +31,8 @@ TINY_RUN = (
 # stochastically, seeded).
 SETUPS: dict[str, tuple[str, ...]] = {
     "fedavg": (),
-    "fedavgm-ffa": ("strategy.name=fedavgm", "model.lora.variant=ffa"),
+    # SCAFFOLD over FFA-LoRA's B factors: server and client control variates carried across rounds.
+    "scaffold-ffa": ("strategy.name=scaffold", "model.lora.variant=ffa"),
     # FlexLoRA with clients of two ranks (partitions 0, 2 at 4; 1, 3 at 8), replies as deltas
     # against each client's own factors.
     "flexlora": (

@@ -41,13 +41,15 @@ def _resume(tmp_path, name, model_dir, reference):
 
 @pytest.mark.parametrize(
     "where,setup",
-    # Each stateful strategy resumes through a real SIGKILL: FedAvgM's momentum and FedAdam's
-    # moments must come back bit for bit for the adapter to match; so must the clients'
-    # error-feedback residuals of a compressed run, killed after its clients had already
+    # Each stateful strategy resumes through a real SIGKILL: SCAFFOLD's server and client
+    # control variates and FedAdam's moments must come back bit for bit for the adapter to
+    # match (FedAvgM's momentum, FedYogi's and FedAdagrad's moments are the same kind of saved
+    # strategy state, round-tripped in test_round_parts); so must the clients' error-feedback
+    # residuals of a compressed run, killed after its clients had already
     # moved on to round 2's residuals; FlexLoRA's SVDs give the same factors again.
     [
         ("mid-round", "flexlora"),
-        ("between-rounds", "fedavgm-ffa"),
+        ("between-rounds", "scaffold-ffa"),
         ("in-checkpoint", "fedadam-compressed"),
     ],
 )
@@ -152,7 +154,7 @@ def test_a_compressed_run_pays_for_what_it_serializes(reference_run):
     assert kept == {f"partition-{p}" for p in trained}
 
 
-def test_ffa_lora_sends_only_b_and_keeps_a_at_its_seeded_start(
+def test_ffa_lora_sends_only_b_and_keeps_a_at_its_seeded_start_and_scaffold_pays_twice(
     reference_run, tiny_model_dir_module
 ):
     from safetensors.numpy import load_file
@@ -161,7 +163,7 @@ def test_ffa_lora_sends_only_b_and_keeps_a_at_its_seeded_start(
     from fedtune.config import build_config
     from fedtune.model.adapters import adapter_state, attach_adapter
 
-    run_dir = reference_run("fedavgm-ffa")
+    run_dir = reference_run("scaffold-ffa")
     final = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     config = build_config({"model.name": str(tiny_model_dir_module)})
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir_module)
@@ -175,8 +177,18 @@ def test_ffa_lora_sends_only_b_and_keeps_a_at_its_seeded_start(
     assert all(abs(final[k]).sum() > 0 for k in b_keys)  # B trained (it starts at zero)
     b_bytes = sum(final[k].nbytes + 128 for k in b_keys)  # .npy payloads of the B factors
     ledger = read_jsonl(run_dir / "ledger.jsonl")
-    assert {e["downlink_bytes"] for e in ledger} == {b_bytes}
-    assert {e["uplink_bytes"] for e in ledger} == {b_bytes}
+    # SCAFFOLD sends c with x and gets Δcᵢ with y: each the B factors' layout, fp32.
+    assert {e["downlink_bytes"] for e in ledger} == {2 * b_bytes}
+    assert {e["uplink_bytes"] for e in ledger} == {2 * b_bytes}
+    assert {e["downlink_arrays"] for e in ledger} == {2 * len(b_keys)}
+    # Each client that trained keeps its control variate cᵢ (over B) in its node state.
+    trained = {e["partition_id"] for e in ledger}
+    for partition in trained:
+        files = sorted((run_dir / "node-state" / f"partition-{partition}").glob("control-*"))
+        assert files, partition
+        control = load_file(str(files[-1]))
+        assert sorted(control) == sorted(b_keys) and any(abs(v).sum() > 0 for v in control.values())
+    assert not [c for c in read_jsonl(run_dir / "clients.jsonl") if "problem" in c]
 
 
 def test_flexlora_clients_train_at_their_ranks_and_the_global_is_a_peft_adapter(

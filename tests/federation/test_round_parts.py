@@ -222,7 +222,7 @@ def test_strategy_keys_are_checked():
 
     with pytest.raises(
         ConfigError,
-        match="strategy.name: must be one of fedavg, fedavgm, fedprox, fedadam, fedyogi",
+        match="strategy.name: must be one of fedavg, fedavgm, fedprox, scaffold, fedadam",
     ):
         build_config({"strategy.name": "fedsgd"})
     with pytest.raises(ConfigError, match="applies to strategy.name=fedavgm, not fedavg"):

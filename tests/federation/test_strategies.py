@@ -139,7 +139,7 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "flexlora"])
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in ("flexlora", "scaffold")])
 def test_aggregate_equals_the_numpy_reference_over_two_rounds(name):
     config = build_config(
         {"strategy.name": name, "strategy.clients-per-round": 5, **SETTINGS.get(name, {})}
@@ -182,3 +182,55 @@ def test_krum_needs_enough_clients_and_strategy_keys_are_checked():
     with pytest.raises(ConfigError, match="applies to strategy.name=fedyogi, not fedadam"):
         build_config({"strategy.name": "fedadam", "strategy.fedyogi.eta": 0.5})
     build_config({"strategy.clients-per-round": 1})  # other strategies' defaults do not bind
+
+
+def test_scaffold_server_update_and_messages():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedtune.federation.messages import CONTROL, CONTROL_DELTA
+
+    config = build_config(
+        {
+            "strategy.name": "scaffold",
+            "federation.num-clients": 10,
+            "strategy.scaffold.server-learning-rate": 0.5,
+        }
+    )
+    strategy = build_strategy(config)
+    rng = np.random.default_rng(11)
+    size = sum(int(np.prod(s)) for s in SHAPES.values())
+    x = rng.standard_normal(size).astype(np.float32).astype(np.float64)
+    c = np.zeros(size)
+    for server_round in (1, 2):
+        arrays = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in _unflat(x).items()})
+        messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid([1, 2, 3]))
+        )
+        sent_c = _flat({k: a.numpy() for k, a in messages[0].content[CONTROL].items()})
+        np.testing.assert_allclose(sent_c, c, rtol=1e-6, atol=1e-7)  # zero, then the update
+        clients = [x + rng.standard_normal(size) * 0.1 for _ in range(3)]
+        deltas = [rng.standard_normal(size) for _ in range(3)]
+        weights = [5, 10, 25]
+        replies = []
+        for vector, delta, weight in zip(clients, deltas, weights, strict=True):
+            content = RecordDict(
+                {
+                    ARRAYS: ArrayRecord(
+                        {k: Array(v.astype(np.float32)) for k, v in _unflat(vector).items()}
+                    ),
+                    "metrics": MetricRecord({WEIGHT_KEY: weight, "train-loss": 1.0}),
+                    CONTROL_DELTA: ArrayRecord(
+                        {k: Array(v.astype(np.float32)) for k, v in _unflat(delta).items()}
+                    ),
+                }
+            )
+            replies.append(Message(content=content, dst_node_id=1, message_type="train"))
+        got, _ = strategy.aggregate_train(server_round, replies)
+        clients = [v.astype(np.float32).astype(np.float64) for v in clients]
+        deltas = [v.astype(np.float32).astype(np.float64) for v in deltas]
+        # x ← x + η_g·(mean_w(y) − x); c ← c + (|S|/N)·mean(Δcᵢ)
+        want = x + 0.5 * (_weighted_mean(clients, weights) - x)
+        c = c + (3 / 10) * np.mean(deltas, axis=0)
+        x = _flat({k: a.numpy().astype(np.float64) for k, a in got.items()})
+        np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_flat(strategy.control), c, rtol=1e-5, atol=1e-6)

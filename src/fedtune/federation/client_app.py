@@ -22,6 +22,8 @@ from fedtune.compression.message import MessageCodec
 from fedtune.config import RunConfig, build_config, client_rank, codec_specs
 from fedtune.federation.messages import (
     ARRAYS,
+    CONTROL,
+    CONTROL_DELTA,
     METRICS,
     NODE,
     RUN_CONFIG,
@@ -121,6 +123,11 @@ def local_train(msg: Message, context: Context) -> Message:
     layout = state_spec({k: own[k] for k in travelling})
     received = downlink.decode(msg.content.array_records[ARRAYS], layout)
     load_adapter_state(worker.model, received.to_torch_state_dict(), keys=travelling)
+    scaffold = (
+        ScaffoldClient(msg, context, worker, travelling, layout, partition_id, server_round)
+        if config.strategy.name == "scaffold"
+        else None
+    )
     examples, counts = get_partition(worker, config, partition_id, num_partitions)
     train = config.train
     learning_rate = cosine_annealing(
@@ -142,6 +149,7 @@ def local_train(msg: Message, context: Context) -> Message:
         proximal_mu=(
             config.strategy.fedprox_proximal_mu if config.strategy.name == "fedprox" else 0.0
         ),
+        gradient_correction=scaffold.correction if scaffold else None,
     )
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "train-loss": result.train_loss,
@@ -161,7 +169,63 @@ def local_train(msg: Message, context: Context) -> Message:
         msg, context, config, uplink, worker, received, server_round, partition_id
     )
     content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
+    if scaffold is not None:
+        content[CONTROL_DELTA] = scaffold.finish(result.mean_gradients or {})
     return Message(content=content, reply_to=msg)
+
+
+class ScaffoldClient:
+    """SCAFFOLD's client side (see `federation/scaffold.py`): the gradient correction c − cᵢ for
+    this round, and after training cᵢ⁺ (the mean raw gradient) kept in the node's state and
+    Δcᵢ = cᵢ⁺ − cᵢ for the reply."""
+
+    def __init__(
+        self,
+        msg: Message,
+        context: Context,
+        worker: ClientWorker,
+        travelling: list[str],
+        layout: dict[str, Any],
+        partition_id: int,
+        server_round: int,
+    ) -> None:
+        import numpy as np
+        import torch
+
+        from fedtune.federation.node_state import NodeStateStore
+        from fedtune.model.adapters import check_state, parameter_names
+
+        if CONTROL not in msg.content.array_records:
+            raise ValueError(f"a SCAFFOLD message without its {CONTROL!r} record")
+        server = {k: a.numpy() for k, a in msg.content.array_records[CONTROL].items()}
+        spec = {k: (shape, "float32") for k, (shape, _) in layout.items()}
+        check_state(spec, {k: (tuple(v.shape), str(v.dtype)) for k, v in server.items()})
+        self.round = server_round
+        self.store = NodeStateStore.for_node(context, run_dir_of(msg), partition_id, "control")
+        own = self.store.load(server_round)
+        self.own = own if own is not None else {k: np.zeros_like(v) for k, v in server.items()}
+        self.names = parameter_names(worker.model, travelling)
+        self.correction = {
+            self.names[k]: torch.from_numpy(server[k] - self.own[k]) for k in travelling
+        }
+
+    def finish(self, mean_gradients: dict[str, Any]) -> ArrayRecord:
+        import numpy as np
+        from flwr.app import Array
+
+        updated = {
+            k: mean_gradients[name].detach().cpu().numpy().astype(np.float32)
+            for k, name in self.names.items()
+        }
+        self.store.save(self.round, updated)
+        return ArrayRecord({k: Array(updated[k] - self.own[k]) for k in updated})
+
+
+def run_dir_of(msg: Message) -> str:
+    """The server's run directory, where a simulated node keeps its state (may be empty)."""
+    if RUN_CONTEXT in msg.content.config_records:
+        return str(msg.content.config_records[RUN_CONTEXT].get("run-dir", ""))
+    return ""
 
 
 def encode_reply(
@@ -178,17 +242,14 @@ def encode_reply(
     client received (`delta`), plus last round's residual (error feedback), seeded rounding."""
     import numpy as np
 
-    from fedtune.federation.node_state import ResidualStore
+    from fedtune.federation.node_state import NodeStateStore
     from fedtune.model.adapters import adapter_state
 
     reference = {k: a.numpy() for k, a in received.items()}
     tensors = {k: v.numpy() for k, v in adapter_state(worker.model).items() if k in reference}
     store = residual = None
     if uplink.spec.error_feedback:
-        run_dir = ""
-        if RUN_CONTEXT in msg.content.config_records:
-            run_dir = str(msg.content.config_records[RUN_CONTEXT].get("run-dir", ""))
-        store = ResidualStore.for_node(context, run_dir, partition_id)
+        store = NodeStateStore.for_node(context, run_dir_of(msg), partition_id)
         residual = store.load(server_round)
     rng = np.random.default_rng([config.train.seed, server_round, partition_id + 1])
     record, new_residual = uplink.encode(tensors, reference=reference, residual=residual, rng=rng)

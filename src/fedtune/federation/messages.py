@@ -12,6 +12,9 @@ A train message holds three records:
 - `run-context` (ConfigRecord): `run-dir`, the server's run directory, where a simulated node
   keeps the state it must carry across a resume (error-feedback residuals) when its node config
   names no `state-dir` of its own.
+With SCAFFOLD a train message also holds `scaffold-control` (ArrayRecord, fp32: the server's
+control variate c over the adapter tensors that travel), and its reply `scaffold-control-delta`
+(the client's cᵢ⁺ − cᵢ); both are paid for in the ledger like the adapter.
 A reply holds `arrays` (the client's adapter, encoded by the uplink codec) and `metrics`
 (MetricRecord) following REPLY_METRICS. A query message (node discovery) holds `run-config`;
 its reply holds `node` (MetricRecord: partition-id, num-partitions).
@@ -30,6 +33,8 @@ RUN_CONFIG = "run-config"
 METRICS = "metrics"
 NODE = "node"
 RUN_CONTEXT = "run-context"
+CONTROL = "scaffold-control"
+CONTROL_DELTA = "scaffold-control-delta"
 
 # The weight FedAvg-family strategies aggregate by.
 WEIGHT_KEY = "num-examples"

@@ -1,7 +1,7 @@
-"""State a node carries from one round to the next (error-feedback residuals), kept so that a
-resumed run continues exactly.
+"""State a node carries from one round to the next — error-feedback residuals (`residual`),
+SCAFFOLD's client control variate (`control`) — kept so that a resumed run continues exactly.
 
-A node keeps its residual in its `Context.state` (fast, what Flower gives a node) and, when it has
+A node keeps each in its `Context.state` (fast, what Flower gives a node) and, when it has
 a directory for it, on disk as one safetensors file per round it trained in. On round r it uses
 the newest residual from a round before r: if the server was killed after round r's messages and
 resumed from round r − 1, the node redoes round r from the same residual it used the first time.
@@ -17,19 +17,25 @@ from typing import Any
 
 import numpy as np
 
-STATE_KEY = "fedtune.residual"
+KINDS = ("residual", "control")
 KEEP = 2  # files kept: the newest and the one before it
 
 
-class ResidualStore:
-    """One node's error-feedback residuals, by the round that produced them."""
+class NodeStateStore:
+    """One node's tensors of one kind, by the round that produced them."""
 
-    def __init__(self, context: Any, directory: Path | None) -> None:
+    def __init__(self, context: Any, directory: Path | None, kind: str = "residual") -> None:
+        if kind not in KINDS:
+            raise ValueError(f"node state kind {kind!r} is not one of {', '.join(KINDS)}")
         self.context = context
         self.directory = directory
+        self.kind = kind
+        self.key = f"fedtune.{kind}"
 
     @classmethod
-    def for_node(cls, context: Any, run_dir: str, partition_id: int) -> ResidualStore:
+    def for_node(
+        cls, context: Any, run_dir: str, partition_id: int, kind: str = "residual"
+    ) -> NodeStateStore:
         configured = context.node_config.get("state-dir")
         if configured:
             directory: Path | None = Path(str(configured)) / f"partition-{partition_id}"
@@ -37,20 +43,21 @@ class ResidualStore:
             directory = Path(run_dir) / "node-state" / f"partition-{partition_id}"
         else:
             directory = None
-        return cls(context, directory)
+        return cls(context, directory, kind)
 
     def _files(self) -> dict[int, Path]:
         if self.directory is None or not self.directory.is_dir():
             return {}
         found = {}
-        for path in self.directory.glob("residual-*.safetensors"):
-            stem = path.name[len("residual-") : -len(".safetensors")]
+        prefix = f"{self.kind}-"
+        for path in self.directory.glob(f"{prefix}*.safetensors"):
+            stem = path.name[len(prefix) : -len(".safetensors")]
             if stem.isdigit():
                 found[int(stem)] = path
         return found
 
     def load(self, server_round: int) -> dict[str, np.ndarray] | None:
-        """The newest residual produced before `server_round`, or None (start from zero)."""
+        """The newest tensors produced before `server_round`, or None (start from zero)."""
         from safetensors.numpy import load_file
 
         memory = self._memory()
@@ -63,22 +70,22 @@ class ResidualStore:
             return dict(load_file(str(on_disk[best_disk])))
         return None
 
-    def save(self, server_round: int, residual: dict[str, np.ndarray]) -> None:
-        """Keep the residual of `server_round` (memory, and disk when there is a directory)."""
+    def save(self, server_round: int, tensors: dict[str, np.ndarray]) -> None:
+        """Keep the tensors of `server_round` (memory, and disk when there is a directory)."""
         from flwr.app import Array, ArrayRecord, ConfigRecord
         from safetensors.numpy import save_file
 
         state = self.context.state
-        state[STATE_KEY] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in residual.items()}
+        state[self.key] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()}
         )
-        state[STATE_KEY + ".round"] = ConfigRecord({"round": server_round})
+        state[self.key + ".round"] = ConfigRecord({"round": server_round})
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.directory / f"residual-{server_round:05d}.safetensors"
+        target = self.directory / f"{self.kind}-{server_round:05d}.safetensors"
         staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        save_file({k: np.ascontiguousarray(v) for k, v in residual.items()}, str(staging))
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staging))
         os.replace(staging, target)
         # Later rounds' files are stale (a resumed run redoes them); keep the newest KEEP before.
         files = self._files()
@@ -89,7 +96,7 @@ class ResidualStore:
 
     def _memory(self) -> dict[int, dict[str, np.ndarray]]:
         state = self.context.state
-        if STATE_KEY not in state.array_records or STATE_KEY + ".round" not in state.config_records:
+        if self.key not in state.array_records or self.key + ".round" not in state.config_records:
             return {}
-        produced = int(state.config_records[STATE_KEY + ".round"]["round"])
-        return {produced: {k: a.numpy() for k, a in state.array_records[STATE_KEY].items()}}
+        produced = int(state.config_records[self.key + ".round"]["round"])
+        return {produced: {k: a.numpy() for k, a in state.array_records[self.key].items()}}

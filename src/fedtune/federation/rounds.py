@@ -35,7 +35,12 @@ from fedtune.compression.message import MessageCodec
 from fedtune.federation.messages import ARRAYS, MAX_EXAMPLES, RUN_CONFIG, RUN_CONTEXT
 from fedtune.federation.nodes import NodeDirectory, PartitionSampler
 from fedtune.federation.strategies import restore_strategy_state, strategy_state
-from fedtune.federation.updates import ClientUpdate, check_reply, drop_outliers
+from fedtune.federation.updates import (
+    ClientUpdate,
+    check_reply,
+    check_side_records,
+    drop_outliers,
+)
 from fedtune.rundir import RunDirectory, RunDirError
 
 STATE_FORMAT = 1
@@ -265,13 +270,20 @@ def expected_uplink_bytes(ctx: RoundContext, state: LoopState, arrays: Any) -> i
     codec = MessageCodec(dataclasses.replace(spec, zstd=0)) if spec.zstd else ctx.uplink
     record, _ = codec.encode(tensors, reference=tensors, rng=np.random.default_rng(0))
     size = array_record_bytes(record)
-    return zstd_bound(size) if spec.zstd else size
+    # A strategy's extra records travel as fp32 in the adapter's layout (SCAFFOLD's Δcᵢ).
+    extra = len(side_records(ctx)) * array_record_bytes(arrays)
+    return (zstd_bound(size) if spec.zstd else size) + extra
 
 
 def send(ctx: RoundContext, messages: list[Any]) -> dict[int, Any]:
     """Send and wait at most the round timeout; replies by node id."""
     replies = ctx.grid.send_and_receive(messages, timeout=ctx.round_timeout_s)
     return {reply.metadata.src_node_id: reply for reply in replies}
+
+
+def side_records(ctx: RoundContext) -> tuple[str, ...]:
+    """The extra records the strategy expects in every reply (SCAFFOLD's Δcᵢ)."""
+    return tuple(getattr(ctx.strategy, "reply_records", ()))
 
 
 def sent_adapters(messages: list[Any]) -> dict[int, dict[str, Any]]:
@@ -311,6 +323,9 @@ def validate(
 
         rows = ctx.partition_rows[update.partition_id] if ctx.partition_rows else None
         check_reply(update, decode, spec, origin, rows or MAX_EXAMPLES)
+        check_side_records(
+            update, side_records(ctx), {k: (s, "float32") for k, (s, _) in spec.items()}
+        )
         if update.usable and update.metrics.get("partition-id") != update.partition_id:
             update.problem = (
                 f"reply says partition {update.metrics.get('partition-id')}, "
@@ -335,7 +350,7 @@ def aggregate(ctx: RoundContext, server_round: int, usable: list[ClientUpdate]) 
         # The decoded adapter and the schema's metrics only: an extra metric key in one reply
         # must not make the strategy refuse the whole cohort.
         update.reply.content = RecordDict(
-            {ARRAYS: update.arrays, "metrics": MetricRecord(dict(update.metrics))}
+            {ARRAYS: update.arrays, "metrics": MetricRecord(dict(update.metrics)), **update.side}
         )
         replies.append(update.reply)
     arrays, metrics = ctx.strategy.aggregate_train(server_round, replies)

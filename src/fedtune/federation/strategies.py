@@ -25,6 +25,7 @@ STRATEGIES = (
     "fedavg",
     "fedavgm",
     "fedprox",
+    "scaffold",
     "fedadam",
     "fedyogi",
     "fedadagrad",
@@ -92,6 +93,14 @@ def build_strategy(config: RunConfig, initial: Mapping[str, Any] | None = None) 
     }
     if s.name in built:
         return built[s.name]()
+    if s.name == "scaffold":
+        from fedtune.federation.scaffold import Scaffold
+
+        return Scaffold(
+            **common,
+            num_clients=config.federation.num_clients,
+            server_learning_rate=s.scaffold_server_learning_rate,
+        )
     if s.name == "flexlora":
         from fedtune.federation.flexlora import FlexLoRA
 

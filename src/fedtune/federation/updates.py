@@ -43,6 +43,7 @@ class ClientUpdate:
     ignored_metrics: list[str] = field(default_factory=list)
     arrays: Any = None  # decoded ArrayRecord
     norm: float | None = None
+    side: dict[str, Any] = field(default_factory=dict)  # a strategy's extra records (SCAFFOLD)
 
     @property
     def usable(self) -> bool:
@@ -99,6 +100,35 @@ def check_reply(
         squared += float(np.sum((values.astype(np.float64) - global_arrays[key]) ** 2))
     update.arrays = arrays
     update.norm = math.sqrt(squared)
+
+
+def check_side_records(
+    update: ClientUpdate, names: tuple[str, ...], spec: dict[str, tuple[tuple[int, ...], str]]
+) -> None:
+    """A strategy's extra reply records (fp32, the travelling adapter's layout, finite) are
+    kept in `update.side`; a missing or malformed one drops the reply."""
+    import numpy as np
+
+    from fedtune.model.adapters import AdapterMismatch, check_state
+
+    if not update.usable or not names:
+        return
+    content = update.reply.content
+    for name in names:
+        if name not in content.array_records:
+            update.problem = f"reply without its {name!r} record"
+            return
+        record = content.array_records[name]
+        try:
+            values = {k: a.numpy() for k, a in record.items()}
+            check_state(spec, {k: (tuple(v.shape), str(v.dtype)) for k, v in values.items()})
+        except (AdapterMismatch, ValueError, TypeError) as exc:
+            update.problem = f"{name}: {exc}"
+            return
+        if not all(np.isfinite(v).all() for v in values.values()):
+            update.problem = f"{name}: non-finite values"
+            return
+        update.side[name] = record
 
 
 def norm_reference(history: list[list[float]], cohort: list[float]) -> float | None:

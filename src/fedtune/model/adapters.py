@@ -206,6 +206,12 @@ def load_adapter_state(
             own[targets[key]].copy_(value)
 
 
+def parameter_names(model: PeftModel, keys: list[str]) -> dict[str, str]:
+    """Saved-checkpoint adapter keys (a subset) → the model's parameter names."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return _state_key_to_parameter(model, keys, own, keys)
+
+
 def _state_key_to_parameter(
     model: PeftModel, keys: Any, own: Mapping[str, Any], wanted: list[str] | None = None
 ) -> dict[str, str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +152,9 @@ class LocalResult:
     response_tokens: int
     padded_tokens: int
     seconds: float
+    # With a gradient correction (SCAFFOLD): the mean of the raw minibatch gradients over the
+    # steps, by parameter name.
+    mean_gradients: dict[str, Any] | None = None
 
 
 def add_proximal_gradient(params: Sequence[Any], anchors: Sequence[Any], mu: float) -> None:
@@ -181,6 +184,7 @@ def train_local(
     device: str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     proximal_mu: float = 0.0,
+    gradient_correction: Mapping[str, Any] | None = None,
 ) -> LocalResult:
     """Run `steps` AdamW steps of `batch_size × grad_accumulation` examples each.
 
@@ -192,6 +196,9 @@ def train_local(
         proximal_mu: FedProx's μ: every step's gradient gets μ·(w − w₀), the gradient of
             μ/2·‖w − w₀‖² with w₀ the trainable parameters as the round started (the global
             adapter received), before clipping. The reported loss stays the data loss.
+        gradient_correction: parameter name → a tensor added to that parameter's gradient at
+            every step, before the proximal term and clipping (SCAFFOLD's c − cᵢ); the result
+            then carries the mean raw gradient of each named parameter.
     Returns:
         Loss and work counters of the round.
     """
@@ -203,7 +210,15 @@ def train_local(
     torch.manual_seed(seed)
     per_step = batch_size * grad_accumulation
     order = draw_examples(len(examples), steps * per_step, seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    correction: list[tuple[str, Any, Any]] = []
+    if gradient_correction is not None:
+        unknown = sorted(set(gradient_correction) - {n for n, _ in named})
+        if unknown:
+            raise ValueError(f"gradient correction for parameters that do not train: {unknown[:3]}")
+        correction = [(n, p, gradient_correction[n]) for n, p in named if n in gradient_correction]
+    gradient_sums = {n: torch.zeros_like(p) for n, p, _ in correction}
     # A fresh optimizer per round, as the template's per-round trainer has.
     optimizer = torch.optim.AdamW(
         params, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
@@ -223,6 +238,12 @@ def train_local(
             (loss_sum / step_targets).backward()
             step_loss += float(loss_sum.detach()) / step_targets
             padded += ids.numel()
+        with torch.no_grad():
+            for name, param, term in correction:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                gradient_sums[name] += param.grad
+                param.grad += term.to(param.device, param.dtype)
         if proximal_mu:
             add_proximal_gradient(params, anchors, proximal_mu)
         if max_grad_norm > 0:
@@ -243,4 +264,5 @@ def train_local(
         response_tokens=response_tokens,
         padded_tokens=padded,
         seconds=time.perf_counter() - started,
+        mean_gradients={n: g / steps for n, g in gradient_sums.items()} if correction else None,
     )
