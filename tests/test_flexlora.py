@@ -103,21 +103,18 @@ class _Grid:
         return list(self.nodes)
 
 
-def _strategy(rank=4, alpha=8.0, initial=None):
-    from fedtune.federation.flexlora import FlexLoRA
-    from fedtune.federation.messages import ARRAYS, STRATEGY_CONFIG, WEIGHT_KEY
+def _strategy(rank=4, alpha=8, initial=None):
+    from fedtune.config import build_config
+    from fedtune.federation.strategies import build_strategy
 
-    return FlexLoRA(
-        alpha=alpha,
-        rank=rank,
-        initial=initial or {},
-        fraction_train=1.0,
-        min_train_nodes=1,
-        min_available_nodes=1,
-        weighted_by_key=WEIGHT_KEY,
-        arrayrecord_key=ARRAYS,
-        configrecord_key=STRATEGY_CONFIG,
+    config = build_config(
+        {
+            "strategy.name": "flexlora",
+            "model.lora.peft-lora-r": rank,
+            "model.lora.peft-lora-alpha": alpha,
+        }
     )
+    return build_strategy(config, initial or {})
 
 
 def test_flexlora_sends_each_node_the_global_at_its_rank(task_identity):

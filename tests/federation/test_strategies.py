@@ -36,23 +36,33 @@ def _unflat(vector):
     return out
 
 
-def _round(strategy, server_round, global_vec, clients, weights):
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+def _reply(vector, weight, **extra):
+    """A client's reply: its adapter (flat vector), weight, and extra records (flat vectors)."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    def record(values):
+        return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in _unflat(values).items()})
+
+    content = RecordDict(
+        {
+            ARRAYS: record(vector),
+            "metrics": MetricRecord({WEIGHT_KEY: weight, "train-loss": float(weight)}),
+            **{name: record(values) for name, values in extra.items()},
+        }
+    )
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def _configure(strategy, server_round, global_vec, nodes):
+    from flwr.app import Array, ArrayRecord, ConfigRecord
 
     arrays = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in _unflat(global_vec).items()})
-    nodes = list(range(1, len(clients) + 1))
-    strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid(nodes))
-    replies = []
-    for node, vector, weight in zip(nodes, clients, weights, strict=True):
-        content = RecordDict(
-            {
-                ARRAYS: ArrayRecord(
-                    {k: Array(v.astype(np.float32)) for k, v in _unflat(vector).items()}
-                ),
-                "metrics": MetricRecord({WEIGHT_KEY: weight, "train-loss": 1.0}),
-            }
-        )
-        replies.append(Message(content=content, dst_node_id=node, message_type="train"))
+    return list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid(nodes)))
+
+
+def _round(strategy, server_round, global_vec, clients, weights):
+    _configure(strategy, server_round, global_vec, list(range(1, len(clients) + 1)))
+    replies = [_reply(v, w) for v, w in zip(clients, weights, strict=True)]
     result, _ = strategy.aggregate_train(server_round, replies)
     return _flat({k: a.numpy().astype(np.float64) for k, a in result.items()})
 
@@ -185,8 +195,6 @@ def test_krum_needs_enough_clients_and_strategy_keys_are_checked():
 
 
 def test_scaffold_server_update_and_messages():
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
     from fedtune.federation.messages import CONTROL, CONTROL_DELTA
 
     config = build_config(
@@ -202,29 +210,16 @@ def test_scaffold_server_update_and_messages():
     x = rng.standard_normal(size).astype(np.float32).astype(np.float64)
     c = np.zeros(size)
     for server_round in (1, 2):
-        arrays = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in _unflat(x).items()})
-        messages = list(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid([1, 2, 3]))
-        )
+        messages = _configure(strategy, server_round, x, [1, 2, 3])
         sent_c = _flat({k: a.numpy() for k, a in messages[0].content[CONTROL].items()})
         np.testing.assert_allclose(sent_c, c, rtol=1e-6, atol=1e-7)  # zero, then the update
         clients = [x + rng.standard_normal(size) * 0.1 for _ in range(3)]
         deltas = [rng.standard_normal(size) for _ in range(3)]
         weights = [5, 10, 25]
-        replies = []
-        for vector, delta, weight in zip(clients, deltas, weights, strict=True):
-            content = RecordDict(
-                {
-                    ARRAYS: ArrayRecord(
-                        {k: Array(v.astype(np.float32)) for k, v in _unflat(vector).items()}
-                    ),
-                    "metrics": MetricRecord({WEIGHT_KEY: weight, "train-loss": 1.0}),
-                    CONTROL_DELTA: ArrayRecord(
-                        {k: Array(v.astype(np.float32)) for k, v in _unflat(delta).items()}
-                    ),
-                }
-            )
-            replies.append(Message(content=content, dst_node_id=1, message_type="train"))
+        replies = [
+            _reply(v, w, **{CONTROL_DELTA: d})
+            for v, d, w in zip(clients, deltas, weights, strict=True)
+        ]
         got, _ = strategy.aggregate_train(server_round, replies)
         clients = [v.astype(np.float32).astype(np.float64) for v in clients]
         deltas = [v.astype(np.float32).astype(np.float64) for v in deltas]
