@@ -102,6 +102,13 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--mmlu", type=int, default=1000, help="stratified MMLU questions")
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=5,
+        choices=(0, 5),
+        help="MMLU examples in the prompt (5: at 0 shots the 135M model answers A to everything)",
+    )
     parser.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for all")
     parser.add_argument("--out", default="/tmp/fedtune-comm-vs-quality")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "comm_vs_quality.json"))
@@ -137,21 +144,25 @@ def main() -> None:
         else:
             train_s = json.loads((run_dir / "summary.json").read_text())["seconds"]
         eval_dir = run_dir / "eval"
-        found = sorted(eval_dir.glob("mmlu_*.json")) if eval_dir.exists() else []
+        pattern = f"mmlu_loglik_{args.shots}shot_*.json"
+        timing = run_dir / f"bench-eval-{args.shots}shot.json"
+        found = sorted(eval_dir.glob(pattern)) if eval_dir.exists() else []
         if not found:
             print(f"[{name}] MMLU ({args.mmlu} questions, log-likelihood) …", flush=True)
             command = [sys.executable, "-m", "fedtune.cli", "eval", "--adapter", str(run_dir)]
-            command += ["--protocol", "loglik", "--sample", str(args.mmlu), "--no-progress"]
-            eval_s = run(command, out / f"{name}.eval.log")
-            found = sorted(eval_dir.glob("mmlu_*.json"))
-        else:  # scored by an earlier invocation: the time between the two logs' last writes
-            eval_log, run_log = out / f"{name}.eval.log", out / f"{name}.run.log"
-            eval_s = (
-                eval_log.stat().st_mtime - run_log.stat().st_mtime
-                if eval_log.exists() and run_log.exists()
-                else 0.0
+            command += ["--protocol", "loglik", "--shots", str(args.shots)]
+            command += ["--sample", str(args.mmlu), "--no-progress"]
+            eval_s = run(command, out / f"{name}.eval-{args.shots}shot.log")
+            found = sorted(eval_dir.glob(pattern))
+            timing.write_text(json.dumps({"eval_seconds": eval_s}) + "\n")
+        else:  # scored by an earlier invocation, which kept its wall time beside the result
+            eval_s = json.loads(timing.read_text())["eval_seconds"] if timing.exists() else 0.0
+        scored = json.loads(found[-1].read_text())
+        if scored["n_questions"] != args.mmlu:
+            raise SystemExit(
+                f"{found[-1]} scored {scored['n_questions']} questions, not {args.mmlu}"
             )
-        mmlu, mmlu_se = mmlu_with_error(json.loads(found[-1].read_text()))
+        mmlu, mmlu_se = mmlu_with_error(scored)
         curves = read_curves(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
         results.append(
@@ -169,6 +180,7 @@ def main() -> None:
                 "final_heldout_loss": curves.final_heldout,
                 "mmlu_loglik": round(mmlu, 2),
                 "mmlu_se": round(mmlu_se, 2),
+                "mmlu_predicted_letters": scored["predicted_letters"],
                 "train_seconds": round(train_s, 1),
                 "eval_seconds": round(eval_s, 1),
                 "curves": curves,
@@ -193,6 +205,7 @@ def main() -> None:
         "local_steps": args.local_steps,
         "seq_length": args.seq_length,
         "mmlu_questions": args.mmlu,
+        "mmlu_shots": args.shots,
         "reference_final_heldout_loss": target,
         "pareto_front": front,
         "configs": results,
