@@ -309,6 +309,11 @@ class EvalConfig:
         "measures the global adapter's loss before round 1 and after every round; 0 disables.",
     )
 
+    heldout_every_rounds: int = _key(
+        "eval.heldout-every-rounds",
+        "Score the held-out loss before round 1, every N rounds and after the last round (1: "
+        "every round; data.heldout-examples=0 turns it off).",
+    )
     mmlu_every_rounds: int = _key(
         "eval.mmlu-every-rounds",
         "Score the global adapter on a fixed MMLU subset before round 1, every N rounds and "
@@ -455,6 +460,7 @@ DEFAULTS: dict[str, Any] = {
     "train.seed": 2024,
     "train.save-every-round": 5,
     "eval.probe-examples": 16,
+    "eval.heldout-every-rounds": 1,
     "eval.mmlu-every-rounds": 0,
     "eval.mmlu-questions": 100,
     "eval.mmlu-protocol": "loglik",
@@ -702,6 +708,7 @@ def validate(config: RunConfig) -> None:
     _require(d.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0")
     _require(d.classes_per_partition >= 1, "data.classes-per-partition", "must be >= 1")
     _require(d.heldout_examples >= 0, "data.heldout-examples", "must be >= 0 (0 = none)")
+    _require(config.eval.heldout_every_rounds >= 1, "eval.heldout-every-rounds", "must be >= 1")
     _require(fed.num_rounds >= 1, "num-server-rounds", f"must be >= 1, got {fed.num_rounds}")
     _require(fed.num_clients >= 1, "federation.num-clients", f"must be >= 1, got {fed.num_clients}")
     _require(

@@ -333,3 +333,28 @@ def test_a_resume_point_the_disk_refuses_leaves_no_staging(tmp_path, monkeypatch
     ]
     state, tensors = run_dir.read_resume_point()
     assert state["round"] == 1 and tensors["w"].sum() == 0
+
+
+def test_server_evaluations_are_due_before_every_n_rounds_and_after_the_last():
+    from fedtune.federation.server_app import ServerEvaluator
+
+    evaluator = ServerEvaluator(
+        model=None,
+        tokenizer=None,
+        device="cpu",
+        probe_examples=[],
+        heldout_examples=["row"],
+        mmlu_questions=["question"],
+        mmlu_protocol="loglik",
+        mmlu_every=4,
+        num_rounds=7,
+        heldout_every=3,
+    )
+    assert [r for r in range(8) if evaluator.heldout_due(r)] == [0, 3, 6, 7]
+    assert [r for r in range(8) if evaluator.mmlu_due(r)] == [0, 4, 7]
+    evaluator.heldout_examples = []
+    assert not any(evaluator.heldout_due(r) for r in range(8))
+    from fedtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.heldout-every-rounds"):
+        build_config({"eval.heldout-every-rounds": 0})

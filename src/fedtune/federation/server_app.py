@@ -72,11 +72,17 @@ class ServerEvaluator:
     mmlu_protocol: str
     mmlu_every: int
     num_rounds: int
+    heldout_every: int = 1
 
     def mmlu_due(self, server_round: int) -> bool:
         if not self.mmlu_questions:
             return False
         return server_round in (0, self.num_rounds) or server_round % self.mmlu_every == 0
+
+    def heldout_due(self, server_round: int) -> bool:
+        if not self.heldout_examples:
+            return False
+        return server_round in (0, self.num_rounds) or server_round % self.heldout_every == 0
 
     def __call__(self, state: dict[str, Any], server_round: int) -> dict[str, Any]:
         from fedtune.model.adapters import load_adapter_state
@@ -88,7 +94,7 @@ class ServerEvaluator:
             metrics["probe_loss"] = evaluate_loss(
                 self.model, self.probe_examples, self.tokenizer.pad_token_id, self.device
             )
-        if self.heldout_examples:
+        if self.heldout_due(server_round):
             metrics["heldout_loss"] = evaluate_loss(
                 self.model, self.heldout_examples, self.tokenizer.pad_token_id, self.device
             )
@@ -158,6 +164,7 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
         ev.mmlu_protocol,
         ev.mmlu_every_rounds,
         config.federation.num_rounds,
+        ev.heldout_every_rounds,
     )
     return adapter, evaluator
 
