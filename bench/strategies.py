@@ -1,0 +1,246 @@
+"""Strategies compared on the same data, seeds and ledger: IID and non-IID Dolly-15k.
+
+Every strategy × every partitioning × every seed runs `fedtune run` on the embedded model with
+`data.name=embedded:dolly-15k` split over the clients by its 8-value `category` (IID, or
+flwr-datasets' Dirichlet partitioner at each α), with the same rounds, clients per round, local
+steps and sequence length. A seed sets `train.seed` and `data.seed` together: the adapter's
+initialisation, the clients sampled, the data order, the Dirichlet draw and the 200 held-out rows
+(which the partitioning does not touch, so every strategy and partitioning of one seed is scored
+on the same rows). For each run: the final held-out loss, total bytes (SCAFFOLD pays twice: its
+control variates travel too), wall time, and MMLU log-likelihood on a fixed stratified subset;
+then mean ± std over seeds per strategy and partitioning. Writes JSON, a PNG (held-out loss by
+strategy, one bar per partitioning, error bars = std over seeds) and a Markdown table.
+
+    .venv/bin/python bench/strategies.py                          # the full grid
+    .venv/bin/python bench/strategies.py --strategies fedavg,fedprox --partitions iid --seeds 1
+
+Knobs for a larger run (a GPU): --rounds, --clients, --clients-per-round, --local-steps,
+--seq-length, --mmlu, and `--set KEY=VALUE` for any other setting; every run's directory is kept
+under --out and reused when the grid is run again (an interrupted run is resumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fedtune.federation.strategies import STRATEGIES  # noqa: E402
+
+# name → data settings; Dirichlet over Dolly's category.
+PARTITIONS: dict[str, list[str]] = {
+    "iid": ["data.partitioner=iid"],
+    "dirichlet-1.0": [
+        "data.partitioner=dirichlet",
+        "data.partition-by=category",
+        "data.dirichlet-alpha=1.0",
+    ],
+    "dirichlet-0.1": [
+        "data.partitioner=dirichlet",
+        "data.partition-by=category",
+        "data.dirichlet-alpha=0.1",
+    ],
+}
+
+
+def run(command: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    with open(log, "w") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed; see {log}")
+    return time.perf_counter() - started
+
+
+def one_run(args: argparse.Namespace, strategy: str, partition: str, seed: int) -> dict:
+    """Train (or reuse) one run and score it; its row."""
+    out = Path(args.out)
+    name = f"{strategy}-{partition}-s{seed}"
+    run_dir = out / name
+    if not (run_dir / "summary.json").exists():
+        command = [sys.executable, "-m", "fedtune.cli", "run"]
+        if run_dir.exists():
+            command += ["--resume", str(run_dir)]
+        else:
+            sets = [
+                "data.name=embedded:dolly-15k",
+                *PARTITIONS[partition],
+                f"data.seed={seed}",
+                f"train.seed={seed}",
+                f"strategy.name={strategy}",
+                f"num-server-rounds={args.rounds}",
+                f"federation.num-clients={args.clients}",
+                f"strategy.clients-per-round={args.clients_per_round}",
+                f"train.local-steps={args.local_steps}",
+                f"train.seq-length={args.seq_length}",
+                # The held-out loss before round 1 and after the last is what is compared.
+                f"eval.heldout-every-rounds={args.rounds}",
+                "eval.probe-examples=0",
+                f"run.output-dir={out}",
+                f"run.name={name}",
+                *args.set,
+            ]
+            command += [x for item in sets for x in ("--set", item)]
+        print(f"[{name}] training …", flush=True)
+        run(command, out / f"{name}.run.log")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    pattern = "mmlu_loglik_5shot_*.json"
+    found = sorted((run_dir / "eval").glob(pattern)) if (run_dir / "eval").exists() else []
+    if args.mmlu and not found:
+        print(f"[{name}] MMLU ({args.mmlu} questions, 5-shot log-likelihood) …", flush=True)
+        command = [sys.executable, "-m", "fedtune.cli", "eval", "--adapter", str(run_dir)]
+        command += ["--protocol", "loglik", "--shots", "5", "--sample", str(args.mmlu)]
+        command += ["--no-progress"]
+        run(command, out / f"{name}.eval.log")
+        found = sorted((run_dir / "eval").glob(pattern))
+    mmlu = json.loads(found[-1].read_text()) if found else None
+    return {
+        "strategy": strategy,
+        "partition": partition,
+        "seed": seed,
+        "final_heldout_loss": summary["final_heldout_loss"],
+        "total_bytes": summary["communication"]["total_bytes"],
+        "seconds": summary["seconds"],
+        "dropped_replies": summary.get("dropped_replies", 0),
+        "mmlu": round(100 * mmlu["average"], 2) if mmlu else None,
+        "mmlu_se": round(100 * mmlu["average_stderr"], 2) if mmlu else None,
+    }
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """mean ± std over seeds per (strategy, partitioning)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["strategy"], row["partition"]), []).append(row)
+    table = []
+    for (strategy, partition), members in groups.items():
+        losses = [m["final_heldout_loss"] for m in members]
+        scores = [m["mmlu"] for m in members if m["mmlu"] is not None]
+        table.append(
+            {
+                "strategy": strategy,
+                "partition": partition,
+                "seeds": len(members),
+                "heldout_mean": round(statistics.fmean(losses), 4),
+                "heldout_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else 0.0,
+                "mmlu_mean": round(statistics.fmean(scores), 2) if scores else None,
+                "mmlu_std": round(statistics.stdev(scores), 2) if len(scores) > 1 else 0.0,
+                "total_bytes": members[0]["total_bytes"],
+                "seconds_mean": round(statistics.fmean(m["seconds"] for m in members), 1),
+            }
+        )
+    return table
+
+
+def markdown(table: list[dict], partitions: list[str]) -> str:
+    head = "| strategy | " + " | ".join(f"held-out loss, {p}" for p in partitions)
+    head += " | MMLU 5-shot (IID) | bytes per run |"
+    lines = [head, "|---" * (len(partitions) + 3) + "|"]
+    by_key = {(r["strategy"], r["partition"]): r for r in table}
+    for strategy in dict.fromkeys(r["strategy"] for r in table):
+        cells = []
+        for partition in partitions:
+            row = by_key.get((strategy, partition))
+            cells.append(f"{row['heldout_mean']:.4f} ± {row['heldout_std']:.4f}" if row else "—")
+        first = by_key.get((strategy, partitions[0])) or {}
+        mmlu = (
+            f"{first['mmlu_mean']:.2f} ± {first['mmlu_std']:.2f}"
+            if first.get("mmlu_mean") is not None
+            else "—"
+        )
+        lines.append(
+            f"| {strategy} | "
+            + " | ".join(cells)
+            + f" | {mmlu} | {first.get('total_bytes', 0):,} |"
+        )
+    return "\n".join(lines)
+
+
+def draw(table: list[dict], partitions: list[str], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    strategies = list(dict.fromkeys(r["strategy"] for r in table))
+    by_key = {(r["strategy"], r["partition"]): r for r in table}
+    figure = Figure(
+        figsize=(max(7.0, 0.8 * len(strategies) + 2), 4.5), dpi=110, layout="constrained"
+    )
+    axis = figure.subplots()
+    width = 0.8 / len(partitions)
+    for j, partition in enumerate(partitions):
+        xs, ys, errors = [], [], []
+        for i, strategy in enumerate(strategies):
+            row = by_key.get((strategy, partition))
+            if row:
+                xs.append(i + (j - (len(partitions) - 1) / 2) * width)
+                ys.append(row["heldout_mean"])
+                errors.append(row["heldout_std"])
+        axis.bar(xs, ys, width, yerr=errors, capsize=2, label=partition, color=f"C{j}")
+    low = min(r["heldout_mean"] - r["heldout_std"] for r in table)
+    high = max(r["heldout_mean"] + r["heldout_std"] for r in table)
+    axis.set_ylim(low - 0.1 * (high - low + 1e-6), high + 0.1 * (high - low + 1e-6))
+    axis.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
+    axis.set(ylabel="final held-out loss (mean ± std over seeds)", title="Strategies on Dolly-15k")
+    axis.legend(fontsize="small")
+    axis.grid(axis="y", alpha=0.3)
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--partitions", default=",".join(PARTITIONS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--clients-per-round", type=int, default=3, help="Krum needs >= 3")
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--mmlu", type=int, default=200, help="5-shot questions; 0 skips MMLU")
+    parser.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for all")
+    parser.add_argument("--out", default="/tmp/fedtune-strategies")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "strategies.json"))
+    args = parser.parse_args()
+    strategies = [s for s in args.strategies.split(",") if s]
+    partitions = [p for p in args.partitions.split(",") if p]
+    unknown = [s for s in strategies if s not in STRATEGIES] + [
+        p for p in partitions if p not in PARTITIONS
+    ]
+    if unknown:
+        raise SystemExit(f"unknown strategies or partitions: {', '.join(unknown)}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = [
+        one_run(args, strategy, partition, seed)
+        for seed in range(1, args.seeds + 1)
+        for partition in partitions
+        for strategy in strategies
+    ]
+    table = aggregate(rows)
+    report = {
+        "machine": f"{os.cpu_count()} CPU cores",
+        "settings": {
+            k: getattr(args, k)
+            for k in ("rounds", "clients", "clients_per_round", "local_steps", "seq_length", "mmlu")
+        },
+        "seeds": args.seeds,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "table": table,
+        "runs": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    draw(table, partitions, Path(args.json).with_suffix(".png"))
+    print(markdown(table, partitions))
+
+
+if __name__ == "__main__":
+    main()
