@@ -153,3 +153,28 @@ def test_static_assets_are_served_by_the_app(client):
     assert not re.search(r'<(script|link|img|iframe)[^>]*(src|href)="(https?:)?//', page)
     assert client.get("/static/board.js").status_code == 200
     assert client.get("/static/board.css").headers["content-type"].startswith("text/css")
+
+
+def test_hostile_but_well_formed_requests_get_4xx_never_500(client, live_server, submission):
+    headers = _auth(live_server)
+    # Extreme but valid communication costs must not take the board down.
+    for team, cost in (("One Byte", 1), ("Huge", 10**18)):
+        reply = client.post("/api/entries", json=submission(team, comm_bytes=cost), headers=headers)
+        assert reply.status_code == 201, reply.text
+    for page in ("/", "/?track=open"):
+        reply = client.get(page)
+        assert reply.status_code == 200 and "One Byte" in reply.text and "Huge" in reply.text
+    assert client.get("/?track=general-nlp").status_code == 200
+    deep = "[" * 100_000 + "]" * 100_000
+    reply = client.post(
+        "/api/entries", content=deep, headers={**headers, "content-type": "application/json"}
+    )
+    assert reply.status_code == 400 and "nested deeper" in reply.json()["error"]
+    reply = client.post(
+        "/api/entries",
+        content='{"a": ' + "[" * 40 + "1" + "]" * 40 + "}",  # parses, but 41 levels deep
+        headers={**headers, "content-type": "application/json"},
+    )
+    assert reply.status_code == 400 and "nested deeper than 32" in reply.json()["error"]
+    for url in ("/api/entries/99999999999999999999999", "/entry/99999999999999999999999"):
+        assert client.get(url).status_code == 404

@@ -55,3 +55,14 @@ def test_csv_and_json_round_trip(store):
         "always C",
         "always D",
     }
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_neutralized(store):
+    for team in ('=HYPERLINK("http://x","y")', "+1+1", "-2", "@SUM(A1)"):
+        store.add(validate_submission(make_submission(team, correct=(2000, 2000, 2000))))
+    rows = board_rows(store.entries(), constant_answer_rows())
+    records = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    teams = {r["Team"] for r in records}
+    assert {'\'=HYPERLINK("http://x","y")', "'+1+1", "'-2", "'@SUM(A1)"} <= teams
+    assert not [t for t in teams if t[:1] in "=+-@"]
+    assert all(r["Comm. Bytes"].isdigit() for r in records)  # numbers stay numbers

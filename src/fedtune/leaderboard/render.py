@@ -52,20 +52,28 @@ def render(rows: Sequence[BoardRow], fmt: str, *, with_track: bool = False) -> s
     raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
+def csv_cell(value: object) -> object:
+    """A cell a spreadsheet will not run: text starting with = + - @ (or a tab or carriage return,
+    which some programs skip before looking) gets a leading apostrophe. Numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _csv(rows: Sequence[BoardRow], columns: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         r = row_record(row)
-        writer.writerow([
+        writer.writerow([csv_cell(cell) for cell in [
             r["rank"] if r["rank"] is not None else "ref",
             r.get("team") or f"Reference: {r.get('label')}",
             r.get("code_url", ""), r.get("base_model", ""), r["comm_bytes"],
             f"{r['comm_bytes'] / 1024**3:.1f}", f"{r['average']:.2f}", f"{r['stem']:.2f}",
             f"{r['social_sciences']:.2f}", f"{r['humanities']:.2f}", r.get("date", ""),
             r.get("track", "reference"), r.get("status", "reference"), r.get("id") or "",
-        ])  # fmt: skip
+        ]])  # fmt: skip
     return out.getvalue()
 
 

@@ -198,7 +198,9 @@ class Store:
             return _insert(db, entry, key)
 
     def get(self, entry_id: int) -> Entry | None:
-        """The entry with this id, or None."""
+        """The entry with this id, or None (also for ids SQLite cannot hold)."""
+        if not 0 < entry_id < 2**63:
+            return None
         with self.connect() as db:
             row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None

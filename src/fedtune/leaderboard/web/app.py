@@ -184,6 +184,10 @@ def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlet
             payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as exc:
             return _error(400, f"body is not valid JSON: {exc}")
+        except RecursionError:
+            return _error(400, f"body is nested deeper than {MAX_DEPTH} levels")
+        if _depth(payload) > MAX_DEPTH:
+            return _error(400, f"body is nested deeper than {MAX_DEPTH} levels")
         try:
             submitted = validate_submission(payload)
         except SubmissionError as exc:
@@ -225,6 +229,22 @@ def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlet
     )
     app.add_middleware(_SecurityHeaders)
     return app
+
+
+MAX_DEPTH = 32  # a submission is about 5 levels deep
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
 
 
 def _ranked_entry(store: Store, entry_id: int) -> tuple[Entry, int] | None:

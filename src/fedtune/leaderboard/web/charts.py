@@ -55,8 +55,14 @@ def score_vs_cost(
     y_max = _nice_max(max([e.average for e in points] + [r.average for r in references] + [10.0]))
     y_max = min(100.0, math.ceil(y_max / 10) * 10)
 
+    def x_of_gb(gb: float) -> float:
+        return left + (math.log10(gb) - lo) / (hi - lo) * plot_w
+
     def x_of(num_bytes: int) -> float:
-        return left + (math.log10(num_bytes / BYTES_PER_GB) - lo) / (hi - lo) * plot_w
+        return x_of_gb(num_bytes / BYTES_PER_GB)
+
+    # A decade label at most every ~70 px (bytes from 1 to 10^19 span 28 decades of GB).
+    label_every = max(1, math.ceil((hi - lo) * 70 / plot_w))
 
     def y_of(average: float) -> float:
         return top + (1 - average / y_max) * plot_h
@@ -81,12 +87,14 @@ def score_vs_cost(
             gb = multiple * 10.0**decade
             if not 10.0**lo <= gb <= 10.0**hi:
                 continue
-            x = x_of(round(gb * BYTES_PER_GB))
+            if multiple > 1 and label_every > 1:
+                continue  # minor lines only while decades are wide enough to hold them
+            x = x_of_gb(gb)
             css = "grid major" if multiple == 1 else "grid minor"
             parts.append(
                 f'<line class="{css}" x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}"/>'
             )
-            if multiple == 1:
+            if multiple == 1 and (decade - lo) % label_every == 0:
                 parts.append(
                     f'<text class="tick" x="{x:.1f}" y="{top + plot_h + 18}" '
                     f'text-anchor="middle">{esc(_fmt_gb_tick(gb))}</text>'
