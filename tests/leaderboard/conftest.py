@@ -34,6 +34,7 @@ class LiveServer:
         import uvicorn
 
         from fedtune.leaderboard.web.app import create_app
+        from fedtune.leaderboard.web.server import server_config
 
         self.store = store
         self.token = store.new_token("tests")
@@ -43,7 +44,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(store), log_level="warning", lifespan="off")
+        config = server_config(create_app(store), log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 

@@ -244,10 +244,12 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fedtune.leaderboard.web.app import create_app
+    from fedtune.leaderboard.web.server import server_config
 
     store = _store(args)
     print(f"fedtune leaderboard: {store.path} · http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(create_app(store), host=args.host, port=args.port, log_level="info")
+    config = server_config(create_app(store), host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(config).run()
     return 0
 
 
