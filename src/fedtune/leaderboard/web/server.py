@@ -60,7 +60,8 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self._refused:
             return
         self._refused = True
-        if self.conn.our_state is h11.IDLE:  # nothing of a response has been sent
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started:  # nothing of a response has been sent
             self.transport.write(_plain_response(status, reason))
         self.loop.call_later(LINGER_S, self.transport.close)
 
