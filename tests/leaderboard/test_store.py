@@ -14,13 +14,14 @@ from fedtune.leaderboard.store import (
     DuplicateEntry,
     Store,
     StoreError,
+    _insert,
     default_data_dir,
 )
 from fedtune.leaderboard.validation import validate_submission
 
 
 def test_fresh_store_holds_the_published_board(store):
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     entries = store.entries()
     assert len(entries) == 19
     assert all(e.status == "published" and e.track == "general-nlp" for e in entries)
@@ -46,11 +47,16 @@ def test_migration_from_version_1_keeps_data(tmp_path, submission):
     old = Store(path, migrate=False)
     old.migrate(target=1)  # a file written before the published rows were imported
     assert old.schema_version() == 1 and old.count() == 0
-    entry_id = old.add(validate_submission(submission("early bird")))
+    with old.write() as db:  # what that fedtune wrote: an entry and a token, no audit log
+        entry_id = _insert(db, validate_submission(submission("early bird")), "early")
+        db.execute("INSERT INTO tokens VALUES ('abc', 'early', '2026-01-01T00:00:00Z')")
     upgraded = Store(path)
-    assert upgraded.schema_version() == 2
+    assert upgraded.schema_version() == 3
     assert upgraded.count() == 20
-    assert upgraded.get(entry_id).team == "early bird"
+    early = upgraded.get(entry_id)
+    assert early.team == "early bird" and early.moderation == "shown"
+    assert upgraded.tokens()[0]["name"] == "early" and upgraded.tokens()[0]["revoked_at"] is None
+    assert upgraded.audit_log() == []
 
 
 def test_a_newer_schema_is_refused(tmp_path):

@@ -82,10 +82,54 @@ def register(subparsers: Any) -> None:
     token.add_argument("--data-dir", help=_DATA_DIR_HELP)
     token.set_defaults(handler=_token)
 
-    verify = commands.add_parser("verify", help="mark an entry verified (after re-evaluating it)")
+    # Operators' tools: every change is appended to the audit log with --actor.
+    operator = argparse.ArgumentParser(add_help=False)
+    operator.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    operator.add_argument(
+        "--actor",
+        default=os.environ.get("USER") or "operator",
+        help="who makes the change, for the audit log (default: $USER)",
+    )
+    verify = commands.add_parser(
+        "verify", help="mark an entry verified (after re-evaluating it)", parents=[operator]
+    )
     verify.add_argument("entry_id", type=int, metavar="ID")
-    verify.add_argument("--data-dir", help=_DATA_DIR_HELP)
     verify.set_defaults(handler=_verify)
+    for name, help_text, reason in (
+        ("unverify", "mark a verified entry submitted again", False),
+        ("hide", "take an entry off every page and the ranking", False),
+        ("unhide", "show a hidden or rejected entry again", False),
+        ("reject", "take an entry off the ranking; its page shows the reason", True),
+        ("delete", "remove an entry for good (the audit log keeps a copy)", True),
+    ):
+        action = commands.add_parser(name, help=help_text, parents=[operator])
+        action.add_argument("entry_id", type=int, metavar="ID")
+        action.add_argument("--reason", required=reason, default="", help="why (shown/kept)")
+        action.set_defaults(handler=_moderate, action=name)
+    tokens = commands.add_parser("tokens", help="list API tokens", parents=[operator])
+    tokens.set_defaults(handler=_tokens)
+    revoke = commands.add_parser(
+        "revoke", help="revoke every API token of a name", parents=[operator]
+    )
+    revoke.add_argument("name")
+    revoke.set_defaults(handler=_revoke)
+    audit = commands.add_parser(
+        "audit", help="print the audit log, newest first", parents=[operator]
+    )
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--entry", type=int, help="only this entry's records")
+    audit.set_defaults(handler=_audit_log)
+    backup = commands.add_parser(
+        "backup", help="copy the database while it is in use (SQLite online backup)",
+        parents=[operator],
+    )  # fmt: skip
+    backup.add_argument("file", metavar="FILE")
+    backup.set_defaults(handler=_backup)
+    restore = commands.add_parser(
+        "restore", help="replace the database by a backup (checked first)", parents=[operator]
+    )
+    restore.add_argument("file", metavar="FILE")
+    restore.set_defaults(handler=_restore)
 
 
 def _fail(message: str) -> int:
@@ -266,11 +310,76 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moderate(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.entry import HIDDEN, REJECTED, SHOWN
+    from fedtune.leaderboard.store import StoreError
+
+    store = _store(args)
+    try:
+        if args.action == "unverify":
+            store.set_status(args.entry_id, "submitted", actor=args.actor)
+        elif args.action == "delete":
+            store.delete(args.entry_id, args.reason, actor=args.actor)
+        else:
+            decision = {"hide": HIDDEN, "unhide": SHOWN, "reject": REJECTED}[args.action]
+            store.moderate(args.entry_id, decision, args.reason, actor=args.actor)
+    except StoreError as exc:
+        return _fail(str(exc))
+    print(f"entry {args.entry_id}: {args.action} done")
+    return 0
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    for token in _store(args).tokens():
+        state = f"revoked {token['revoked_at']}" if token["revoked_at"] else "live"
+        print(f"{token['name']}\t{token['sha256_prefix']}\tcreated {token['created_at']}\t{state}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.store import StoreError
+
+    try:
+        count = _store(args).revoke_token(args.name, actor=args.actor)
+    except StoreError as exc:
+        return _fail(str(exc))
+    print(f"revoked {count} token(s) of {args.name}")
+    return 0
+
+
+def _audit_log(args: argparse.Namespace) -> int:
+    for record in _store(args).audit_log(args.limit, args.entry):
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.store import StoreError
+
+    try:
+        path = _store(args).backup(args.file, actor=args.actor)
+    except (StoreError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"backup written: {path}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.store import StoreError
+
+    try:
+        _store(args).restore(args.file, actor=args.actor)
+    except StoreError as exc:
+        return _fail(str(exc))
+    print(f"restored from {args.file}")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from fedtune.leaderboard.store import StoreError
 
     try:
-        _store(args).set_status(args.entry_id, "verified")
+        _store(args).set_status(args.entry_id, "verified", actor=args.actor)
     except StoreError as exc:
         return _fail(str(exc))
     print(f"entry {args.entry_id} verified")

@@ -22,6 +22,13 @@ SUBMITTED = "submitted"
 VERIFIED = "verified"
 STATUSES: tuple[str, ...] = (PUBLISHED, SUBMITTED, VERIFIED)
 
+# What an operator has decided about an entry: shown (ranked), hidden (off every page), or
+# rejected (off the ranking; its page says why).
+SHOWN = "shown"
+HIDDEN = "hidden"
+REJECTED = "rejected"
+MODERATIONS: tuple[str, ...] = (SHOWN, HIDDEN, REJECTED)
+
 # The board's score columns, in its order; keys are the evaluation package's category names.
 SCORE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("average", "Average"),
@@ -56,6 +63,8 @@ class Entry:
     id: int | None = None
     submitted_at: str = ""
     details: dict[str, Any] = field(default_factory=dict, compare=False)
+    moderation: str = SHOWN
+    moderation_reason: str = ""
 
     @property
     def board_gb(self) -> str:
@@ -84,6 +93,8 @@ class Entry:
             "humanities": self.humanities,
             "date": self.date,
             "submitted_at": self.submitted_at,
+            "moderation": self.moderation,
+            "moderation_reason": self.moderation_reason,
             "details": self.details,
         }
 

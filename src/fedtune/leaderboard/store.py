@@ -23,7 +23,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedtune.leaderboard.entry import STATUSES, Entry
+from fedtune.leaderboard.entry import (
+    HIDDEN,
+    MODERATIONS,
+    REJECTED,
+    SHOWN,
+    STATUSES,
+    Entry,
+)
 from fedtune.leaderboard.published import published_entries
 
 DATA_DIR_ENV = "FEDTUNE_LEADERBOARD_DIR"
@@ -59,7 +66,9 @@ def fingerprint(entry: Entry) -> str:
     UNIQUE index turns that into a `DuplicateEntry` instead of a second row.
     """
     fields = entry.to_dict()
-    for volatile in ("id", "status", "date", "submitted_at", "comm_gb"):
+    for volatile in (
+        "id", "status", "date", "submitted_at", "comm_gb", "moderation", "moderation_reason"
+    ):  # fmt: skip
         fields.pop(volatile)
     payload = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -103,7 +112,33 @@ def _import_published(db: sqlite3.Connection) -> None:
         _insert(db, entry, f"published:{entry.details['published_rank']}")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_tables, _import_published)
+def _operators(db: sqlite3.Connection) -> None:
+    """Moderation of entries, revocable tokens, and the append-only audit log."""
+    db.execute("ALTER TABLE entries ADD COLUMN moderation TEXT NOT NULL DEFAULT 'shown'")
+    db.execute("ALTER TABLE entries ADD COLUMN moderation_reason TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE tokens ADD COLUMN revoked_at TEXT")
+    db.execute(
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            entry_id INTEGER,
+            detail TEXT NOT NULL
+        )"""
+    )
+    for event in ("UPDATE", "DELETE"):
+        db.execute(
+            f"""CREATE TRIGGER audit_no_{event.lower()} BEFORE {event} ON audit
+                BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"""
+        )
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _create_tables,
+    _import_published,
+    _operators,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -184,8 +219,8 @@ class Store:
 
     # --- entries
 
-    def add(self, entry: Entry) -> int:
-        """Store an entry and return its new id.
+    def add(self, entry: Entry, actor: str = "operator") -> int:
+        """Store an entry and return its new id (audited as `submit` by `actor`).
 
         Raises:
             DuplicateEntry: the same submission is already stored.
@@ -195,7 +230,9 @@ class Store:
             row = db.execute("SELECT id FROM entries WHERE fingerprint = ?", (key,)).fetchone()
             if row is not None:
                 raise DuplicateEntry(int(row[0]))
-            return _insert(db, entry, key)
+            new_id = _insert(db, entry, key)
+            _audit(db, actor, "submit", new_id, {"team": entry.team, "track": entry.track})
+            return new_id
 
     def get(self, entry_id: int) -> Entry | None:
         """The entry with this id, or None (also for ids SQLite cannot hold)."""
@@ -205,19 +242,25 @@ class Store:
             row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None
 
-    def entries(self, track: str | None = None, *, details: bool = True) -> list[Entry]:
-        """All entries (of one track if given), in id order.
+    def entries(
+        self, track: str | None = None, *, details: bool = True, moderated: bool = False
+    ) -> list[Entry]:
+        """The shown entries (of one track if given), in id order.
 
         Args:
             track: only this track.
             details: False leaves `details` empty, for ranking and tables (much less to decode).
+            moderated: also the hidden and rejected ones (operators' listings).
         """
-        columns = _COLUMNS if details else _COLUMNS.replace("details", "'{}'")
-        query = f"SELECT {columns} FROM entries"
-        args: Sequence[Any] = ()
+        columns = _COLUMNS if details else _COLUMNS.replace(" details,", " '{}',")
+        query = f"SELECT {columns} FROM entries WHERE 1 = 1"
+        args: list[Any] = []
         if track:
-            query += " WHERE track = ?"
-            args = (track,)
+            query += " AND track = ?"
+            args.append(track)
+        if not moderated:
+            query += " AND moderation = ?"
+            args.append(SHOWN)
         with self.connect() as db:
             rows = db.execute(query + " ORDER BY id", args).fetchall()
         return [_entry(row) for row in rows]
@@ -227,8 +270,9 @@ class Store:
         with self.connect() as db:
             return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
 
-    def set_status(self, entry_id: int, status: str) -> None:
-        """Mark an entry submitted or verified (published rows stay published).
+    def set_status(self, entry_id: int, status: str, actor: str = "operator") -> None:
+        """Mark an entry submitted or verified (published rows stay published); audited as
+        `verify` / `unverify`.
 
         Raises:
             StoreError: unknown id or status, or a published row.
@@ -242,10 +286,128 @@ class Store:
             if row[0] == "published":
                 raise StoreError(f"entry {entry_id} is a published row; its status is fixed")
             db.execute("UPDATE entries SET status = ? WHERE id = ?", (status, entry_id))
+            action = "verify" if status == "verified" else "unverify"
+            _audit(db, actor, action, entry_id, {"from": row[0], "to": status})
+
+    def moderate(self, entry_id: int, moderation: str, reason: str, actor: str) -> None:
+        """Show, hide or reject an entry; audited with the reason.
+
+        Raises:
+            StoreError: unknown id or decision, or a rejection without a reason.
+        """
+        if moderation not in MODERATIONS:
+            raise StoreError(f"must be one of {', '.join(MODERATIONS)}, got {moderation!r}")
+        if moderation == REJECTED and not reason.strip():
+            raise StoreError("a rejection needs a reason (it is shown on the entry)")
+        with self.write() as db:
+            row = db.execute("SELECT moderation FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no entry {entry_id}")
+            db.execute(
+                "UPDATE entries SET moderation = ?, moderation_reason = ? WHERE id = ?",
+                (moderation, reason.strip() if moderation != SHOWN else "", entry_id),
+            )
+            action = {SHOWN: "show", HIDDEN: "hide", REJECTED: "reject"}[moderation]
+            _audit(db, actor, action, entry_id, {"from": row[0], "reason": reason.strip()})
+
+    def delete(self, entry_id: int, reason: str, actor: str) -> None:
+        """Remove an entry for good; the audit log keeps a copy of it.
+
+        Raises:
+            StoreError: unknown id, or no reason.
+        """
+        if not reason.strip():
+            raise StoreError("a deletion needs a reason (it is kept in the audit log)")
+        with self.write() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no entry {entry_id}")
+            db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+            _audit(
+                db, actor, "delete", entry_id, {"reason": reason, "entry": _entry(row).to_dict()}
+            )
+
+    def audit_log(self, limit: int = 100, entry_id: int | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` audit records (of one entry if given), newest first."""
+        query = "SELECT id, at, actor, action, entry_id, detail FROM audit"
+        args: list[Any] = []
+        if entry_id is not None:
+            query += " WHERE entry_id = ?"
+            args.append(entry_id)
+        with self.connect() as db:
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+        return [
+            {"id": r[0], "at": r[1], "actor": r[2], "action": r[3], "entry_id": r[4],
+             "detail": json.loads(r[5])}
+            for r in rows
+        ]  # fmt: skip
+
+    def backup(self, target: str | Path, actor: str = "operator") -> Path:
+        """A consistent copy of the database made while it is in use (SQLite's online backup).
+
+        Raises:
+            StoreError: the target exists.
+        """
+        target = Path(target)
+        if target.exists():
+            raise StoreError(f"{target} exists; choose a new file")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.write() as db:
+            _audit(db, actor, "backup", None, {"file": str(target)})
+        with self.connect() as source:
+            copy = sqlite3.connect(target)
+            try:
+                source.backup(copy)
+            finally:
+                copy.close()
+        return target
+
+    def restore(self, source: str | Path, actor: str = "operator") -> None:
+        """Replace the database's contents by a backup's (checked first), then record it.
+
+        Raises:
+            StoreError: not a readable fedtune leaderboard backup, or one from a newer fedtune.
+        """
+        source = Path(source)
+        if not source.is_file():
+            raise StoreError(f"{source} is not a file")
+        try:
+            check = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+            try:
+                ok = check.execute("PRAGMA integrity_check").fetchone()[0]
+                version = int(check.execute("PRAGMA user_version").fetchone()[0])
+                check.execute("SELECT COUNT(*) FROM entries").fetchone()
+            finally:
+                check.close()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{source} is not a leaderboard database ({exc})") from exc
+        if ok != "ok" or not 1 <= version <= SCHEMA_VERSION:
+            raise StoreError(f"{source}: integrity {ok!r}, schema version {version}")
+        with self.connect() as db:  # the log so far: a restore must not rewind it
+            history = db.execute(
+                "SELECT id, at, actor, action, entry_id, detail FROM audit"
+            ).fetchall()
+        backup = sqlite3.connect(source)
+        try:
+            with self.connect() as target:
+                backup.backup(target)
+        finally:
+            backup.close()
+        self.migrate()  # a backup from an older schema is brought up to date
+        with self.write() as db:
+            kept = set(db.execute("SELECT id, at, actor, action, entry_id, detail FROM audit"))
+            for record in history:
+                if tuple(record) not in kept:  # made after the backup: appended again, in order
+                    db.execute(
+                        "INSERT INTO audit (at, actor, action, entry_id, detail) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        record[1:],
+                    )
+            _audit(db, actor, "restore", None, {"file": str(source), "schema_version": version})
 
     # --- API tokens (only their sha256 is stored)
 
-    def new_token(self, name: str) -> str:
+    def new_token(self, name: str, actor: str = "operator") -> str:
         """Create an API token for `name` and return it (it is shown once, stored hashed)."""
         token = secrets.token_urlsafe(32)
         with self.write() as db:
@@ -253,20 +415,49 @@ class Store:
                 "INSERT INTO tokens (token_sha256, name, created_at) VALUES (?, ?, ?)",
                 (_sha256(token), name, _now()),
             )
+            _audit(db, actor, "token", None, {"name": name, "sha256_prefix": _sha256(token)[:12]})
         return token
 
     def token_owner(self, token: str) -> str | None:
-        """The name a token was issued to, or None if it is unknown."""
+        """The name a live token was issued to, or None (unknown or revoked)."""
         with self.connect() as db:
             row = db.execute(
-                "SELECT name FROM tokens WHERE token_sha256 = ?", (_sha256(token),)
+                "SELECT name FROM tokens WHERE token_sha256 = ? AND revoked_at IS NULL",
+                (_sha256(token),),
             ).fetchone()
         return str(row[0]) if row else None
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token: name, its hash's first 12 hex digits, created, revoked (or None)."""
+        with self.connect() as db:
+            rows = db.execute(
+                "SELECT name, token_sha256, created_at, revoked_at FROM tokens ORDER BY created_at"
+            ).fetchall()
+        return [
+            {"name": r[0], "sha256_prefix": r[1][:12], "created_at": r[2], "revoked_at": r[3]}
+            for r in rows
+        ]
+
+    def revoke_token(self, name: str, actor: str = "operator") -> int:
+        """Revoke every live token issued to `name`; how many.
+
+        Raises:
+            StoreError: no live token has that name.
+        """
+        with self.write() as db:
+            count = db.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (_now(), name),
+            ).rowcount
+            if not count:
+                raise StoreError(f"no live token for {name!r}")
+            _audit(db, actor, "revoke", None, {"name": name, "tokens": count})
+        return int(count)
 
 
 _COLUMNS = (
     "id, status, track, team, code_url, base_model, comm_bytes, average, stem, social_sciences,"
-    " humanities, date, submitted_at, details"
+    " humanities, date, submitted_at, details, moderation, moderation_reason"
 )
 
 
@@ -297,7 +488,7 @@ def _insert(db: sqlite3.Connection, entry: Entry, key: str) -> int:
 
 def _entry(row: Sequence[Any]) -> Entry:
     (id_, status, track, team, code_url, base_model, comm_bytes, average, stem, social,
-     humanities, date, submitted_at, details) = row  # fmt: skip
+     humanities, date, submitted_at, details, moderation, reason) = row  # fmt: skip
     return Entry(
         id=int(id_),
         status=status,
@@ -313,6 +504,18 @@ def _entry(row: Sequence[Any]) -> Entry:
         date=date,
         submitted_at=submitted_at,
         details=json.loads(details),
+        moderation=moderation,
+        moderation_reason=reason,
+    )
+
+
+def _audit(
+    db: sqlite3.Connection, actor: str, action: str, entry_id: int | None, detail: dict[str, Any]
+) -> None:
+    """Append one record to the audit log (inside the caller's transaction)."""
+    db.execute(
+        "INSERT INTO audit (at, actor, action, entry_id, detail) VALUES (?, ?, ?, ?, ?)",
+        (_now(), actor, action, entry_id, json.dumps(detail, sort_keys=True, ensure_ascii=False)),
     )
 
 

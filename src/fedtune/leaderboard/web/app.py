@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fedtune.leaderboard.entry import TRACKS, Entry
+from fedtune.leaderboard.entry import HIDDEN, REJECTED, TRACKS, Entry
 from fedtune.leaderboard.ranking import ALL_TRACKS, board_rows, pareto_front, rank
 from fedtune.leaderboard.reference import constant_answer_rows
 from fedtune.leaderboard.render import row_record
@@ -196,7 +196,7 @@ def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlet
             submitted, details={**submitted.details, "submitted_by": owner}
         )
         try:
-            new_id = await run_in_threadpool(store.add, submitted)
+            new_id = await run_in_threadpool(store.add, submitted, f"token:{owner}")
         except DuplicateEntry as exc:
             return _error(409, str(exc), id=exc.existing_id)
         found = await run_in_threadpool(_ranked_entry, store, new_id)
@@ -247,11 +247,14 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _ranked_entry(store: Store, entry_id: int) -> tuple[Entry, int] | None:
-    """An entry with its rank among the entries of its track."""
+def _ranked_entry(store: Store, entry_id: int) -> tuple[Entry, int | None] | None:
+    """An entry with its rank among the shown entries of its track (None for a rejected one);
+    None for an unknown or hidden entry."""
     item = store.get(entry_id)
-    if item is None:
+    if item is None or item.moderation == HIDDEN:
         return None
+    if item.moderation == REJECTED:
+        return item, None
     for position, other in rank(store.entries(item.track, details=False)):
         if other.id == entry_id:
             return item, position

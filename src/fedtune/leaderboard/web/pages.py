@@ -176,7 +176,7 @@ def _reference_row(row: BoardRow) -> str:
 # --- an entry -------------------------------------------------------------------------------------
 
 
-def entry_page(entry: Entry, rank: int, references: Sequence[ReferenceRow]) -> str:
+def entry_page(entry: Entry, rank: int | None, references: Sequence[ReferenceRow]) -> str:
     """An entry: scores by category and subject, answer letters, round plots, config, provenance."""
     d = entry.details
     evaluation = d.get("evaluation", {})
@@ -188,9 +188,14 @@ def entry_page(entry: Entry, rank: int, references: Sequence[ReferenceRow]) -> s
             "answer "
             f"({esc(best_ref.label)}: {best_ref.average:.2f}).</p>"
         )
+    if entry.moderation == "rejected":
+        verdict = (
+            '<p class="warn rejected">Rejected by the operators, not ranked: '
+            f"{esc(entry.moderation_reason)}</p>" + verdict
+        )
     track = TRACK_TITLES.get(entry.track, entry.track)
     summary = [
-        ("Rank", f"{rank} in {esc(track)}"),
+        ("Rank", f"{rank} in {esc(track)}" if rank is not None else "not ranked"),
         ("Team", esc(entry.team)),
         (
             "Code",

@@ -1,0 +1,150 @@
+"""Operators' tools: hide, reject, delete, un-verify, tokens, the append-only audit log, backups."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import httpx
+import pytest
+
+from fedtune.cli import main
+from fedtune.leaderboard.store import Store, StoreError
+from fedtune.leaderboard.validation import validate_submission
+
+
+def _add(store, team, actor="tests"):
+    from .lb_submissions import make_submission
+
+    return store.add(validate_submission(make_submission(team)), actor=actor)
+
+
+def test_moderation_takes_entries_off_the_ranking_and_is_audited(store):
+    hidden, rejected, kept = (_add(store, t) for t in ("Hidden", "Rejected", "Kept"))
+    store.moderate(hidden, "hidden", "", actor="ana")
+    store.moderate(rejected, "rejected", "scores not reproducible", actor="ana")
+    shown = {e.team for e in store.entries()}
+    assert "Kept" in shown and not shown & {"Hidden", "Rejected"}
+    assert {e.team for e in store.entries(moderated=True)} >= {"Hidden", "Rejected", "Kept"}
+    assert store.get(rejected).moderation_reason == "scores not reproducible"
+    with pytest.raises(StoreError, match="needs a reason"):
+        store.moderate(kept, "rejected", "  ", actor="ana")
+    with pytest.raises(StoreError, match="no entry"):
+        store.moderate(10**6, "hidden", "", actor="ana")
+    store.moderate(hidden, "shown", "", actor="bo")
+    assert "Hidden" in {e.team for e in store.entries()}
+    log = store.audit_log()
+    assert [(r["action"], r["actor"], r["entry_id"]) for r in log[:3]] == [
+        ("show", "bo", hidden),
+        ("reject", "ana", rejected),
+        ("hide", "ana", hidden),
+    ]
+    assert log[1]["detail"]["reason"] == "scores not reproducible"
+    assert {r["action"] for r in store.audit_log(entry_id=kept)} == {"submit"}
+
+
+def test_delete_keeps_a_copy_in_the_append_only_audit_log(store):
+    entry_id = _add(store, "Gone")
+    with pytest.raises(StoreError, match="needs a reason"):
+        store.delete(entry_id, "", actor="ana")
+    store.delete(entry_id, "spam", actor="ana")
+    assert store.get(entry_id) is None
+    record = store.audit_log(1)[0]
+    assert record["action"] == "delete" and record["detail"]["entry"]["team"] == "Gone"
+    with sqlite3.connect(store.path) as db:
+        for statement in ("UPDATE audit SET actor = 'x'", "DELETE FROM audit"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                db.execute(statement)
+
+
+def test_verify_and_unverify(store):
+    entry_id = _add(store, "Checked")
+    store.set_status(entry_id, "verified", actor="ana")
+    store.set_status(entry_id, "submitted", actor="ana")
+    assert store.get(entry_id).status == "submitted"
+    assert [r["action"] for r in store.audit_log(2)] == ["unverify", "verify"]
+
+
+def test_tokens_are_listed_and_revoked(store):
+    token = store.new_token("team-x", actor="ana")
+    assert store.token_owner(token) == "team-x"
+    listed = [t for t in store.tokens() if t["name"] == "team-x"]
+    assert listed and listed[0]["revoked_at"] is None and token not in json.dumps(listed)
+    assert store.revoke_token("team-x", actor="ana") == 1
+    assert store.token_owner(token) is None
+    with pytest.raises(StoreError, match="no live token"):
+        store.revoke_token("team-x", actor="ana")
+    assert [r["action"] for r in store.audit_log(2)] == ["revoke", "token"]
+
+
+def test_backup_and_restore(store, tmp_path):
+    entry_id = _add(store, "Precious")
+    with store.connect() as reader:  # a backup is taken while the database is in use
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM entries").fetchone()
+        copy = store.backup(tmp_path / "backup.sqlite3", actor="ana")
+        reader.execute("COMMIT")
+    with pytest.raises(StoreError, match="exists"):
+        store.backup(copy, actor="ana")
+    store.delete(entry_id, "oops", actor="ana")
+    store.restore(copy, actor="ana")
+    assert store.get(entry_id).team == "Precious"
+    assert store.audit_log(1)[0]["action"] == "restore"
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreError, match="not a leaderboard database"):
+        store.restore(junk, actor="ana")
+    assert Store(store.path).get(entry_id).team == "Precious"  # a refused restore changes nothing
+
+
+def test_the_web_app_respects_moderation_and_revocation(live_server, submission):
+    store = live_server.store
+    hidden, rejected = _add(store, "Hidden One"), _add(store, "Rejected One")
+    store.moderate(hidden, "hidden", "", actor="ana")
+    store.moderate(rejected, "rejected", "claims cannot be checked", actor="ana")
+    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+        teams = {r.get("team") for r in client.get("/api/entries").json()["rows"]}
+        assert not teams & {"Hidden One", "Rejected One"}
+        assert client.get(f"/entry/{hidden}").status_code == 404
+        assert client.get(f"/api/entries/{hidden}").status_code == 404
+        page = client.get(f"/entry/{rejected}")
+        assert page.status_code == 200
+        assert "claims cannot be checked" in page.text and "not ranked" in page.text
+        api = client.get(f"/api/entries/{rejected}").json()
+        assert api["rank"] is None and api["moderation"] == "rejected"
+        assert "Hidden One" not in client.get("/").text
+        store.revoke_token("tests", actor="ana")
+        reply = client.post(
+            "/api/entries",
+            json=submission("After Revocation"),
+            headers={"Authorization": f"Bearer {live_server.token}"},
+        )
+        assert reply.status_code == 401
+
+
+def test_operator_commands(tmp_path, capsys):
+    data = ["--data-dir", str(tmp_path / "lb"), "--actor", "ana"]
+    store = Store.in_dir(tmp_path / "lb")
+    entry_id = _add(store, "Via CLI")
+    with pytest.raises(SystemExit):  # --reason is required
+        main(["leaderboard", "reject", str(entry_id), *data])
+    capsys.readouterr()
+    assert main(["leaderboard", "reject", str(entry_id), "--reason", "no code", *data]) == 0
+    assert main(["leaderboard", "unhide", str(entry_id), *data]) == 0
+    assert main(["leaderboard", "hide", str(entry_id), *data]) == 0
+    assert main(["leaderboard", "verify", str(entry_id), *data]) == 0
+    assert main(["leaderboard", "unverify", str(entry_id), *data]) == 0
+    assert main(["leaderboard", "token", "someone", "--data-dir", str(tmp_path / "lb")]) == 0
+    assert main(["leaderboard", "revoke", "someone", *data]) == 0
+    assert main(["leaderboard", "revoke", "nobody", *data]) == 2
+    assert main(["leaderboard", "backup", str(tmp_path / "b.sqlite3"), *data]) == 0
+    assert main(["leaderboard", "delete", str(entry_id), "--reason", "test", *data]) == 0
+    assert main(["leaderboard", "restore", str(tmp_path / "b.sqlite3"), *data]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", "tokens", *data]) == 0
+    assert "someone" in capsys.readouterr().out
+    assert main(["leaderboard", "audit", "--limit", "20", *data]) == 0
+    actions = [json.loads(line)["action"] for line in capsys.readouterr().out.splitlines()]
+    assert actions[:3] == ["restore", "delete", "backup"]  # a restore does not rewind the log
+    assert {"reject", "show", "hide", "verify", "unverify", "token", "revoke"} <= set(actions)
+    assert store.get(entry_id).moderation == "hidden"  # restored as it was at the backup
