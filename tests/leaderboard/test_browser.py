@@ -64,7 +64,8 @@ def test_board_in_browser(browser, live_server, submission, tmp_path):
         reply = httpx.post(
             f"{live_server.url}/api/entries",
             json=payload,
-            headers={"Authorization": f"Bearer {live_server.token}"},
+            # One token per team: a token is bound to the team of its first entry.
+            headers={"Authorization": f"Bearer {live_server.store.new_token(team)}"},
         )
         assert reply.status_code == 201, reply.text
 

@@ -25,19 +25,27 @@ def _payloads(client: int) -> list[dict]:
         correct = (rng.choice([900, 1500, 2100]), rng.choice([1000, 1600]), 2000)
         comm = rng.choice([1, 2, 3]) * 1024**3
         date = f"2026-11-{rng.randint(1, 28):02d}"
+        # One team per client (its token is bound to it); each run its own code URL.
         payloads.append(
-            make_submission(f"client {client} run {i}", correct=correct, comm_bytes=comm, date=date)
+            make_submission(
+                f"client {client}",
+                correct=correct,
+                comm_bytes=comm,
+                date=date,
+                code_url=f"https://example.org/client-{client}/run-{i}",
+            )
         )
     return payloads
 
 
 def test_concurrent_submissions(live_server):
-    headers = {"Authorization": f"Bearer {live_server.token}"}
+    tokens = [live_server.store.new_token(f"client {c}") for c in range(CLIENTS)]
     barrier = threading.Barrier(CLIENTS)
     latencies: list[float] = []
 
     def run_client(client: int) -> list[tuple[str, int]]:
         created = []
+        headers = {"Authorization": f"Bearer {tokens[client]}"}
         with httpx.Client(base_url=live_server.url, headers=headers, timeout=60) as http:
             payloads = _payloads(client)
             barrier.wait()  # all clients start together

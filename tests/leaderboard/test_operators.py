@@ -67,7 +67,7 @@ def test_verify_and_unverify(store):
 
 def test_tokens_are_listed_and_revoked(store):
     token = store.new_token("team-x", actor="ana")
-    assert store.token_owner(token) == "team-x"
+    assert store.token_owner(token).startswith("team-x (")
     listed = [t for t in store.tokens() if t["name"] == "team-x"]
     assert listed and listed[0]["revoked_at"] is None and token not in json.dumps(listed)
     assert store.revoke_token("team-x", actor="ana") == 1
@@ -148,3 +148,45 @@ def test_operator_commands(tmp_path, capsys):
     assert actions[:3] == ["restore", "delete", "backup"]  # a restore does not rewind the log
     assert {"reject", "show", "hide", "verify", "unverify", "token", "revoke"} <= set(actions)
     assert store.get(entry_id).moderation == "hidden"  # restored as it was at the backup
+
+
+def test_a_token_is_one_team_and_names_that_look_alike_are_refused(live_server, submission):
+    store = live_server.store
+
+    def post(team, token, **kw):
+        with httpx.Client(base_url=live_server.url, timeout=30) as client:
+            return client.post(
+                "/api/entries",
+                json=submission(team, **kw),
+                headers={"Authorization": f"Bearer {token}"},
+            )
+
+    first = store.new_token("alice")
+    assert post("Alice Lab", first).status_code == 201  # binds the token to "Alice Lab"
+    assert post("Alice Lab", first, correct=(1000, 1000, 1000)).status_code == 201
+    reply = post("Someone Else", first)
+    assert reply.status_code == 403 and "submits for team 'Alice Lab'" in reply.json()["error"]
+    bound = store.new_token("bob", team="Bob Co")
+    assert post("Not Bob", bound).status_code == 403
+    assert post("Bob Co", bound).status_code == 201
+    # Another token — even one issued under the same name — cannot submit as Alice Lab.
+    reply = post("Alice Lab", store.new_token("alice"), correct=(1200, 1000, 1000))
+    assert reply.status_code == 409 and "another submitter" in reply.json()["error"]
+    # Copies of a published team's name: exact, Cyrillic look-alike, case, full-width.
+    for fake in ("ZeroOne.AI", "Z\u0435roOne.AI", "zeroone.ai", "ＺｅｒｏＯｎｅ.AI"):
+        reply = post(fake, store.new_token("mallory"))
+        assert reply.status_code == 409, (fake, reply.text)
+        assert "ZeroOne.AI" in reply.json()["error"]
+    reply = post("Zero\u200bOne.AI", store.new_token("mallory"))  # refused before any lookup
+    assert reply.status_code == 422 and "U+200B" in reply.json()["error"]
+    assert next(t for t in store.tokens() if t["name"] == "alice")["team"] == "Alice Lab"
+
+
+def test_team_folding():
+    from fedtune.leaderboard.store import fold_team, team_collision
+
+    assert fold_team("  Zero\u200bOne\u00a0 AI ") == "zeroone ai"
+    assert fold_team("ｆｅｄｔｕｎｅ") == "fedtune"  # NFKC: full-width letters
+    assert team_collision("Team B", ["Team A", "Team B"]) is None
+    assert team_collision("T\u0435am A", ["Team A"]) == "Team A"
+    assert team_collision("TNl", ["TNI"]) == "TNI"  # l and I are confusable

@@ -186,7 +186,7 @@ def test_cli_get_token_verify(tmp_path, data_dir, capsys):
     assert main(["leaderboard", "get", "99", "--data-dir", str(data_dir)]) == 2
     assert main(["leaderboard", "token", "team-x", "--data-dir", str(data_dir)]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1]
-    assert Store.in_dir(data_dir).token_owner(token) == "team-x"
+    assert Store.in_dir(data_dir).token_owner(token).startswith("team-x (")
     for fmt in ("markdown", "csv"):
         assert main(["leaderboard", "show", "--format", fmt, "--data-dir", str(data_dir)]) == 0
         assert "Demo" in capsys.readouterr().out

@@ -79,6 +79,9 @@ def register(subparsers: Any) -> None:
 
     token = commands.add_parser("token", help="create an API token for submissions")
     token.add_argument("name", help="who the token is for (recorded with their submissions)")
+    token.add_argument(
+        "--team", help="the only team it may submit for (default: its first entry's team)"
+    )
     token.add_argument("--data-dir", help=_DATA_DIR_HELP)
     token.set_defaults(handler=_token)
 
@@ -306,7 +309,7 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    print(_store(args).new_token(args.name))
+    print(_store(args).new_token(args.name, team=args.team))
     return 0
 
 

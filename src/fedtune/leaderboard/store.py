@@ -18,7 +18,8 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,42 @@ DB_NAME = "leaderboard.sqlite3"
 
 class StoreError(RuntimeError):
     """The store cannot be opened or an operation on it is impossible."""
+
+
+class TeamRefused(StoreError):
+    """A submission's team name collides with another team's, or is not its token's team.
+
+    Attributes:
+        status: the HTTP status the API answers with (403 wrong team for the token, 409 a
+            collision with an existing name).
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def fold_team(name: str) -> str:
+    """A team name as compared with others: NFKC, case-folded, format characters (zero-width
+    joiners, bidi marks) removed, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", name)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf").casefold()
+    return " ".join(text.split())
+
+
+def team_collision(team: str, existing: Iterable[str]) -> str | None:
+    """The first existing team name that `team` could be mistaken for (same after folding, or
+    confusable character by character per Unicode's confusables table), other than itself."""
+    import confusables
+
+    folded = fold_team(team)
+    for other in existing:
+        if other == team:
+            continue
+        folded_other = fold_team(other)
+        if folded_other == folded or confusables.is_confusable(folded_other, folded):
+            return other
+    return None
 
 
 class DuplicateEntry(StoreError):
@@ -117,6 +154,7 @@ def _operators(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE entries ADD COLUMN moderation TEXT NOT NULL DEFAULT 'shown'")
     db.execute("ALTER TABLE entries ADD COLUMN moderation_reason TEXT NOT NULL DEFAULT ''")
     db.execute("ALTER TABLE tokens ADD COLUMN revoked_at TEXT")
+    db.execute("ALTER TABLE tokens ADD COLUMN team TEXT")  # bound at creation or first entry
     db.execute(
         """CREATE TABLE audit (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -219,17 +257,24 @@ class Store:
 
     # --- entries
 
-    def add(self, entry: Entry, actor: str = "operator") -> int:
+    def add(self, entry: Entry, actor: str = "operator", token: str | None = None) -> int:
         """Store an entry and return its new id (audited as `submit` by `actor`).
+
+        With `token` (an API submission: the token itself): the team must be the token's bound
+        team (a token is bound at creation, else to the team of its first entry), must not be
+        another submitter's team, and must not look like any other team's name.
 
         Raises:
             DuplicateEntry: the same submission is already stored.
+            TeamRefused: as above.
         """
         key = fingerprint(entry)
         with self.write() as db:
             row = db.execute("SELECT id FROM entries WHERE fingerprint = ?", (key,)).fetchone()
             if row is not None:
                 raise DuplicateEntry(int(row[0]))
+            if token is not None:
+                _check_team(db, entry.team, _sha256(token))
             new_id = _insert(db, entry, key)
             _audit(db, actor, "submit", new_id, {"team": entry.team, "track": entry.track})
             return new_id
@@ -407,36 +452,46 @@ class Store:
 
     # --- API tokens (only their sha256 is stored)
 
-    def new_token(self, name: str, actor: str = "operator") -> str:
-        """Create an API token for `name` and return it (it is shown once, stored hashed)."""
+    def new_token(self, name: str, actor: str = "operator", team: str | None = None) -> str:
+        """Create an API token for `name` and return it (it is shown once, stored hashed);
+        `team`: the only team it may submit for (else: the team of its first entry)."""
         token = secrets.token_urlsafe(32)
         with self.write() as db:
             db.execute(
-                "INSERT INTO tokens (token_sha256, name, created_at) VALUES (?, ?, ?)",
-                (_sha256(token), name, _now()),
+                "INSERT INTO tokens (token_sha256, name, created_at, team) VALUES (?, ?, ?, ?)",
+                (_sha256(token), name, _now(), team),
             )
-            _audit(db, actor, "token", None, {"name": name, "sha256_prefix": _sha256(token)[:12]})
+            _audit(
+                db,
+                actor,
+                "token",
+                None,
+                {"name": name, "team": team, "sha256_prefix": _sha256(token)[:12]},
+            )
         return token
 
     def token_owner(self, token: str) -> str | None:
-        """The name a live token was issued to, or None (unknown or revoked)."""
+        """The key under which a live token submits — `sha256:<first 12 hex>` of its hash, so
+        tokens of one name stay apart — or None (unknown or revoked)."""
+        digest = _sha256(token)
         with self.connect() as db:
             row = db.execute(
-                "SELECT name FROM tokens WHERE token_sha256 = ? AND revoked_at IS NULL",
-                (_sha256(token),),
+                "SELECT name FROM tokens WHERE token_sha256 = ? AND revoked_at IS NULL", (digest,)
             ).fetchone()
-        return str(row[0]) if row else None
+        return _owner_label(row[0], digest) if row else None
 
     def tokens(self) -> list[dict[str, Any]]:
         """Every token: name, its hash's first 12 hex digits, created, revoked (or None)."""
         with self.connect() as db:
             rows = db.execute(
-                "SELECT name, token_sha256, created_at, revoked_at FROM tokens ORDER BY created_at"
+                "SELECT name, token_sha256, created_at, revoked_at, team FROM tokens "
+                "ORDER BY created_at"
             ).fetchall()
         return [
-            {"name": r[0], "sha256_prefix": r[1][:12], "created_at": r[2], "revoked_at": r[3]}
+            {"name": r[0], "sha256_prefix": r[1][:12], "created_at": r[2], "revoked_at": r[3],
+             "team": r[4]}
             for r in rows
-        ]
+        ]  # fmt: skip
 
     def revoke_token(self, name: str, actor: str = "operator") -> int:
         """Revoke every live token issued to `name`; how many.
@@ -507,6 +562,36 @@ def _entry(row: Sequence[Any]) -> Entry:
         moderation=moderation,
         moderation_reason=reason,
     )
+
+
+def _check_team(db: sqlite3.Connection, team: str, digest: str) -> None:
+    """See Store.add; binds an unbound token to `team`. Submitters are told apart by
+    `submitted_by` (token_owner's label), which names the token's hash prefix."""
+    row = db.execute(
+        "SELECT name, team FROM tokens WHERE token_sha256 = ? AND revoked_at IS NULL", (digest,)
+    ).fetchone()
+    if row is None:
+        raise TeamRefused("the token is unknown or revoked", 401)
+    name, bound = row
+    if bound is not None and bound != team:
+        raise TeamRefused(f"this token submits for team {bound!r}, not {team!r}", 403)
+    owner = _owner_label(name, digest)
+    teams: dict[str, set[str]] = {}
+    for other, details in db.execute("SELECT team, details FROM entries"):
+        teams.setdefault(other, set()).add(str(json.loads(details).get("submitted_by", "")))
+    if team in teams and teams[team] != {owner}:
+        raise TeamRefused(f"team {team!r} is another submitter's", 409)
+    collision = team_collision(team, teams)
+    if collision is not None:
+        raise TeamRefused(
+            f"team name {team!r} is too close to the existing team {collision!r}", 409
+        )
+    if bound is None:
+        db.execute("UPDATE tokens SET team = ? WHERE token_sha256 = ?", (team, digest))
+
+
+def _owner_label(name: str, digest: str) -> str:
+    return f"{name} ({digest[:12]})"
 
 
 def _audit(

@@ -32,7 +32,7 @@ from fedtune.leaderboard.entry import HIDDEN, REJECTED, TRACKS, Entry
 from fedtune.leaderboard.ranking import ALL_TRACKS, board_rows, pareto_front, rank
 from fedtune.leaderboard.reference import constant_answer_rows
 from fedtune.leaderboard.render import row_record
-from fedtune.leaderboard.store import DuplicateEntry, Store
+from fedtune.leaderboard.store import DuplicateEntry, Store, TeamRefused
 from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError, validate_submission
 from fedtune.leaderboard.web.charts import score_vs_cost
 from fedtune.leaderboard.web.pages import board_page, entry_page, not_found_page
@@ -196,9 +196,11 @@ def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlet
             submitted, details={**submitted.details, "submitted_by": owner}
         )
         try:
-            new_id = await run_in_threadpool(store.add, submitted, f"token:{owner}")
+            new_id = await run_in_threadpool(store.add, submitted, f"token:{owner}", token)
         except DuplicateEntry as exc:
             return _error(409, str(exc), id=exc.existing_id)
+        except TeamRefused as exc:
+            return _error(exc.status, str(exc), field="team")
         found = await run_in_threadpool(_ranked_entry, store, new_id)
         position = found[1] if found else None
         return JSONResponse(
