@@ -190,3 +190,34 @@ def test_team_folding():
     assert team_collision("Team B", ["Team A", "Team B"]) is None
     assert team_collision("T\u0435am A", ["Team A"]) == "Team A"
     assert team_collision("TNl", ["TNI"]) == "TNI"  # l and I are confusable
+
+
+def test_submissions_are_rate_limited_per_token(monkeypatch, store, submission):
+    from starlette.testclient import TestClient
+
+    from fedtune.leaderboard.web import app as web
+
+    clock = [1000.0]
+    monkeypatch.setattr(web.time, "monotonic", lambda: clock[0])
+    limit = web.RateLimit(per_minute=2)
+    assert limit.take("a") == 0 and limit.take("a") == 0
+    assert limit.take("a") == pytest.approx(30.0)  # one refills every 30 s
+    assert limit.take("b") == 0  # buckets are per token
+    clock[0] += 30
+    assert limit.take("a") == 0 and limit.take("a") > 0
+    assert web.RateLimit(per_minute=0).take("a") == 0  # 0: no limit
+
+    token = store.new_token("quick")
+    client = TestClient(web.create_app(store, submissions_per_minute=2))
+    headers = {"Authorization": f"Bearer {token}"}
+    codes = [
+        client.post(
+            "/api/entries",
+            json=submission("Quick", correct=(1000 + i, 1000, 1000)),
+            headers=headers,
+        ).status_code
+        for i in range(3)
+    ]
+    assert codes == [201, 201, 429]
+    reply = client.post("/api/entries", json=submission("Quick"), headers=headers)
+    assert reply.status_code == 429 and int(reply.headers["retry-after"]) >= 1

@@ -69,6 +69,9 @@ def register(subparsers: Any) -> None:
     serve = commands.add_parser("serve", help="serve the web page and the JSON API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--submissions-per-minute", type=int, default=60, help="per API token; 0 = no limit (60)"
+    )
     serve.add_argument("--data-dir", help=_DATA_DIR_HELP)
     serve.set_defaults(handler=_serve)
 
@@ -295,7 +298,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     store = _store(args)
     print(f"fedtune leaderboard: {store.path} · http://{args.host}:{args.port}/", file=sys.stderr)
-    config = server_config(create_app(store), host=args.host, port=args.port, log_level="info")
+    app = create_app(store, submissions_per_minute=args.submissions_per_minute)
+    config = server_config(app, host=args.host, port=args.port, log_level="info")
     uvicorn.Server(config).run()
     return 0
 

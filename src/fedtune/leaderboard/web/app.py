@@ -8,15 +8,20 @@
     GET  /api/reference          the constant-answer reference rows
     GET  /healthz                liveness
 
-Submissions are refused with a JSON `{"error": reason, "field": …}`: 400 malformed JSON, 401 no or
-unknown token, 409 the same submission again, 413 a body over the limit, 415 not JSON, 422 a
-submission that fails validation or its track's rules.
+Submissions are refused with a JSON `{"error": reason, "field": …}`: 400 malformed or too deeply
+nested JSON, 401 no, unknown or revoked token, 403 a team other than the token's, 409 the same
+submission again or a team name that is another's (or looks like it), 413 a body over the limit,
+415 not JSON, 422 a submission that fails validation or its track's rules, 429 over the token's
+submissions a minute (with Retry-After).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +96,43 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+class RateLimit:
+    """A token bucket per API token: `per_minute` submissions a minute, bursts up to that many.
+    Kept in the server process (a restart refills every bucket)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.buckets: dict[str, tuple[float, float]] = {}  # owner → (tokens left, at)
+        self.lock = threading.Lock()
+
+    def take(self, owner: str) -> float:
+        """0 when `owner` may submit now (and one is taken), else the seconds to wait."""
+        if self.per_minute <= 0:
+            return 0.0
+        now = time.monotonic()
+        rate = self.per_minute / 60.0
+        with self.lock:
+            left, at = self.buckets.get(owner, (float(self.per_minute), now))
+            left = min(float(self.per_minute), left + (now - at) * rate)
+            if left >= 1.0:
+                self.buckets[owner] = (left - 1.0, now)
+                return 0.0
+            self.buckets[owner] = (left, now)
+            return (1.0 - left) / rate
+
+
+def create_app(
+    store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, submissions_per_minute: int = 60
+) -> Starlette:
     """The ASGI app over a store.
 
     Args:
         store: where entries and API tokens live.
         max_body_bytes: submissions above this size get 413.
+        submissions_per_minute: per API token (429 beyond; 0 = no limit).
     """
     references = constant_answer_rows()
+    limit = RateLimit(submissions_per_minute)
 
     def view(request: Request) -> tuple[str, str | None]:
         track = request.query_params.get("track") or ALL_TRACKS
@@ -172,6 +206,13 @@ def create_app(store: Store, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlet
                 {"error": "a valid API token is required (Authorization: Bearer <token>)"},
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
+            )
+        wait = limit.take(owner)
+        if wait:
+            return JSONResponse(
+                {"error": f"more than {limit.per_minute} submissions a minute from this token"},
+                status_code=429,
+                headers={"Retry-After": str(math.ceil(wait))},
             )
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
