@@ -39,7 +39,7 @@ def test_markdown_escapes_team_names(store):
     # Every row has the same number of (unescaped) cell separators as the header.
     header_cells = text.splitlines()[0].count("|")
     assert line.replace("\\|", "").count("|") == header_cells
-    assert "| 1 | ZeroOne.AI | [Link](https://flower.ai/" in text
+    assert "| 1 | ZeroOne.AI | [Link](https://github.com/0-1-ai/01AI-FlowerTune" in text
 
 
 def test_csv_and_json_round_trip(store):

@@ -136,3 +136,21 @@ def test_concurrent_writer_processes(tmp_path):
     assert store.count() == 19 + 60  # the published rows imported exactly once
     teams = [e.team for e in store.entries() if e.status == "submitted"]
     assert sorted(teams) == sorted(f"proc {w} entry {i}" for w in range(4) for i in range(15))
+
+
+def test_published_rows_link_to_their_teams_code_where_known(tmp_path):
+    from fedtune.leaderboard.published import BOARD_URL, CODE_URLS
+
+    store = Store(tmp_path / DB_NAME)
+    links = {e.details["published_rank"]: e.code_url for e in store.entries()}
+    assert links[1].startswith("https://github.com/0-1-ai/")
+    assert links[8] == BOARD_URL  # no public repository known
+    assert {rank for rank, url in links.items() if url != BOARD_URL} == set(CODE_URLS)
+    # A store made before the links were known gets them when it is migrated.
+    old_path = tmp_path / "old" / DB_NAME
+    old = Store(old_path, migrate=False)
+    old.migrate(target=2)
+    with old.write() as db:
+        db.execute("UPDATE entries SET code_url = ?", (BOARD_URL,))
+    migrated = {e.details["published_rank"]: e.code_url for e in Store(old_path).entries()}
+    assert migrated == links

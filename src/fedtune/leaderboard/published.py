@@ -1,7 +1,7 @@
 """The published FlowerTune General NLP board: the first rows of every fedtune leaderboard.
 
-Copied from the challenge's public page (https://flower.ai/benchmarks/llm-leaderboard/nlp/); the
-per-entry code links live on that page, so it is each row's `code_url`. Communication is given there
+Copied from the challenge's public page (https://flower.ai/benchmarks/llm-leaderboard/nlp/). A row's
+`code_url` is its team's public repository where known (`CODE_URLS`), else that page. Communication is given there
 as "GB" with one decimal (GiB, see `entry.BYTES_PER_GB`); it is stored as that many GiB in bytes,
 so it prints back exactly as published. A new run is thus ranked in context.
 """
@@ -39,6 +39,30 @@ PUBLISHED_ROWS: tuple[tuple[int, str, str, float, float, float, float, float, st
 )
 # fmt: on
 
+# The teams' public code, where it is known (by published rank); other rows link to the board.
+FLOWER_BASELINE = "https://github.com/adap/flower/tree/main/examples/flowertune-llm"
+_GITHUB = "https://github.com/"
+CODE_URLS: dict[int, str] = {
+    1: _GITHUB + "0-1-ai/01AI-FlowerTune-LLM-Leaderboard-General-NLP",
+    2: _GITHUB + "gachon-CCLab/GCCL-General-NLP2-FlowerTune",
+    3: _GITHUB + "TNI-playground/TNI-FlowerTune-LLM-Leaderboard-GeneralNLP",
+    4: _GITHUB + "jiamubai/general-nlp-flowerfinetune",
+    5: _GITHUB + "jiamubai/general-nlp-flowerfinetune",
+    6: _GITHUB + "gachon-CCLab/GCCL-General-NLP-FlowerTune",
+    7: _GITHUB + "zjudai/flowertune-llm",
+    9: _GITHUB + "zjudai/flowertune-llm",
+    10: _GITHUB + "Snap997/FlowerTune",
+    11: _GITHUB + "zjudai/flowertune-llm",
+    12: _GITHUB + "zjudai/flowertune-llm",
+    13: FLOWER_BASELINE,
+    14: _GITHUB + "TNI-playground/TNI-FlowerTune-LLM-Leaderboard-GeneralNLP-SmolLM2-Series",
+    15: _GITHUB + "zjudai/flowertune-llm",
+    16: _GITHUB + "TNI-playground/TNI-FlowerTune-LLM-Leaderboard-GeneralNLP-SmolLM2-Series",
+    17: FLOWER_BASELINE,
+    18: _GITHUB + "zjudai/flowertune-llm",
+    19: _GITHUB + "TNI-playground/TNI-FlowerTune-LLM-Leaderboard-GeneralNLP-SmolLM2-Series",
+}
+
 
 def published_entries() -> list[Entry]:
     """The published rows as entries (status "published", General NLP track, no id yet)."""
@@ -47,7 +71,7 @@ def published_entries() -> list[Entry]:
         entries.append(
             Entry(
                 team=team,
-                code_url=BOARD_URL,
+                code_url=CODE_URLS.get(rank, BOARD_URL),
                 base_model=model,
                 track=GENERAL_NLP,
                 comm_bytes=round(gb * BYTES_PER_GB),

@@ -165,6 +165,13 @@ def _operators(db: sqlite3.Connection) -> None:
             detail TEXT NOT NULL
         )"""
     )
+    # Published rows imported before their teams' repositories were known link to them now.
+    for entry in published_entries():
+        db.execute(
+            "UPDATE entries SET code_url = ? WHERE status = 'published' "
+            "AND json_extract(details, '$.published_rank') = ?",
+            (entry.code_url, entry.details["published_rank"]),
+        )
     for event in ("UPDATE", "DELETE"):
         db.execute(
             f"""CREATE TRIGGER audit_no_{event.lower()} BEFORE {event} ON audit
