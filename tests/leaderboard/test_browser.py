@@ -72,6 +72,7 @@ def test_board_in_browser(browser, live_server, submission, tmp_path):
     page = browser.new_page(viewport={"width": 1360, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(live_server.url + "/")
@@ -137,3 +138,61 @@ def _shot_dir(tmp_path: Path) -> Path:
     path = Path(os.environ.get("FEDTUNE_SCREENSHOT_DIR", tmp_path))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_board_on_a_phone(browser, live_server, submission, tmp_path):
+    """At 390 px: no sideways scroll of the page, the compact chart with readable text and tappable
+    points, the Average in view; no console error on the board or an entry page."""
+    for team, correct, gb in [
+        ("Phone Check", (1300, 1400, 1800), 0.004),
+        ("Other", (900, 900, 900), 3),
+    ]:
+        reply = httpx.post(
+            f"{live_server.url}/api/entries",
+            json=submission(team, correct=correct, comm_bytes=int(gb * 1024**3)),
+            headers={"Authorization": f"Bearer {live_server.store.new_token(team)}"},
+        )
+        assert reply.status_code == 201, reply.text
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+
+    def page_width() -> int:
+        return page.evaluate("document.documentElement.scrollWidth")
+
+    page.goto(live_server.url + "/")
+    assert page_width() <= 390, _too_wide(page)
+    assert page.locator("#score-chart-compact").is_visible()
+    assert not page.locator("#score-chart").is_visible()
+    # Chart text as rendered on the screen, in CSS pixels: readable, not ~4 px.
+    tick_height = page.eval_on_selector(
+        "#score-chart-compact text.tick", "t => t.getBoundingClientRect().height"
+    )
+    assert tick_height >= 11
+    # Points are links big enough to tap (≥ 12 CSS px across).
+    point = page.locator("#score-chart-compact circle.pt[data-id]").first.bounding_box()
+    assert point["width"] >= 12
+    labels = page.eval_on_selector_all(
+        "#score-chart-compact text.pt-label", "ts => ts.map(t => t.textContent)"
+    )
+    assert "Phone Check" in labels  # the cheapest entry is on the front and named
+    average = page.locator("#board th[data-key=average]").bounding_box()
+    assert average is not None and average["x"] + average["width"] <= 390
+    assert page.locator("#board th[data-key=stem]").is_hidden()
+    page.screenshot(path=str(_shot_dir(tmp_path) / "phone-board.png"), full_page=True)
+    page.click("#board a:text('Phone Check')")
+    page.wait_for_selector("#entry-title")
+    assert page_width() <= 390, _too_wide(page)
+    page.screenshot(path=str(_shot_dir(tmp_path) / "phone-entry.png"), full_page=True)
+    assert not errors
+    page.close()
+
+
+def _too_wide(page) -> list[str]:
+    """The first elements that reach past a 390 px screen (for the failure message)."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('body *')]
+            .filter(e => e.getBoundingClientRect().right > 391)
+            .map(e => e.tagName + '.' + e.className + '#' + e.id).slice(0, 8)"""
+    )

@@ -150,7 +150,11 @@ def create_app(
             model = None
         rows = board_rows(entries, references, track=track, base_model=model)
         shown = [r.entry for r in rows if r.entry is not None]
-        chart = score_vs_cost(shown, pareto_front(shown), references)
+        front = pareto_front(shown)
+        chart = (
+            f'<div class="wide-only">{score_vs_cost(shown, front, references)}</div>'
+            f'<div class="narrow-only">{score_vs_cost(shown, front, references, compact=True)}</div>'
+        )
         html = board_page(
             rows,
             track=track,

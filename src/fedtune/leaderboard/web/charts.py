@@ -37,14 +37,23 @@ def score_vs_cost(
     entries: Sequence[Entry],
     front: Sequence[Entry],
     references: Sequence[ReferenceRow] = (),
+    *,
+    compact: bool = False,
 ) -> str:
     """Average against communication cost (log scale), with the Pareto front as a staircase.
 
     Each point links to its entry page; constant-answer references are a band (A…D) with a line at
-    the best of them, since they cost no communication and have no place on a log axis.
+    the best of them, since they cost no communication and have no place on a log axis. The
+    Pareto front's points are labelled with their team. `compact`: the phone layout — a narrow
+    chart whose text stays readable at 390 px, bigger points to tap, the legend on two rows.
     """
-    width, height = 880, 380
-    left, right, top, bottom = 60, 150, 34, 52
+    suffix = "-compact" if compact else ""
+    if compact:
+        width, height = 420, 430
+        left, right, top, bottom = 46, 14, 62, 52
+    else:
+        width, height = 880, 380
+        left, right, top, bottom = 60, 150, 34, 52
     plot_w, plot_h = width - left - right, height - top - bottom
     points = [e for e in entries if e.comm_bytes > 0]
     gbs = [e.comm_bytes / BYTES_PER_GB for e in points] or [1.0]
@@ -62,15 +71,16 @@ def score_vs_cost(
         return x_of_gb(num_bytes / BYTES_PER_GB)
 
     # A decade label at most every ~70 px (bytes from 1 to 10^19 span 28 decades of GB).
-    label_every = max(1, math.ceil((hi - lo) * 70 / plot_w))
+    label_every = max(1, math.ceil((hi - lo) * (90 if compact else 70) / plot_w))
 
     def y_of(average: float) -> float:
         return top + (1 - average / y_max) * plot_h
 
     parts = [
-        f'<svg id="score-chart" class="chart" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-labelledby="score-chart-title" xmlns="http://www.w3.org/2000/svg">',
-        '<title id="score-chart-title">Average against communication cost (log scale); '
+        f'<svg id="score-chart{suffix}" class="chart{" compact" if compact else ""}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
+        f'aria-labelledby="score-chart-title{suffix}" xmlns="http://www.w3.org/2000/svg">',
+        f'<title id="score-chart-title{suffix}">Average against communication cost (log scale); '
         "the Pareto front is the staircase</title>",
     ]
     # Grid: every 10 points of Average, every decade (and its 2…9 multiples) of GB.
@@ -120,14 +130,20 @@ def score_vs_cost(
             f'<line class="ref-line" x1="{left}" x2="{left + plot_w}" '
             f'y1="{y_hi:.1f}" y2="{y_hi:.1f}"/>'
         )
-        parts.append(
-            f'<text class="ref-label" x="{left + plot_w + 6}" y="{y_hi + 4:.1f}">'
-            f"{esc(best.label)} {best.average:.2f}</text>"
-        )
-        parts.append(
-            f'<text class="ref-label small" x="{left + plot_w + 6}" y="{y_lo + 12:.1f}">'
-            f"always A–D: {low:.2f}–{best.average:.2f}</text>"
-        )
+        if compact:  # no margin on the right: one label inside the plot
+            parts.append(
+                f'<text class="ref-label" x="{left + plot_w - 4}" y="{y_lo + 16:.1f}" '
+                f'text-anchor="end">always A–D: {low:.2f}–{best.average:.2f}</text>'
+            )
+        else:
+            parts.append(
+                f'<text class="ref-label" x="{left + plot_w + 6}" y="{y_hi + 4:.1f}">'
+                f"{esc(best.label)} {best.average:.2f}</text>"
+            )
+            parts.append(
+                f'<text class="ref-label small" x="{left + plot_w + 6}" y="{y_lo + 12:.1f}">'
+                f"always A–D: {low:.2f}–{best.average:.2f}</text>"
+            )
     front_ids = {e.id for e in front}
     drawn = [e for e in front if e.comm_bytes > 0]
     if drawn:
@@ -136,7 +152,9 @@ def score_vs_cost(
             path.append(f"{x_of(cur.comm_bytes):.1f},{y_of(prev.average):.1f}")
             path.append(f"{x_of(cur.comm_bytes):.1f},{y_of(cur.average):.1f}")
         path.append(f"{left + plot_w},{y_of(drawn[-1].average):.1f}")
-        parts.append(f'<polyline id="pareto-front" class="front" points="{" ".join(path)}"/>')
+        parts.append(
+            f'<polyline id="pareto-front{suffix}" class="front" points="{" ".join(path)}"/>'
+        )
     for entry in sorted(points, key=lambda e: e.id in front_ids):
         css = f"pt track-{esc(entry.track)} status-{esc(entry.status)}"
         if entry.id in front_ids:
@@ -147,29 +165,50 @@ def score_vs_cost(
             + (" · on the Pareto front" if entry.id in front_ids else "")
         )
         entry_id = int(entry.id or 0)
+        x, y = x_of(entry.comm_bytes), y_of(entry.average)
         parts.append(
             f'<a href="/entry/{entry_id}"><circle class="{css}" data-id="{entry_id}" '
-            f'cx="{x_of(entry.comm_bytes):.1f}" cy="{y_of(entry.average):.1f}" r="5.5">'
+            f'cx="{x:.1f}" cy="{y:.1f}" r="{8 if compact else 5.5}">'
             f"<title>{esc(label)}</title></circle></a>"
         )
-    parts.append(_legend(left, 18))
+    for entry in drawn:  # the front's points carry their team's name
+        x, y = x_of(entry.comm_bytes), y_of(entry.average)
+        anchor = "end" if x > left + plot_w * 0.6 else "start"
+        shift = -10 if anchor == "end" else 10
+        name = entry.team if len(entry.team) <= 22 else entry.team[:21] + "…"
+        parts.append(
+            f'<text class="pt-label" x="{x + shift:.1f}" y="{y - 8:.1f}" '
+            f'text-anchor="{anchor}">{esc(name)}</text>'
+        )
+    parts.append(_legend(left, 18, rows=2 if compact else 1, width=plot_w))
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _legend(x: float, y: float) -> str:
+def _legend(x0: float, y: float, *, rows: int = 1, width: float = 0.0) -> str:
+    """Marks and their meaning: track fills; submitted, verified and Pareto-front rings."""
     items = [
-        ("pt track-general-nlp status-published", "published (General NLP)"),
-        ("pt track-general-nlp status-submitted", "submitted (General NLP)"),
-        ("pt track-open status-submitted", "open track"),
+        ("pt track-general-nlp status-published", "General NLP"),
+        ("pt track-open status-published", "open track"),
+        ("pt track-general-nlp status-submitted", "submitted"),
+        ("pt track-general-nlp status-verified", "verified"),
+        ("front", "Pareto front"),
     ]
     out = []
-    for css, text in items:
-        out.append(f'<circle class="{css}" cx="{x + 6:.1f}" cy="{y - 4}" r="5"/>')
+    x = x0
+    per_row = math.ceil(len(items) / rows)
+    for i, (css, text) in enumerate(items):
+        if i and i % per_row == 0:
+            x, y = x0, y + 22
+        if css == "front":
+            out.append(
+                f'<line class="front" x1="{x:.1f}" x2="{x + 20:.1f}" y1="{y - 4}" y2="{y - 4}"/>'
+            )
+            x += 8
+        else:
+            out.append(f'<circle class="{css}" cx="{x + 6:.1f}" cy="{y - 4}" r="5"/>')
         out.append(f'<text class="legend" x="{x + 16:.1f}" y="{y}">{esc(text)}</text>')
-        x += 24 + 7.2 * len(text)
-    out.append(f'<line class="front" x1="{x:.1f}" x2="{x + 24:.1f}" y1="{y - 4}" y2="{y - 4}"/>')
-    out.append(f'<text class="legend" x="{x + 30:.1f}" y="{y}">Pareto front</text>')
+        x += 30 + (8.5 if rows > 1 else 7.2) * len(text)
     return "".join(out)
 
 

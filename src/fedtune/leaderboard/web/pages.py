@@ -30,6 +30,7 @@ def layout(title: str, body: str) -> str:
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title>"
+        '<link rel="icon" href="data:,">'  # no /favicon.ico request (a 404 in the console)
         '<link rel="stylesheet" href="/static/board.css">'
         '<script src="/static/board.js" defer></script>'
         "</head><body>"
