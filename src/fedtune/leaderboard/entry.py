@@ -12,6 +12,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedtune.accounting.ledger import board_gb
+
 GENERAL_NLP = "general-nlp"
 OPEN = "open"
 TRACKS: tuple[str, ...] = (GENERAL_NLP, OPEN)
@@ -86,7 +88,7 @@ class Entry:
             "code_url": self.code_url,
             "base_model": self.base_model,
             "comm_bytes": self.comm_bytes,
-            "comm_gb": round(self.comm_bytes / BYTES_PER_GB, 1),
+            "comm_gb": board_gb(self.comm_bytes),
             "average": self.average,
             "stem": self.stem,
             "social_sciences": self.social_sciences,
@@ -108,7 +110,7 @@ def format_gb(num_bytes: int) -> str:
     gb = num_bytes / BYTES_PER_GB
     if 0 < gb < 0.05:
         return f"{gb:.2g} GB"
-    return f"{gb:.1f} GB"
+    return f"{board_gb(num_bytes):.1f} GB"
 
 
 def board_date(iso_day: str) -> str:

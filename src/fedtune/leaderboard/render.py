@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from fedtune.accounting.ledger import board_gb
 from fedtune.leaderboard.ranking import BOARD_COLUMNS, BoardRow
 
 FORMATS: tuple[str, ...] = ("table", "markdown", "csv", "json")
@@ -70,7 +71,7 @@ def _csv(rows: Sequence[BoardRow], columns: Sequence[str]) -> str:
             r["rank"] if r["rank"] is not None else "ref",
             r.get("team") or f"Reference: {r.get('label')}",
             r.get("code_url", ""), r.get("base_model", ""), r["comm_bytes"],
-            f"{r['comm_bytes'] / 1024**3:.1f}", f"{r['average']:.2f}", f"{r['stem']:.2f}",
+            f"{board_gb(r['comm_bytes']):.1f}", f"{r['average']:.2f}", f"{r['stem']:.2f}",
             f"{r['social_sciences']:.2f}", f"{r['humanities']:.2f}", r.get("date", ""),
             r.get("track", "reference"), r.get("status", "reference"), r.get("id") or "",
         ]])  # fmt: skip
