@@ -185,3 +185,29 @@ def test_hostile_but_well_formed_requests_get_4xx_never_500(client, live_server,
     assert reply.status_code == 400 and "nested deeper than 32" in reply.json()["error"]
     for url in ("/api/entries/99999999999999999999999", "/entry/99999999999999999999999"):
         assert client.get(url).status_code == 404
+
+
+def test_many_rows_are_paged(client, live_server, submission):
+    from fedtune.leaderboard.validation import validate_submission
+
+    for i in range(420):
+        live_server.store.add(
+            validate_submission(submission(f"Bulk {i:03d}", correct=(500 + i, 1000, 1000)))
+        )
+    total = 19 + 420 + 4
+    first = client.get("/")
+    assert first.text.count('<tr class="entry') + first.text.count('<tr class="reference') == 200
+    assert "rows 1–200 of 443" in first.text and 'rel="next"' in first.text
+    last = client.get("/?track=all&page=3")
+    assert last.text.count("<tr class=") == total - 400 and 'rel="next"' not in last.text
+    assert client.get("/?page=99").status_code == 200  # past the end: the last page
+    assert client.get("/?page=-1&track=all").status_code == 200
+    whole = client.get("/api/entries?limit=1000").json()
+    assert whole["total"] == whole["count"] == total
+    paged = []
+    for offset in range(0, total, 150):
+        chunk = client.get(f"/api/entries?offset={offset}&limit=150").json()
+        assert chunk["total"] == total and chunk["limit"] == 150
+        paged += chunk["rows"]
+    assert paged == whole["rows"]
+    assert client.get("/api/entries?limit=999999").json()["limit"] == 1000

@@ -150,18 +150,25 @@ def create_app(
             model = None
         rows = board_rows(entries, references, track=track, base_model=model)
         shown = [r.entry for r in rows if r.entry is not None]
+        pages = max(1, math.ceil(len(rows) / ROWS_PER_PAGE))
+        page = min(_int_param(request, "page", 1, minimum=1), pages)
+        start = (page - 1) * ROWS_PER_PAGE
         front = pareto_front(shown)
         chart = (
             f'<div class="wide-only">{score_vs_cost(shown, front, references)}</div>'
             f'<div class="narrow-only">{score_vs_cost(shown, front, references, compact=True)}</div>'
         )
         html = board_page(
-            rows,
+            rows[start : start + ROWS_PER_PAGE],
             track=track,
             base_model=model,
             models=models,
             chart=chart,
             shown_entries=len(shown),
+            page=page,
+            pages=pages,
+            first_row=start + 1,
+            total_rows=len(rows),
         )
         return HTMLResponse(html)
 
@@ -185,9 +192,19 @@ def create_app(
             track=track,
             base_model=model,
         )
-        records = [row_record(r) for r in rows]
+        offset = _int_param(request, "offset", 0, minimum=0)
+        limit = min(_int_param(request, "limit", MAX_API_ROWS, minimum=1), MAX_API_ROWS)
+        records = [row_record(r) for r in rows[offset : offset + limit]]
         return JSONResponse(
-            {"track": track, "base_model": model, "count": len(records), "rows": records}
+            {
+                "track": track,
+                "base_model": model,
+                "total": len(rows),
+                "offset": offset,
+                "limit": limit,
+                "count": len(records),
+                "rows": records,
+            }
         )
 
     def api_get(request: Request) -> Response:
@@ -279,6 +296,16 @@ def create_app(
 
 
 MAX_DEPTH = 32  # a submission is about 5 levels deep
+ROWS_PER_PAGE = 200  # rows of the board's table per page
+MAX_API_ROWS = 1000  # rows per /api/entries answer (offset and limit page through the rest)
+
+
+def _int_param(request: Request, name: str, default: int, *, minimum: int) -> int:
+    """A whole-number query parameter; anything unreadable or too small gives the default."""
+    text = request.query_params.get(name, "")
+    if not text.isdigit() or len(text) > 12:
+        return default
+    return max(minimum, int(text))
 
 
 def _depth(value: Any) -> int:

@@ -72,8 +72,13 @@ def board_page(
     models: Sequence[str],
     chart: str,
     shown_entries: int,
+    page: int = 1,
+    pages: int = 1,
+    first_row: int = 1,
+    total_rows: int = 0,
 ) -> str:
-    """The home page: filters, the Average-vs-cost chart and the sortable ranked table."""
+    """The home page: filters, the Average-vs-cost chart and the sortable ranked table (one page
+    of rows; the pager links the others)."""
     body = [
         '<section class="intro"><h1>Federated LLM fine-tuning leaderboard</h1>'
         "<p>Ranked by Average (two decimals), then lower communication, then earlier date. "
@@ -83,8 +88,34 @@ def board_page(
         f'<section class="chart-box">{chart}</section>',
         f'<p class="count" id="row-count">{shown_entries} entries</p>',
         _table(rows),
+        _pager(track, base_model, page, pages, first_row, len(rows), total_rows),
     ]
     return layout("fedtune leaderboard", "".join(body))
+
+
+def _pager(
+    track: str,
+    base_model: str | None,
+    page: int,
+    pages: int,
+    first_row: int,
+    shown: int,
+    total: int,
+) -> str:
+    if pages <= 1:
+        return ""
+    from urllib.parse import urlencode
+
+    def link(number: int, text: str, rel: str) -> str:
+        query = {"track": track, "page": number, **({"model": base_model} if base_model else {})}
+        return f'<a rel="{rel}" href="/?{esc(urlencode(query))}">{esc(text)}</a>'
+
+    parts = [f"rows {first_row:,}–{first_row + shown - 1:,} of {total:,} · page {page} of {pages}"]
+    if page > 1:
+        parts.insert(0, link(page - 1, "← previous", "prev"))
+    if page < pages:
+        parts.append(link(page + 1, "next →", "next"))
+    return f'<nav class="pager" id="pager">{" · ".join(parts)}</nav>'
 
 
 def _filters(track: str, base_model: str | None, models: Sequence[str]) -> str:
