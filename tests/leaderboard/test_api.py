@@ -211,3 +211,57 @@ def test_many_rows_are_paged(client, live_server, submission):
         paged += chunk["rows"]
     assert paged == whole["rows"]
     assert client.get("/api/entries?limit=999999").json()["limit"] == 1000
+
+
+HOSTILE_VALUES = [
+    None, True, 0, -1, 10**30, 1e308, -1e-308, "", " ", "x" * 5000, "<script>alert(1)</script>",
+    '=HYPERLINK("http://x")', "\u202etxt", [], [1, "a"], {}, {"nested": {"deeper": [[[]]]}},
+]  # fmt: skip
+
+
+def _leaves(value, path=()):
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _leaves(child, (*path, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value[:3]):
+            yield from _leaves(child, (*path, index))
+    yield path
+
+
+def _replaced(document, path, new):
+    import copy
+
+    out = copy.deepcopy(document)
+    if not path:
+        return new
+    target = out
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return out
+
+
+def test_no_hostile_submission_gets_a_500(store, submission):
+    """Every field of a valid submission, in turn, replaced by each hostile value: the answer is
+    a 4xx (or 201/409 where the value happens to be acceptable), never a 5xx."""
+    from starlette.testclient import TestClient
+
+    from fedtune.leaderboard.web.app import create_app
+
+    token = store.new_token("fuzz")
+    client = TestClient(create_app(store, submissions_per_minute=0))
+    headers = {"Authorization": f"Bearer {token}"}
+    valid = submission("Fuzz Team")
+    statuses: dict[int, int] = {}
+    for path in _leaves(valid):
+        for value in HOSTILE_VALUES:
+            reply = client.post("/api/entries", json=_replaced(valid, path, value), headers=headers)
+            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+            assert reply.status_code < 500, (path, value, reply.text[:200])
+    for body in (b"", b"{", b"[]", b"null", b"\xff\xfe", b'{"a": NaN}', b"1" * 100_000):
+        reply = client.post(
+            "/api/entries", content=body, headers={**headers, "content-type": "application/json"}
+        )
+        assert 400 <= reply.status_code < 500, body[:20]
+    assert sum(statuses.values()) > 500 and statuses.get(422, 0) > 300
