@@ -5,29 +5,19 @@ with a letter bias and no knowledge can score near a constant answer. MMLU's gol
 uniform: on the three scored categories of the test split "always D" gets 27.95 Average, above six
 published entries. These rows let a reader tell knowledge from answer bias.
 
-The numbers come from the gold-letter counts of the test split below; `count_gold_letters` recounts
-them from the MMLU CSVs and a test checks the two agree.
+The numbers are the evaluation package's: its constant baselines (`metrics.constant_baselines`)
+over its shipped copy of the MMLU test split — no second table or reader here.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Mapping
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from functools import lru_cache
 
-from fedtune.evaluation.subjects import CATEGORY_SUBJECTS, SCORED_CATEGORIES
-
-LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
-
-# Gold-answer letters per category on the MMLU test split (hendrycks/test CSVs). Sums are the
-# board's question counts: 3,153 STEM, 3,077 Social Sciences, 4,705 Humanities.
-TEST_GOLD_LETTERS: dict[str, dict[str, int]] = {
-    "stem": {"A": 670, "B": 753, "C": 828, "D": 902},
-    "social_sciences": {"A": 668, "B": 721, "C": 732, "D": 956},
-    "humanities": {"A": 1139, "B": 1153, "C": 1276, "D": 1137},
-    "other": {"A": 745, "B": 835, "C": 746, "D": 781},
-}
+from fedtune.evaluation.dataset import EMBEDDED, LETTERS, load_split
+from fedtune.evaluation.metrics import constant_baselines
+from fedtune.evaluation.subjects import SCORED_CATEGORIES
 
 
 @dataclass(frozen=True)
@@ -57,54 +47,32 @@ class ReferenceRow:
         }
 
 
-def constant_answer_rows(
-    gold_letters: Mapping[str, Mapping[str, int]] = TEST_GOLD_LETTERS,
-) -> list[ReferenceRow]:
-    """One reference row per letter, scored like the board (micro per category, mean of three).
+@lru_cache(maxsize=1)
+def _test_questions() -> tuple:
+    return tuple(load_split(EMBEDDED, "test"))
 
-    Args:
-        gold_letters: category → letter → number of questions whose gold answer is that letter.
-    Returns:
-        Rows for A, B, C, D, rounded to the board's two decimals.
-    """
+
+def constant_answer_rows() -> list[ReferenceRow]:
+    """One reference row per letter, as the evaluation package scores it on the test split
+    (micro accuracy per category, unweighted mean of the three scored ones, two decimals)."""
+    baselines = constant_baselines(_test_questions())
     rows = []
     for letter in LETTERS:
-        accuracy = {
-            category: 100.0 * gold_letters[category][letter] / sum(gold_letters[category].values())
-            for category in SCORED_CATEGORIES
-        }
-        average = sum(accuracy.values()) / len(accuracy)
+        board = baselines[letter]["board"]
         rows.append(
             ReferenceRow(
                 letter=letter,
-                stem=round(accuracy["stem"], 2),
-                social_sciences=round(accuracy["social_sciences"], 2),
-                humanities=round(accuracy["humanities"], 2),
-                average=round(average, 2),
+                stem=board["stem"],
+                social_sciences=board["social_sciences"],
+                humanities=board["humanities"],
+                average=board["average"],
             )
         )
     return rows
 
 
-def count_gold_letters(test_dir: str | Path) -> dict[str, dict[str, int]]:
-    """Count gold letters per category from the MMLU test CSVs (`<subject>_test.csv`, no header).
-
-    Raises:
-        FileNotFoundError: a subject's CSV is missing.
-    """
-    counts: dict[str, dict[str, int]] = {}
-    for category, subjects in CATEGORY_SUBJECTS.items():
-        counts[category] = dict.fromkeys(LETTERS, 0)
-        for subject in subjects:
-            with open(Path(test_dir) / f"{subject}_test.csv", newline="", encoding="utf-8") as f:
-                for row in csv.reader(f):
-                    counts[category][row[5]] += 1
-    return counts
-
-
 def scored_gold_distribution() -> dict[str, int]:
     """Gold letters over the three scored categories (10,935 questions): what an unbiased model's
     answer-letter distribution should resemble."""
-    return {
-        letter: sum(TEST_GOLD_LETTERS[c][letter] for c in SCORED_CATEGORIES) for letter in LETTERS
-    }
+    counts = Counter(q.answer for q in _test_questions() if q.category in SCORED_CATEGORIES)
+    return {letter: counts[letter] for letter in LETTERS}
