@@ -237,7 +237,13 @@ def test_the_budget_never_undercounts_a_first_reply(text):
     tensors = adapter(0)
     arrays = ArrayRecord({k: Array(v) for k, v in tensors.items()})
     codec = MessageCodec(parse_spec(text))
-    estimate = expected_uplink_bytes(SimpleNamespace(uplink=codec), LoopState(arrays), arrays)
+    plain = SimpleNamespace(uplink=codec, strategy=SimpleNamespace())
+    estimate = expected_uplink_bytes(plain, LoopState(arrays), arrays)
+    # A strategy whose replies carry an extra fp32 record in the adapter's layout (SCAFFOLD's
+    # Δcᵢ) makes each reply dearer by exactly that record.
+    scaffold = SimpleNamespace(uplink=codec, strategy=SimpleNamespace(reply_records=("extra",)))
+    with_extra = expected_uplink_bytes(scaffold, LoopState(arrays), arrays)
+    assert with_extra == estimate + array_record_bytes(arrays)
     trained = {
         k: v + np.random.default_rng(3).standard_normal(v.shape).astype(np.float32)
         for k, v in tensors.items()
