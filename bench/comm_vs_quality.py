@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from fedtune_runs import run_logged  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,16 +64,6 @@ CONFIGS: dict[str, list[str]] = {
         "compress.uplink=delta,int8,zstd",
     ],
 }
-
-
-def run(command: list[str], log: Path) -> float:
-    started = time.perf_counter()
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    with open(log, "w") as handle:
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed; see {log}")
-    return time.perf_counter() - started
 
 
 def mmlu_with_error(result: dict) -> tuple[float, float]:
@@ -140,7 +130,7 @@ def main() -> None:
                 sets = [*common, f"run.name={name}", *CONFIGS[name]]
                 command += [x for item in sets for x in ("--set", item)]
             print(f"[{name}] training …", flush=True)
-            train_s = run(command, out / f"{name}.run.log")
+            train_s = run_logged(command, out / f"{name}.run.log")
         else:
             train_s = json.loads((run_dir / "summary.json").read_text())["seconds"]
         eval_dir = run_dir / "eval"
@@ -152,7 +142,7 @@ def main() -> None:
             command = [sys.executable, "-m", "fedtune.cli", "eval", "--adapter", str(run_dir)]
             command += ["--protocol", "loglik", "--shots", str(args.shots)]
             command += ["--sample", str(args.mmlu), "--no-progress"]
-            eval_s = run(command, out / f"{name}.eval-{args.shots}shot.log")
+            eval_s = run_logged(command, out / f"{name}.eval-{args.shots}shot.log")
             found = sorted(eval_dir.glob(pattern))
             timing.write_text(json.dumps({"eval_seconds": eval_s}) + "\n")
         else:  # scored by an earlier invocation, which kept its wall time beside the result

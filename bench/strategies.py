@@ -25,10 +25,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fedtune_runs import run_logged  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -49,16 +50,6 @@ PARTITIONS: dict[str, list[str]] = {
         "data.dirichlet-alpha=0.1",
     ],
 }
-
-
-def run(command: list[str], log: Path) -> float:
-    started = time.perf_counter()
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    with open(log, "w") as handle:
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed; see {log}")
-    return time.perf_counter() - started
 
 
 def one_run(args: argparse.Namespace, strategy: str, partition: str, seed: int) -> dict:
@@ -91,7 +82,7 @@ def one_run(args: argparse.Namespace, strategy: str, partition: str, seed: int) 
             ]
             command += [x for item in sets for x in ("--set", item)]
         print(f"[{name}] training …", flush=True)
-        run(command, out / f"{name}.run.log")
+        run_logged(command, out / f"{name}.run.log")
     summary = json.loads((run_dir / "summary.json").read_text())
     pattern = "mmlu_loglik_5shot_*.json"
     found = sorted((run_dir / "eval").glob(pattern)) if (run_dir / "eval").exists() else []
@@ -100,7 +91,7 @@ def one_run(args: argparse.Namespace, strategy: str, partition: str, seed: int) 
         command = [sys.executable, "-m", "fedtune.cli", "eval", "--adapter", str(run_dir)]
         command += ["--protocol", "loglik", "--shots", "5", "--sample", str(args.mmlu)]
         command += ["--no-progress"]
-        run(command, out / f"{name}.eval.log")
+        run_logged(command, out / f"{name}.eval.log")
         found = sorted((run_dir / "eval").glob(pattern))
     mmlu = json.loads(found[-1].read_text()) if found else None
     return {
