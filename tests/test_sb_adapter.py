@@ -77,6 +77,34 @@ def test_factors_are_the_gradients_svd_and_the_adapter_starts_as_the_base_model(
     assert frozen_digest(again, travelling) == frozen_digest(state, travelling)
 
 
+def test_gradient_and_svd_run_on_one_thread_whatever_the_callers_count(setup, monkeypatch):
+    # LAPACK's SVD gives other bits on another thread count (SmolLM2's gradients at r = 32 on two
+    # threads vs one), which broke the digest check between a 2-thread server and 1-thread nodes.
+    threads_seen = []
+    real_svd = torch.linalg.svd
+
+    def recording_svd(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", recording_svd)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        state = adapter_state(prepared(setup))
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen and set(threads_seen) == {1}
+    torch.set_num_threads(1)
+    try:
+        again = adapter_state(prepared(setup))
+    finally:
+        torch.set_num_threads(before)
+    travelling = travelling_keys("sb", state)
+    assert frozen_digest(again, travelling) == frozen_digest(state, travelling)
+
+
 def test_averaging_r_is_exactly_averaging_the_updates(setup):
     model = prepared(setup)
     state = {k: v.double() for k, v in adapter_state(model).items()}  # exact arithmetic

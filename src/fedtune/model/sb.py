@@ -20,7 +20,8 @@ r and α — which `fedtune eval`, `leaderboard submit` and PEFT load as any LoR
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,6 +57,21 @@ def _module_class() -> Any:
     return SBUp
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block: LAPACK's SVD, like the matmuls, gives other bits
+    on another thread count (measured on SmolLM2's gradients at r = 32), and the server and the
+    nodes may run with different counts."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def init_gradients(model: Any, examples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
     """module name → gradient of the response-token loss w.r.t. its base weight, computed
     on one thread in eval mode (the same bits on every node of the same software stack)."""
@@ -67,18 +83,17 @@ def init_gradients(model: Any, examples: list[Any], pad_id: int) -> dict[str, to
     layers: dict[str, Any] = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     weights: dict[str, Any] = {n: m.get_base_layer().weight for n, m in layers.items()}
     saved = {n: w.requires_grad for n, w in weights.items()}
-    threads = torch.get_num_threads()
     was_training = model.training
-    torch.set_num_threads(1)
     model.eval()
     try:
         for weight in weights.values():
             weight.requires_grad_(True)
             weight.grad = None
         # The loss summed over response tokens: its scale does not change the singular vectors.
-        for group in micro_batches(examples, 4096):
-            loss_sum, _ = summed_token_loss(model, *collate(group, pad_id, "cpu"))
-            loss_sum.backward()
+        with one_thread():
+            for group in micro_batches(examples, 4096):
+                loss_sum, _ = summed_token_loss(model, *collate(group, pad_id, "cpu"))
+                loss_sum.backward()
         gradients = {}
         for name, weight in weights.items():
             if weight.grad is None:
@@ -88,7 +103,6 @@ def init_gradients(model: Any, examples: list[Any], pad_id: int) -> dict[str, to
         for name, weight in weights.items():
             weight.grad = None
             weight.requires_grad_(saved[name])
-        torch.set_num_threads(threads)
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     return gradients
@@ -107,7 +121,8 @@ def install(model: Any, gradients: Mapping[str, torch.Tensor]) -> None:
         adapter = model.active_adapter
         lora_a: Any = module.lora_A[adapter]
         rank = lora_a.weight.shape[0]
-        u, _, vh = torch.linalg.svd(gradients[name], full_matrices=False)
+        with one_thread():
+            u, _, vh = torch.linalg.svd(gradients[name], full_matrices=False)
         if u.shape[1] < rank:
             raise ValueError(f"{name}: rank {rank} is above the layer's size {u.shape[1]}")
         dtype = lora_a.weight.dtype
