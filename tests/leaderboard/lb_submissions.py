@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import functools
+import gzip
+import json
 from typing import Any
 
 from fedtune.evaluation.subjects import (
@@ -29,6 +33,34 @@ def subjects_for(correct: dict[str, int]) -> dict[str, dict[str, int]]:
     return subjects
 
 
+@functools.lru_cache(maxsize=8)
+def generation_files(correct: tuple[int, int, int], *, wrong: str = "") -> dict[str, bytes]:
+    """The official evaluation's generation file of each scored category (gzip) for the shipped
+    test split: the first `correct[i]` questions of category i answered right ("X. …", which the
+    official parser reads as X), the rest wrong (another letter, or `wrong` when given)."""
+    from fedtune.evaluation.dataset import load_split
+    from fedtune.evaluation.prompts import flowertune_inner_prompt
+
+    questions = load_split()
+    files = {}
+    for category, right in zip(SCORED_CATEGORIES, correct, strict=True):
+        rows = []
+        for number, q in enumerate(x for x in questions if x.category == category):
+            other = "ABCD"[("ABCD".index(q.answer) + 1) % 4]
+            output = f"{q.answer}. {q.choices[0]}" if number < right else (wrong or other)
+            rows.append(
+                {"prompt": flowertune_inner_prompt(q), "gold": q.answer, "subset": q.subject,
+                 "output": output}
+            )  # fmt: skip
+        files[category] = gzip.compress(json.dumps(rows).encode(), compresslevel=1, mtime=0)
+    return files
+
+
+def encoded_generations(correct: tuple[int, int, int]) -> dict[str, str]:
+    """`generation_files` as a submission's `generations` (base64)."""
+    return {c: base64.b64encode(b).decode() for c, b in generation_files(correct).items()}
+
+
 def make_submission(
     team: str = "Team A",
     *,
@@ -37,9 +69,14 @@ def make_submission(
     track: str = "open",
     rounds: int = 3,
     base_model: str = "SmolLM2-135M-Instruct",
+    generations: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """A valid submission whose category scores follow from `correct` (STEM, Social, Humanities)."""
+    """A valid submission whose category scores follow from `correct` (STEM, Social, Humanities).
+
+    With `generations`, it carries the official evaluation's generation files (so the board
+    re-scores and ranks it) and leaves the per-subject counts and answer letters to them.
+    """
     by_category = dict(zip(SCORED_CATEGORIES, correct, strict=True))
     scores = {c: 100.0 * by_category[c] / EXPECTED_TEST_QUESTIONS[c] for c in SCORED_CATEGORIES}
     per_round = spread(comm_bytes, rounds * 2)
@@ -81,5 +118,8 @@ def make_submission(
             for r in range(rounds)
         ],  # fmt: skip
     }
+    if generations:
+        payload["generations"] = encoded_generations(tuple(correct))
+        del payload["evaluation"]["subjects"], payload["evaluation"]["answer_distribution"]
     payload.update(overrides)
     return payload

@@ -44,12 +44,13 @@ def test_not_found_and_bad_queries(client):
 def test_submit_then_see_it_ranked(client, live_server, submission):
     reply = client.post(
         "/api/entries",
-        json=submission("API Team", correct=(1900, 2000, 2600)),
+        json=submission("API Team", correct=(1900, 2000, 2600), generations=True),
         headers=_auth(live_server),
     )
     assert reply.status_code == 201, reply.text
     created = reply.json()
     assert created["rank"] == 1 and created["track"] == "open"
+    assert created["status"] == "re-scored"
     everything = client.get("/api/entries?reference=0").json()["rows"]
     ours = next(r for r in everything if r["id"] == created["id"])
     # 60.26 STEM / 65.00 / 55.26 → Average 60.17: between Phi-4 (55.64) and ZJUDAI Qwen-7B (64.04).
@@ -59,9 +60,41 @@ def test_submit_then_see_it_ranked(client, live_server, submission):
     assert stored["details"]["submitted_by"].startswith(
         "tests ("
     )  # the token's name and hash prefix
-    assert stored["status"] == "submitted"
+    assert stored["status"] == "re-scored"
     page = client.get(created["url"])
     assert page.status_code == 200 and "API Team" in page.text and 'id="subjects"' in page.text
+    assert "re-scored by the board" in page.text
+    # Anyone can fetch the files the numbers come from and score them again.
+    from fedtune.evaluation.rescore import parse_generations, rescore_rows
+
+    files = stored["details"]["evaluation"]["rescored"]
+    for category, held in files.items():
+        got = client.get(f"/api/entries/{created['id']}/generations/{category}")
+        assert got.status_code == 200 and got.headers["content-type"] == "application/gzip"
+        again = rescore_rows(parse_generations(got.content))
+        assert (again.correct, again.rows) == (held["correct"], held["rows"])
+        assert 100 * again.correct / again.rows == stored[category]
+    assert client.get(f"/api/entries/{created['id']}/generations/other").status_code == 404
+
+
+def test_self_reported_scores_are_shown_but_not_ranked(client, live_server, submission):
+    # 100 % everywhere, claimed without generation files: listed, never ranked above anyone.
+    best = (3153, 3077, 4705)
+    reply = client.post(
+        "/api/entries", json=submission("Claims", correct=best), headers=_auth(live_server)
+    )
+    assert reply.status_code == 201, reply.text
+    created = reply.json()
+    assert created["rank"] is None and created["status"] == "submitted"
+    rows = client.get("/api/entries?track=all").json()["rows"]
+    assert rows[0]["team"] == "ZeroOne.AI" and rows[0]["rank"] == 1
+    assert rows[-1]["id"] == created["id"] and rows[-1]["rank"] is None  # after every ranked row
+    assert [r["rank"] for r in rows if r["kind"] == "entry"][:-1] == list(range(1, 20))
+    page = client.get(created["url"]).text
+    assert "not ranked: self-reported" in page
+    assert client.get(f"/api/entries/{created['id']}/generations/stem").status_code == 404
+    board = client.get("/").text
+    assert board.index("ZeroOne.AI") < board.index(">Claims<")
 
 
 def test_refusals_have_a_status_and_a_reason(client, live_server, submission):
@@ -102,9 +135,9 @@ def test_refusals_have_a_status_and_a_reason(client, live_server, submission):
 
 
 def test_oversized_submissions_get_413(client, live_server, submission):
-    big = submission("Big", provenance={"padding": "x" * 4000, "more": ["y" * 4000] * 600})
+    big = submission("Big", provenance={"padding": "x" * 4000, "more": ["y" * 4000] * 4500})
     body = json.dumps(big).encode()
-    assert len(body) > 2 * 1024 * 1024
+    assert len(body) > 16 * 1024 * 1024
     reply = client.post(
         "/api/entries",
         content=body,

@@ -53,14 +53,15 @@ def _column(page, key: str) -> list[str]:
 
 
 def test_board_in_browser(browser, live_server, submission, tmp_path):
-    # An open-track run that beats the always-D reference but not the top entries, and a team
-    # name that tries to inject markup: it must appear as text and never run.
+    # An open-track run that beats the always-D reference but not the top entries (re-scored
+    # from its generation files), and a self-reported entry whose team name tries to inject
+    # markup: it must appear as text, unranked, and never run.
     hostile = "<img src=x onerror=\"document.title='pwned'\">Evil & Co"
-    for team, correct, gb in [
-        ("fedtune demo", (1300, 1400, 1800), 0.004),
-        (hostile, (500, 500, 500), 1.2),
+    for team, correct, gb, files in [
+        ("fedtune demo", (1300, 1400, 1800), 0.004, True),
+        (hostile, (500, 500, 500), 1.2, False),
     ]:
-        payload = submission(team, correct=correct, comm_bytes=int(gb * 1024**3))
+        payload = submission(team, correct=correct, comm_bytes=int(gb * 1024**3), generations=files)
         reply = httpx.post(
             f"{live_server.url}/api/entries",
             json=payload,
@@ -77,13 +78,14 @@ def test_board_in_browser(browser, live_server, submission, tmp_path):
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(live_server.url + "/")
 
-    # Row order: ranks ascending; constant-answer rows sit among the entries by their Average.
+    # Row order: ranks ascending; constant-answer rows sit among the entries by their Average;
+    # the self-reported entry comes last, without a rank.
     averages = [float(v) for v in _column(page, "average")]
-    assert averages == sorted(averages, reverse=True)
+    assert averages[:-1] == sorted(averages[:-1], reverse=True)
     ranks = [r for r in _column(page, "rank") if r != "ref"]
-    assert ranks == [str(i) for i in range(1, len(ranks) + 1)]
+    assert ranks == [*(str(i) for i in range(1, len(ranks))), "—"]
     teams = _column(page, "team")
-    assert teams[0].startswith("ZeroOne.AI")
+    assert teams[0].startswith("ZeroOne.AI") and teams[-1].startswith(hostile)
     demo = next(i for i, t in enumerate(teams) if t.startswith("fedtune demo"))
     always_d = teams.index("Reference: always D")
     assert demo < always_d  # 41.6 Average ranks above the best constant answer (27.95)
@@ -149,7 +151,9 @@ def test_board_on_a_phone(browser, live_server, submission, tmp_path):
     ]:
         reply = httpx.post(
             f"{live_server.url}/api/entries",
-            json=submission(team, correct=correct, comm_bytes=int(gb * 1024**3)),
+            json=submission(
+                team, correct=correct, comm_bytes=int(gb * 1024**3), generations=team != "Other"
+            ),
             headers={"Authorization": f"Bearer {live_server.store.new_token(team)}"},
         )
         assert reply.status_code == 201, reply.text

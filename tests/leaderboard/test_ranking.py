@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fedtune.leaderboard.entry import Entry
+from fedtune.leaderboard.entry import RESCORED, Entry
 from fedtune.leaderboard.published import PUBLISHED_ROWS, published_entries
 from fedtune.leaderboard.ranking import board_rows, pareto_front, rank
 from fedtune.leaderboard.reference import constant_answer_rows
@@ -25,6 +25,7 @@ def _entry(id_: int, average: float, comm_bytes: int = 10**9, date: str = "2026-
         social_sciences=average,
         humanities=average,
         date=date,
+        status=kw.get("status", RESCORED),  # scores the board checked: ranked
     )
 
 
@@ -74,6 +75,21 @@ def test_track_views_rank_separately():
     assert [(r.rank, r.entry.id) for r in general] == [(1, 1), (2, 3)]
     everything = board_rows(entries, (), track="all")
     assert [(r.rank, r.entry.id) for r in everything] == [(1, 2), (2, 1), (3, 3)]
+
+
+def test_self_reported_entries_are_listed_unranked_after_the_ranked_ones():
+    entries = [
+        _entry(1, 60.0),
+        _entry(2, 99.0, comm_bytes=1, status="submitted"),  # claims the top spot
+        _entry(3, 50.0),
+        _entry(4, 70.0, status="submitted"),
+    ]
+    rows = board_rows(entries, constant_answer_rows())
+    labels = [(r.rank, r.entry.id if r.entry else r.reference.label) for r in rows]
+    assert labels[:2] == [(1, 1), (2, 3)]
+    assert [label for _, label in labels[2:6]] == ["always D", "always C", "always B", "always A"]
+    assert labels[6:] == [(None, 2), (None, 4)]  # unranked, in the order they would rank
+    assert [e.id for _, e in rank(entries)] == [1, 3]
 
 
 def test_pareto_front():

@@ -21,7 +21,7 @@ from fedtune.leaderboard.validation import validate_submission
 
 
 def test_fresh_store_holds_the_published_board(store):
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
     entries = store.entries()
     assert len(entries) == 19
     assert all(e.status == "published" and e.track == "general-nlp" for e in entries)
@@ -51,12 +51,13 @@ def test_migration_from_version_1_keeps_data(tmp_path, submission):
         entry_id = _insert(db, validate_submission(submission("early bird")), "early")
         db.execute("INSERT INTO tokens VALUES ('abc', 'early', '2026-01-01T00:00:00Z')")
     upgraded = Store(path)
-    assert upgraded.schema_version() == 3
+    assert upgraded.schema_version() == 4
     assert upgraded.count() == 20
     early = upgraded.get(entry_id)
     assert early.team == "early bird" and early.moderation == "shown"
     assert upgraded.tokens()[0]["name"] == "early" and upgraded.tokens()[0]["revoked_at"] is None
     assert upgraded.audit_log() == []
+    assert upgraded.generations(entry_id) == {}  # the table of held files exists, empty
 
 
 def test_a_newer_schema_is_refused(tmp_path):

@@ -30,7 +30,8 @@ def test_open_track_run_is_ranked_among_the_published_rows(tmp_path, data_dir, c
     run = make_run_dir(tmp_path, answer=always("D"))
     assert submit(run, data_dir, "--track", "open") == 0
     out = capsys.readouterr().out
-    assert "entry 20: Demo · SmolLM2-135M-Instruct · Average 27.95" in out
+    # The run's evaluation wrote the official generation files: the board re-scores them.
+    assert "entry 20 (re-scored): Demo · SmolLM2-135M-Instruct · Average 27.95" in out
 
     entry = Store.in_dir(data_dir).get(20)
     # An always-D evaluation scores exactly the always-D reference row.
@@ -163,6 +164,8 @@ def test_submit_to_a_server_and_dry_run(tmp_path, live_server, capsys):
     assert submit(run, tmp_path / "unused", "--track", "open", "--dry-run") == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["scores"]["stem"] == pytest.approx(100 * 753 / 3153)
+    # The generation files travel with the submission; the dry run shows their size only.
+    assert payload["generations"]["stem"].endswith("base64 characters>")
     args = ["--track", "open", "--server", live_server.url, "--token", live_server.token]
     assert submit(run, tmp_path / "unused", *args) == 0
     assert "rank 1 in open" in capsys.readouterr().out

@@ -9,17 +9,22 @@ values: k / n, correctly rounded).
 
 from __future__ import annotations
 
-import gzip
 import json
+import zlib
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.evaluation.dataset import Question
 from fedtune.evaluation.parser import is_correct, predicted_letter
+from fedtune.evaluation.prompts import flowertune_inner_prompt
 from fedtune.evaluation.subjects import SUBJECT_CATEGORY
 
 REQUIRED_FIELDS = ("prompt", "gold", "subset", "output")
+# A category's file of the official evaluation is ~1–5 MB; outputs of a verbose model add more.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 class GenerationFileError(ValueError):
@@ -75,37 +80,124 @@ def read_generations(path: Path) -> list[dict[str, str]]:
     path = Path(path)
     try:
         raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the name says
-            raw = gzip.decompress(raw)
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise GenerationFileError(f"{path}: cannot read ({exc})") from exc
+    return parse_generations(raw, str(path))
+
+
+def decompress(raw: bytes, where: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """`raw` itself, or its gzip content when it starts with gzip's magic, refusing more than
+    `max_bytes` of content (a small upload must not expand into gigabytes).
+
+    Raises:
+        GenerationFileError: corrupt gzip, or content over the limit.
+    """
+    if raw[:2] != b"\x1f\x8b":
+        if len(raw) > max_bytes:
+            raise GenerationFileError(f"{where}: over {max_bytes:,} bytes")
+        return raw
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        content = inflater.decompress(raw, max_bytes + 1)
+    except zlib.error as exc:
+        raise GenerationFileError(f"{where}: not valid gzip ({exc})") from exc
+    if len(content) > max_bytes:
+        raise GenerationFileError(f"{where}: expands to over {max_bytes:,} bytes")
+    if not inflater.eof:
+        raise GenerationFileError(f"{where}: truncated gzip")
+    if inflater.unused_data:
+        raise GenerationFileError(f"{where}: data after the end of the gzip stream")
+    return content
+
+
+def parse_generations(raw: bytes, where: str = "") -> list[dict[str, str]]:
+    """Rows of a generation file's bytes (see `read_generations`); `where` names it in errors."""
+    try:
+        text = decompress(raw, where).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GenerationFileError(f"{where}: not UTF-8 ({exc.reason})") from exc
     try:
         stripped = text.lstrip()
         if stripped.startswith("["):
             rows = json.loads(stripped)
         else:
             rows = [json.loads(line) for line in text.split("\n") if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise GenerationFileError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise GenerationFileError(f"{where}: not JSON ({detail or 'nested too deeply'})") from exc
     if not isinstance(rows, list) or not rows:
-        raise GenerationFileError(f"{path}: expected a non-empty JSON array of generations")
+        raise GenerationFileError(f"{where}: expected a non-empty JSON array of generations")
     for number, row in enumerate(rows):
         if not isinstance(row, dict) or not all(
             isinstance(row.get(f), str) for f in REQUIRED_FIELDS
         ):
             raise GenerationFileError(
-                f"{path}: row {number} is not an object with string fields "
+                f"{where}: row {number} is not an object with string fields "
                 + ", ".join(REQUIRED_FIELDS)
             )
         if row["subset"] not in SUBJECT_CATEGORY:
             raise GenerationFileError(
-                f"{path}: row {number} has unknown MMLU subject {row['subset']!r}"
+                f"{where}: row {number} has unknown MMLU subject {row['subset']!r}"
             )
     return rows
 
 
-def rescore_rows(rows: list[dict[str, str]], path: str = "") -> RescoredFile:
+QuestionSet = Counter[tuple[str, str, str]]
+
+
+def question_set(category: str, questions: Sequence[Question]) -> QuestionSet:
+    """(subject, the board's prompt, gold letter) → how often it occurs among the questions of
+    `category` — what a complete generation file of that category answers."""
+    return Counter(
+        (q.subject, flowertune_inner_prompt(q), q.answer)
+        for q in questions
+        if q.category == category
+    )
+
+
+def check_question_set(
+    rows: Sequence[Mapping[str, str]], category: str, expected: QuestionSet, where: str = ""
+) -> None:
+    """Check that `rows` answer exactly the questions of `expected` (`question_set` of the MMLU
+    test split), each once, with the board's prompt and the split's gold letter.
+
+    Raises:
+        GenerationFileError: a row of another category, a prompt that is not one of the split's,
+            a wrong gold letter, a question answered twice, or questions left out.
+    """
+    golds = {(subject, prompt): gold for subject, prompt, gold in expected}
+    seen: QuestionSet = Counter()
+    for number, row in enumerate(rows):
+        subject, prompt, gold = row["subset"], row["prompt"], row["gold"]
+        if SUBJECT_CATEGORY[subject] != category:
+            raise GenerationFileError(
+                f"{where}: row {number} is {subject}, a {SUBJECT_CATEGORY[subject]} subject, "
+                f"not {category}"
+            )
+        if (subject, prompt) not in golds:
+            raise GenerationFileError(
+                f"{where}: row {number} ({subject}) has a prompt that is not one of the test "
+                "split's questions in the board's prompt format"
+            )
+        if golds[(subject, prompt)] != gold:
+            raise GenerationFileError(
+                f"{where}: row {number} ({subject}) gives gold {gold!r}; the test split says "
+                f"{golds[(subject, prompt)]!r}"
+            )
+        key = (subject, prompt, gold)
+        seen[key] += 1
+        if seen[key] > expected[key]:
+            raise GenerationFileError(f"{where}: row {number} ({subject}) answers a question twice")
+    missing = sum(expected.values()) - sum(seen.values())
+    if missing:
+        raise GenerationFileError(
+            f"partial evaluation: {where}: {missing:,} of the {category} test questions are not "
+            "answered "
+            f"({len(rows):,} rows, the split has {sum(expected.values()):,})"
+        )
+
+
+def rescore_rows(rows: Sequence[Mapping[str, str]], path: str = "") -> RescoredFile:
     """Score generation rows with the official parser (see `read_generations` for the format)."""
     subjects: dict[str, list[int]] = {}
     letters: Counter[str] = Counter()

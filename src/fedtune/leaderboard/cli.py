@@ -102,7 +102,11 @@ def register(subparsers: Any) -> None:
     verify.add_argument("entry_id", type=int, metavar="ID")
     verify.set_defaults(handler=_verify)
     for name, help_text, reason in (
-        ("unverify", "mark a verified entry submitted again", False),
+        (
+            "unverify",
+            "take back the verified mark (re-scored if the board holds its generation files)",
+            False,
+        ),
         ("hide", "take an entry off every page and the ranking", False),
         ("unhide", "show a hidden or rejected entry again", False),
         ("reject", "take an entry off the ranking; its page shows the reason", True),
@@ -112,6 +116,13 @@ def register(subparsers: Any) -> None:
         action.add_argument("entry_id", type=int, metavar="ID")
         action.add_argument("--reason", required=reason, default="", help="why (shown/kept)")
         action.set_defaults(handler=_moderate, action=name)
+    rescore = commands.add_parser(
+        "rescore",
+        help="recompute re-scored entries from the generation files the board holds",
+        parents=[operator],
+    )
+    rescore.add_argument("entry_ids", type=int, nargs="*", metavar="ID", help="default: all")
+    rescore.set_defaults(handler=_rescore)
     tokens = commands.add_parser("tokens", help="list API tokens", parents=[operator])
     tokens.set_defaults(handler=_tokens)
     revoke = commands.add_parser(
@@ -155,7 +166,7 @@ PARTIAL = "partial evaluation"
 def _submit(args: argparse.Namespace) -> int:
     from fedtune.leaderboard.runs import RunDirError, build_submission
     from fedtune.leaderboard.store import DuplicateEntry
-    from fedtune.leaderboard.validation import SubmissionError, validate_submission
+    from fedtune.leaderboard.validation import SubmissionError, check_submission
 
     if args.allow_partial and not args.dry_run:
         return _fail(
@@ -178,7 +189,7 @@ def _submit(args: argparse.Namespace) -> int:
             partial_note = str(exc)
             payload = _build_despite_partial(Path(args.run_dir), options)
         try:
-            entry = validate_submission(payload)
+            checked = check_submission(payload)
         except SubmissionError as exc:
             if not (args.allow_partial and exc.reason.startswith(PARTIAL)):
                 raise
@@ -186,7 +197,7 @@ def _submit(args: argparse.Namespace) -> int:
     except (RunDirError, SubmissionError) as exc:
         return _fail(f"refused: {exc}")
     if args.dry_run:
-        print(json.dumps(payload, indent=2))
+        print(json.dumps(_abbreviated(payload), indent=2))
         if partial_note:
             reason = partial_note.removeprefix(f"{PARTIAL}: ")
             _fail(f"{PARTIAL}: would be refused ({reason}); nothing was stored")
@@ -194,18 +205,34 @@ def _submit(args: argparse.Namespace) -> int:
     if args.server:
         return _submit_remote(args.server, args.token, payload)
     store = _store(args)
+    entry = checked.entry
     try:
-        new_id = store.add(entry)
+        new_id = store.add(entry, generations=checked.generations)
     except DuplicateEntry as exc:
         return _fail(str(exc))
     from fedtune.leaderboard.ranking import rank
 
-    position = next(p for p, e in rank(store.entries(entry.track, details=False)) if e.id == new_id)
+    ranked = rank(store.entries(entry.track, details=False))
+    position = next((p for p, e in ranked if e.id == new_id), None)
+    where = (
+        f"rank {position} in {entry.track}"
+        if position is not None
+        else "not ranked: self-reported (no generation files of the official protocol)"
+    )
     print(
-        f"entry {new_id}: {entry.team} · {entry.base_model} · Average {entry.average:.2f} · "
-        f"{entry.board_gb} · rank {position} in {entry.track} ({store.path})"
+        f"entry {new_id} ({entry.status}): {entry.team} · {entry.base_model} · "
+        f"Average {entry.average:.2f} · {entry.board_gb} · {where} ({store.path})"
     )
     return 0
+
+
+def _abbreviated(payload: dict[str, Any]) -> dict[str, Any]:
+    """The submission as `--dry-run` prints it: the generation files by their size only."""
+    files = payload.get("generations")
+    if not isinstance(files, dict):
+        return payload
+    sizes = {c: f"<{len(text):,} base64 characters>" for c, text in files.items()}
+    return {**payload, "generations": sizes}
 
 
 def _build_despite_partial(run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -272,10 +299,12 @@ def _submit_remote(server: str, token: str | None, payload: dict[str, Any]) -> i
     )
     if reply.status_code != 201:
         return _fail(f"refused by {server} ({reply.status_code}): {body.get('error', reply.text)}")
-    print(
-        f"entry {body['id']}: rank {body['rank']} in {body['track']} · "
-        f"{server.rstrip('/')}{body['url']}"
+    where = (
+        f"rank {body['rank']} in {body['track']}"
+        if body.get("rank") is not None
+        else "not ranked (self-reported)"
     )
+    print(f"entry {body['id']} ({body.get('status')}): {where} · {server.rstrip('/')}{body['url']}")
     return 0
 
 
@@ -324,6 +353,7 @@ def _moderate(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         if args.action == "unverify":
+            # Back to what its evidence supports: re-scored with generation files, else submitted.
             store.set_status(args.entry_id, "submitted", actor=args.actor)
         elif args.action == "delete":
             store.delete(args.entry_id, args.reason, actor=args.actor)
@@ -380,6 +410,38 @@ def _restore(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"restored from {args.file}")
     return 0
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    """Re-score entries from their held generation files; exit 1 if any number differs."""
+    from fedtune.leaderboard.validation import SubmissionError, recheck
+
+    store = _store(args)
+    ids = args.entry_ids or [e.id for e in store.entries(details=False, moderated=True)]
+    checked = differ = 0
+    for entry_id in ids:
+        entry = store.get(entry_id)
+        if entry is None:
+            return _fail(f"no entry {entry_id}")
+        files = store.generations(entry_id)
+        if not files:
+            if args.entry_ids:
+                print(f"entry {entry_id} ({entry.status}): no generation files held")
+            continue
+        try:
+            problems = recheck(entry, files)
+        except SubmissionError as exc:
+            problems = [str(exc)]
+        checked += 1
+        differ += bool(problems)
+        verdict = "reproduced" if not problems else "DIFFERS: " + "; ".join(problems)
+        print(
+            f"entry {entry_id} {entry.team}: Average {entry.average:.4f}, STEM {entry.stem:.4f}, "
+            f"Social Sciences {entry.social_sciences:.4f}, Humanities {entry.humanities:.4f} · "
+            f"{verdict}"
+        )
+    print(f"{checked} entr{'y' if checked == 1 else 'ies'} re-scored, {differ} differ")
+    return 1 if differ else 0
 
 
 def _verify(args: argparse.Namespace) -> int:

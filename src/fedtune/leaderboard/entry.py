@@ -19,10 +19,13 @@ OPEN = "open"
 TRACKS: tuple[str, ...] = (GENERAL_NLP, OPEN)
 TRACK_TITLES = {GENERAL_NLP: "General NLP", OPEN: "Open"}
 
-PUBLISHED = "published"
-SUBMITTED = "submitted"
-VERIFIED = "verified"
-STATUSES: tuple[str, ...] = (PUBLISHED, SUBMITTED, VERIFIED)
+# Where an entry's scores come from, and so whether the board ranks it:
+PUBLISHED = "published"  # quoted from the FlowerTune board, which ran the official evaluation
+SUBMITTED = "submitted"  # self-reported: shown, never ranked
+RESCORED = "re-scored"  # computed by this board from the generation files it holds
+VERIFIED = "verified"  # an operator re-evaluated the adapter with `fedtune eval`
+STATUSES: tuple[str, ...] = (PUBLISHED, SUBMITTED, RESCORED, VERIFIED)
+RANKED_STATUSES = frozenset({PUBLISHED, RESCORED, VERIFIED})
 
 # What an operator has decided about an entry: shown (ranked), hidden (off every page), or
 # rejected (off the ranking; its page says why).
@@ -72,6 +75,11 @@ class Entry:
     def board_gb(self) -> str:
         """Communication as the board prints it: GiB with one decimal, e.g. "2.9 GB"."""
         return format_gb(self.comm_bytes)
+
+    @property
+    def ranked(self) -> bool:
+        """True when the board checked the scores (published, re-scored or verified)."""
+        return self.status in RANKED_STATUSES
 
     @property
     def protocol(self) -> str:

@@ -5,6 +5,9 @@ difference the board does not show must not decide a rank in secret); then lower
 (the same score for fewer bytes is the better federated result); then the earlier date (who got
 there first); then the lower id (stored first). The id is unique, so the order is total and the
 same on every call.
+
+Only entries whose scores the board checked get a rank (published, re-scored, verified; see
+`Entry.ranked`); self-reported ones are listed after every ranked row, unranked, in the same order.
 """
 
 from __future__ import annotations
@@ -24,9 +27,15 @@ def rank_key(entry: Entry) -> tuple[float, int, str, int]:
 
 
 def rank(entries: Iterable[Entry]) -> list[tuple[int, Entry]]:
-    """Entries in rank order with their 1-based ranks (every entry its own rank, as the board)."""
-    ordered = sorted(entries, key=rank_key)
+    """The ranked entries (`Entry.ranked`) in rank order with their 1-based ranks (every entry its
+    own rank, as the board); self-reported entries are left out."""
+    ordered = sorted((e for e in entries if e.ranked), key=rank_key)
     return [(position, entry) for position, entry in enumerate(ordered, start=1)]
+
+
+def unranked(entries: Iterable[Entry]) -> list[Entry]:
+    """The entries the board could not check, in the order ranked ones would have."""
+    return sorted((e for e in entries if not e.ranked), key=rank_key)
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class BoardRow:
         if self.entry is not None:
             e = self.entry
             return {
-                "Rank": str(self.rank),
+                "Rank": "—" if self.rank is None else str(self.rank),
                 "Team": e.team,
                 "Code": e.code_url,
                 "Base Model": e.base_model,
@@ -96,7 +105,8 @@ def board_rows(
     track: str = ALL_TRACKS,
     base_model: str | None = None,
 ) -> list[BoardRow]:
-    """The rows of one view: entries of `track` ranked, references placed by their Average.
+    """The rows of one view: entries of `track` ranked, references placed by their Average, then
+    the unranked (self-reported) entries.
 
     Ranks are positions within the track view; the base-model filter hides rows without
     renumbering, so a row keeps its rank when a reader narrows the view.
@@ -115,6 +125,11 @@ def board_rows(
             rows.append(BoardRow(rank=None, reference=pending.pop(0)))
         rows.append(row)
     rows.extend(BoardRow(rank=None, reference=r) for r in pending)
+    rows.extend(
+        BoardRow(rank=None, entry=entry)
+        for entry in unranked(in_track)
+        if base_model is None or entry.base_model == base_model
+    )
     return rows
 
 

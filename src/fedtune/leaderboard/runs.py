@@ -14,10 +14,13 @@ A run is refused, with the reason, when:
 
 from __future__ import annotations
 
+import base64
+import gzip
 import shlex
 from pathlib import Path
 from typing import Any
 
+from fedtune.evaluation.subjects import SCORED_CATEGORIES
 from fedtune.leaderboard.entry import today_utc
 from fedtune.leaderboard.evalresults import (
     EvalResults,
@@ -248,7 +251,40 @@ def build_submission(
             {k: r[k] for k in ("round", "train_loss", "downlink_bytes", "uplink_bytes", "clients")}
             for r in rounds
         ],
+        **_generations(results),
     }
+
+
+def generation_files(results: EvalResults) -> dict[str, Path]:
+    """The official evaluation's generation file of each scored category, written beside its
+    result file by `fedtune eval --protocol flowertune` (`generation_mmlu_{category}_{run}.jsonl`);
+    empty for another protocol or when any of them is missing."""
+    prefix = "mmlu_flowertune_0shot_"
+    name = results.path.stem
+    if results.protocol != "flowertune" or not name.startswith(prefix):
+        return {}
+    run = name.removeprefix(prefix)
+    files = {
+        category: results.path.with_name(f"generation_mmlu_{category}_{run}.jsonl")
+        for category in SCORED_CATEGORIES
+    }
+    return files if all(path.is_file() for path in files.values()) else {}
+
+
+def _generations(results: EvalResults) -> dict[str, Any]:
+    """The submission's `generations` (gzip, base64), so the board scores the entry itself."""
+    files = generation_files(results)
+    if not files:
+        return {}
+    encoded = {}
+    for category, path in files.items():
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise RunDirError(f"cannot read {path}: {exc}") from exc
+        packed = gzip.compress(content, compresslevel=9, mtime=0)
+        encoded[category] = base64.b64encode(packed).decode("ascii")
+    return {"generations": encoded}
 
 
 def _setup(

@@ -7,7 +7,9 @@ and the file is in WAL mode (readers never block the writer). A busy file is wai
 `timeout_s` seconds.
 
 The schema version is SQLite's `PRAGMA user_version`; `MIGRATIONS[i]` takes the file from version
-i to i + 1. Migration 2 imports the published board, so a fresh store already holds those rows.
+i to i + 1. Migration 2 imports the published board, so a fresh store already holds those rows;
+migration 3 adds moderation, revocable tokens and the audit log; migration 4 the generation files
+of re-scored entries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import secrets
 import sqlite3
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,13 @@ from typing import Any
 from fedtune.leaderboard.entry import (
     HIDDEN,
     MODERATIONS,
+    PUBLISHED,
     REJECTED,
+    RESCORED,
     SHOWN,
     STATUSES,
+    SUBMITTED,
+    VERIFIED,
     Entry,
 )
 from fedtune.leaderboard.published import published_entries
@@ -179,10 +185,25 @@ def _operators(db: sqlite3.Connection) -> None:
         )
 
 
+def _generation_files(db: sqlite3.Connection) -> None:
+    """The generation files a re-scored entry was scored from (gzip), kept so that its numbers can
+    be recomputed at any time; they go with the entry when it is deleted."""
+    db.execute(
+        """CREATE TABLE generations (
+            entry_id INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+            category TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            content BLOB NOT NULL,
+            PRIMARY KEY (entry_id, category)
+        )"""
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _create_tables,
     _import_published,
     _operators,
+    _generation_files,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -264,8 +285,17 @@ class Store:
 
     # --- entries
 
-    def add(self, entry: Entry, actor: str = "operator", token: str | None = None) -> int:
+    def add(
+        self,
+        entry: Entry,
+        actor: str = "operator",
+        token: str | None = None,
+        generations: Mapping[str, bytes] | None = None,
+    ) -> int:
         """Store an entry and return its new id (audited as `submit` by `actor`).
+
+        `generations` (category → gzip of a generation file) are kept with a re-scored entry, in
+        the same transaction; their sha256 is taken from the entry's evaluation.
 
         With `token` (an API submission: the token itself): the team must be the token's bound
         team (a token is bound at creation, else to the team of its first entry), must not be
@@ -283,8 +313,26 @@ class Store:
             if token is not None:
                 _check_team(db, entry.team, _sha256(token))
             new_id = _insert(db, entry, key)
+            rescored = entry.details.get("evaluation", {}).get("rescored", {})
+            for category, content in (generations or {}).items():
+                db.execute(
+                    "INSERT INTO generations (entry_id, category, sha256, content) "
+                    "VALUES (?, ?, ?, ?)",
+                    (new_id, category, rescored[category]["sha256"], content),
+                )
             _audit(db, actor, "submit", new_id, {"team": entry.team, "track": entry.track})
             return new_id
+
+    def generations(self, entry_id: int) -> dict[str, bytes]:
+        """The generation files kept with an entry (category → gzip), empty if none."""
+        if not 0 < entry_id < 2**63:
+            return {}
+        with self.connect() as db:
+            rows = db.execute(
+                "SELECT category, content FROM generations WHERE entry_id = ? ORDER BY category",
+                (entry_id,),
+            ).fetchall()
+        return {str(category): bytes(content) for category, content in rows}
 
     def get(self, entry_id: int) -> Entry | None:
         """The entry with this id, or None (also for ids SQLite cannot hold)."""
@@ -323,20 +371,28 @@ class Store:
             return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
 
     def set_status(self, entry_id: int, status: str, actor: str = "operator") -> None:
-        """Mark an entry submitted or verified (published rows stay published); audited as
-        `verify` / `unverify`.
+        """Mark an entry verified, or take the mark back (published rows stay published); audited
+        as `verify` / `unverify`.
+
+        `submitted` and `re-scored` both mean "not verified": the entry returns to what its
+        evidence supports, re-scored when the store holds its generation files, else submitted.
 
         Raises:
             StoreError: unknown id or status, or a published row.
         """
-        if status not in STATUSES or status == "published":
-            raise StoreError(f"status must be submitted or verified, got {status!r}")
+        if status not in STATUSES or status == PUBLISHED:
+            raise StoreError(f"status must be submitted, re-scored or verified, got {status!r}")
         with self.write() as db:
             row = db.execute("SELECT status FROM entries WHERE id = ?", (entry_id,)).fetchone()
             if row is None:
                 raise StoreError(f"no entry {entry_id}")
-            if row[0] == "published":
+            if row[0] == PUBLISHED:
                 raise StoreError(f"entry {entry_id} is a published row; its status is fixed")
+            if status != VERIFIED:
+                held = db.execute(
+                    "SELECT COUNT(*) FROM generations WHERE entry_id = ?", (entry_id,)
+                ).fetchone()[0]
+                status = RESCORED if held else SUBMITTED
             db.execute("UPDATE entries SET status = ? WHERE id = ?", (status, entry_id))
             action = "verify" if status == "verified" else "unverify"
             _audit(db, actor, action, entry_id, {"from": row[0], "to": status})

@@ -22,26 +22,53 @@ The shape (every key below the top level is optional unless stated):
                "strategy": str, "adapter": str, "codec_downlink": str, "codec_uplink": str},
      "provenance": {...}, "config": {key: scalar},
      "rounds": [{"round": int, "train_loss": float | null, "downlink_bytes": int,
-                 "uplink_bytes": int}]}
+                 "uplink_bytes": int}],
+     "generations": {"stem": b64, "social_sciences": b64, "humanities": b64}}
+
+`generations` carries the official evaluation's own output files, one per category (base64 of the
+file, gzip-compressed or not). With them the board scores the entry itself: each file must answer
+exactly its category's test questions, once each, in the board's prompt format with the split's
+gold letters; the official parser then gives the per-subject counts, the category scores, the
+Average and the answer distribution. `scores` and `evaluation.subjects` may then be left out; when
+given they must agree with the re-scored numbers (scores within 0.01, counts exactly) or the
+submission is refused, naming both. Such an entry is stored as "re-scored", with its files; an
+entry without them is "submitted" (self-reported) and is shown but not ranked.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import functools
+import gzip
+import hashlib
 import math
 import re
 import unicodedata
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedtune.evaluation.dataset import EMBEDDED, load_split
+from fedtune.evaluation.rescore import (
+    GenerationFileError,
+    QuestionSet,
+    RescoredFile,
+    check_question_set,
+    decompress,
+    parse_generations,
+    question_set,
+    rescore_rows,
+)
 from fedtune.evaluation.subjects import (
     CATEGORY_SUBJECTS,
     EXPECTED_TEST_QUESTIONS,
     SCORED_CATEGORIES,
     SUBJECT_CATEGORY,
 )
-from fedtune.leaderboard.entry import GENERAL_NLP, SUBMITTED, TRACKS, Entry, today_utc
+from fedtune.leaderboard.entry import GENERAL_NLP, RESCORED, SUBMITTED, TRACKS, Entry, today_utc
 
 # The General NLP rules (FlowerTune): the data set and the 20 clients are fixed, and scores must
 # come from the official evaluation protocol.
@@ -49,7 +76,9 @@ GENERAL_NLP_DATASETS = frozenset({"flwrlabs/alpaca-gpt4", "vicgalle/alpaca-gpt4"
 GENERAL_NLP_CLIENTS = 20
 OFFICIAL_PROTOCOL = "flowertune"
 
-MAX_BODY_BYTES = 2 * 1024 * 1024  # a full submission with 5,000 rounds is ~0.5 MiB
+# A full submission with 5,000 rounds is ~0.5 MiB; the three generation files of the official
+# evaluation, gzipped and in base64, ~1.5–3 MiB.
+MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_ROUNDS = 5000
 MAX_NAME_CHARS = 100
 MAX_URL_CHARS = 500
@@ -62,9 +91,10 @@ SCORE_TOLERANCE = 0.01
 TOP_LEVEL_KEYS = frozenset(
     {
         "team", "code_url", "base_model", "track", "date", "scores", "communication",
-        "evaluation", "adapter", "setup", "provenance", "config", "rounds",
+        "evaluation", "adapter", "setup", "provenance", "config", "rounds", "generations",
     }
 )  # fmt: skip
+GZIP_MAGIC = b"\x1f\x8b"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHORT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _ALLOWED_FORMAT_CHARS = {"\u200d"}  # zero-width joiner, used inside emoji
@@ -84,14 +114,33 @@ class SubmissionError(ValueError):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Submission:
+    """A checked submission: its entry, and the generation files it was re-scored from.
+
+    Attributes:
+        entry: the entry to store ("re-scored" with files, else "submitted").
+        generations: category → the file as the store keeps it (gzip), empty without files.
+    """
+
+    entry: Entry
+    generations: dict[str, bytes] = field(default_factory=dict)
+
+
 def validate_submission(payload: Any, *, today: str | None = None) -> Entry:
-    """Check a submission and build the entry it describes (status "submitted", no id yet).
+    """Check a submission and build the entry it describes (see `check_submission`)."""
+    return check_submission(payload, today=today).entry
+
+
+def check_submission(payload: Any, *, today: str | None = None) -> Submission:
+    """Check a submission, re-score its generation files if it has them, and build its entry.
 
     Args:
         payload: the decoded JSON object.
         today: the current ISO day (for the "date in the future" check); defaults to UTC today.
     Returns:
-        The entry, with `details` holding the normalised evaluation, setup, provenance, ….
+        The entry (no id yet), with `details` holding the normalised evaluation, setup,
+        provenance, …, and the generation files to keep with it.
     Raises:
         SubmissionError: the first problem found, naming the field.
     """
@@ -104,8 +153,9 @@ def validate_submission(payload: Any, *, today: str | None = None) -> Entry:
     track = _text(obj, "track", "", 20, required=False) or GENERAL_NLP
     if track not in TRACKS:
         raise SubmissionError("track", f"must be one of {', '.join(TRACKS)}, got {track!r}")
-    scores = _scores(obj.get("scores"))
-    evaluation = _evaluation(obj.get("evaluation"), scores)
+    rescored = _generations(obj["generations"]) if "generations" in obj else None
+    scores = _scores(obj.get("scores"), rescored)
+    evaluation = _evaluation(obj.get("evaluation"), scores, rescored)
     communication = _communication(obj.get("communication"))
     rounds = _rounds(obj.get("rounds"), communication["total_bytes"])
     details: dict[str, Any] = {
@@ -119,7 +169,7 @@ def validate_submission(payload: Any, *, today: str | None = None) -> Entry:
     }
     if track == GENERAL_NLP:
         check_general_nlp_rules(details)
-    return Entry(
+    entry = Entry(
         team=_name(obj, "team"),
         code_url=_url(obj.get("code_url")),
         base_model=_name(obj, "base_model"),
@@ -130,9 +180,10 @@ def validate_submission(payload: Any, *, today: str | None = None) -> Entry:
         social_sciences=scores["social_sciences"],
         humanities=scores["humanities"],
         date=_date(obj.get("date"), today or today_utc()),
-        status=SUBMITTED,
+        status=RESCORED if rescored else SUBMITTED,
         details=details,
     )
+    return Submission(entry, {c: r.stored for c, r in (rescored or {}).items()})
 
 
 def check_general_nlp_rules(details: Mapping[str, Any]) -> None:
@@ -169,10 +220,108 @@ def check_general_nlp_rules(details: Mapping[str, Any]) -> None:
 # --- sections -------------------------------------------------------------------------------------
 
 
-def _scores(value: Any) -> dict[str, float]:
+@dataclass(frozen=True)
+class _Rescored:
+    """One category's generation file, re-scored: what the entry shows and what the store keeps."""
+
+    result: RescoredFile
+    sha256: str  # of the file's content (uncompressed)
+    stored: bytes  # gzip of the content
+
+
+@functools.lru_cache(maxsize=len(SCORED_CATEGORIES))
+def _test_question_set(category: str) -> QuestionSet:
+    """The questions a category's generation file must answer (the shipped MMLU test split)."""
+    return question_set(category, load_split(EMBEDDED, "test"))
+
+
+def rescore_generations(files: Mapping[str, bytes]) -> dict[str, _Rescored]:
+    """Re-score one generation file per scored category against the shipped MMLU test split.
+
+    Raises:
+        SubmissionError: a category missing or unknown, or a file that is not that category's
+            complete set of test questions in the board's format (`generations.<category>`).
+    """
+    unknown = sorted(set(files) - set(SCORED_CATEGORIES))
+    if unknown:
+        raise SubmissionError(
+            f"generations.{_short(unknown[0])}",
+            f"not a scored category; expected {', '.join(SCORED_CATEGORIES)}",
+        )
+    rescored: dict[str, _Rescored] = {}
+    for category in SCORED_CATEGORIES:
+        where = f"generations.{category}"
+        if category not in files:
+            raise SubmissionError(where, "missing: the board needs the file of every category")
+        try:
+            raw = files[category]
+            content = decompress(raw, where)
+            rows = parse_generations(content, where)
+            check_question_set(rows, category, _test_question_set(category), where)
+        except GenerationFileError as exc:
+            raise SubmissionError(where, str(exc).replace(f"{where}: ", "")) from None
+        rescored[category] = _Rescored(
+            result=rescore_rows(rows, where),
+            sha256=hashlib.sha256(content).hexdigest(),
+            # Kept as received when gzipped (checked above to expand to `content`).
+            stored=raw if raw[:2] == GZIP_MAGIC else gzip.compress(content, mtime=0),
+        )
+    return rescored
+
+
+def recheck(entry: Entry, files: Mapping[str, bytes]) -> list[str]:
+    """Re-score a stored entry from the generation files the store holds for it; the differences
+    from what the entry shows (empty when every number is reproduced exactly).
+
+    Raises:
+        SubmissionError: the held files are no longer valid generation files.
+    """
+    rescored = rescore_generations(files)
+    problems = []
+    evaluation = entry.details.get("evaluation", {})
+    for category, item in rescored.items():
+        shown = getattr(entry, category)
+        exact = _rescored_percent(item)
+        if shown != exact:
+            problems.append(f"{category}: shows {shown}, the files give {exact}")
+        held = evaluation.get("rescored", {}).get(category, {}).get("sha256")
+        if held != item.sha256:
+            problems.append(f"{category}: file sha256 {item.sha256[:12]}… is not {held}")
+        for subject, (rows, correct) in item.result.subjects.items():
+            cell = evaluation.get("subjects", {}).get(subject)
+            if cell != {"correct": correct, "total": rows}:
+                problems.append(f"{subject}: shows {cell}, the files give {correct}/{rows}")
+    average = sum(_rescored_percent(item) for item in rescored.values()) / len(rescored)
+    if entry.average != average:
+        problems.append(f"average: shows {entry.average}, the files give {average}")
+    return problems
+
+
+def _generations(value: Any) -> dict[str, _Rescored]:
+    obj = _mapping(value, "generations", required=True)
+    files: dict[str, bytes] = {}
+    for category, text in obj.items():
+        where = f"generations.{_short(category)}"
+        if not isinstance(text, str):
+            raise SubmissionError(where, "must be the file in base64 (a string)")
+        try:
+            files[str(category)] = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise SubmissionError(where, "not valid base64") from None
+    return rescore_generations(files)
+
+
+def _rescored_percent(item: _Rescored) -> float:
+    return 100.0 * item.result.correct / item.result.rows
+
+
+def _scores(value: Any, rescored: Mapping[str, _Rescored] | None = None) -> dict[str, float]:
+    if rescored is not None and value is None:
+        scores = {c: _rescored_percent(rescored[c]) for c in SCORED_CATEGORIES}
+        return {**scores, "average": sum(scores.values()) / len(scores)}
     obj = _mapping(value, "scores", required=True)
     _no_unknown(obj, "scores", {*SCORED_CATEGORIES, "average"})
-    scores: dict[str, float] = {}
+    scores = {}
     for category in SCORED_CATEGORIES:
         value = _percent(obj.get(category), f"scores.{category}", required=True)
         assert value is not None  # required=True raises instead
@@ -184,12 +333,26 @@ def _scores(value: Any) -> dict[str, float]:
             "scores.average",
             f"{given} is not the mean of STEM, Social Sciences and Humanities ({mean:.4f})",
         )
-    scores["average"] = given if given is not None else mean
-    return scores
+    if rescored is None:
+        scores["average"] = given if given is not None else mean
+        return scores
+    # The claim must match the files; what is stored is the re-scored number, never the claim.
+    for category in SCORED_CATEGORIES:
+        item = rescored[category]
+        exact = _rescored_percent(item)
+        if abs(scores[category] - exact) > SCORE_TOLERANCE:
+            raise SubmissionError(
+                f"scores.{category}",
+                f"claimed {scores[category]}; the generation files give {exact:.4f} "
+                f"({item.result.correct:,}/{item.result.rows:,} by the official parser)",
+            )
+    return _scores(None, rescored)
 
 
-def _evaluation(value: Any, scores: Mapping[str, float]) -> dict[str, Any]:
-    obj = _mapping(value, "evaluation", required=True)
+def _evaluation(
+    value: Any, scores: Mapping[str, float], rescored: Mapping[str, _Rescored] | None = None
+) -> dict[str, Any]:
+    obj = _mapping(value, "evaluation", required=rescored is None)
     _no_unknown(
         obj,
         "evaluation",
@@ -208,10 +371,12 @@ def _evaluation(value: Any, scores: Mapping[str, float]) -> dict[str, Any]:
         raise SubmissionError(
             "evaluation.split", f"the board scores the MMLU test split, got {split!r}"
         )
+    shots = _int(obj["shots"], "evaluation.shots", minimum=0) if "shots" in obj else None
+    if rescored is not None:
+        return _rescored_evaluation(obj, shots, rescored)
     subjects = _subjects(obj.get("subjects"))
     _check_complete_and_consistent(subjects, scores)
     evaluated = sum(s["total"] for s in subjects.values())
-    shots = _int(obj["shots"], "evaluation.shots", minimum=0) if "shots" in obj else None
     return {
         "protocol": _text(obj, "protocol", "evaluation", MAX_NAME_CHARS, required=True),
         "protocol_version": _text(
@@ -222,6 +387,64 @@ def _evaluation(value: Any, scores: Mapping[str, float]) -> dict[str, Any]:
         "subjects": subjects,
         "answer_distribution": _answer_distribution(obj.get("answer_distribution"), evaluated),
         "extra": _extra(obj.get("extra")),
+    }
+
+
+def _rescored_evaluation(
+    obj: Mapping[str, Any], shots: int | None, rescored: Mapping[str, _Rescored]
+) -> dict[str, Any]:
+    """The evaluation of an entry with generation files: every count from the files."""
+    protocol = _text(obj, "protocol", "evaluation", MAX_NAME_CHARS, required=False)
+    if protocol not in ("", OFFICIAL_PROTOCOL) or shots not in (None, 0):
+        raise SubmissionError(
+            "evaluation.protocol",
+            f"generation files are the official {OFFICIAL_PROTOCOL!r} protocol's zero-shot "
+            f"outputs, but the evaluation says {protocol!r} with {shots} shots",
+        )
+    subjects: dict[str, dict[str, int]] = {}
+    letters: dict[str, int] = {}
+    for item in rescored.values():
+        for subject, (rows, correct) in item.result.subjects.items():
+            subjects[subject] = {"correct": correct, "total": rows}
+        for letter, count in item.result.predicted_letters.items():
+            letters[letter] = letters.get(letter, 0) + count
+    if "subjects" in obj:
+        claimed = _subjects(obj["subjects"])
+        for subject in sorted(set(claimed) | set(subjects)):
+            if claimed.get(subject) != subjects.get(subject):
+                raise SubmissionError(
+                    f"evaluation.subjects.{subject}",
+                    f"claimed {claimed.get(subject)}; the generation files give "
+                    f"{subjects.get(subject)}",
+                )
+    evaluated = sum(s["total"] for s in subjects.values())
+    if "answer_distribution" in obj:
+        claimed_letters = _answer_distribution(obj["answer_distribution"], evaluated)
+        if {k: v for k, v in claimed_letters.items() if v} != {
+            k: v for k, v in letters.items() if v
+        }:
+            raise SubmissionError(
+                "evaluation.answer_distribution",
+                f"claimed {claimed_letters}; the generation files give {letters}",
+            )
+    return {
+        "protocol": OFFICIAL_PROTOCOL,
+        "protocol_version": _text(
+            obj, "protocol_version", "evaluation", MAX_NAME_CHARS, required=False
+        ),
+        "split": "test",
+        "shots": 0,
+        "subjects": subjects,
+        "answer_distribution": letters,
+        "extra": _extra(obj.get("extra")),
+        "rescored": {
+            category: {
+                "sha256": item.sha256,
+                "rows": item.result.rows,
+                "correct": item.result.correct,
+            }
+            for category, item in rescored.items()
+        },
     }
 
 

@@ -38,7 +38,7 @@ from fedtune.leaderboard.ranking import ALL_TRACKS, board_rows, pareto_front, ra
 from fedtune.leaderboard.reference import constant_answer_rows
 from fedtune.leaderboard.render import row_record
 from fedtune.leaderboard.store import DuplicateEntry, Store, TeamRefused
-from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError, validate_submission
+from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError, check_submission
 from fedtune.leaderboard.web.charts import score_vs_cost
 from fedtune.leaderboard.web.pages import board_page, entry_page, not_found_page
 
@@ -153,7 +153,7 @@ def create_app(
         pages = max(1, math.ceil(len(rows) / ROWS_PER_PAGE))
         page = min(_int_param(request, "page", 1, minimum=1), pages)
         start = (page - 1) * ROWS_PER_PAGE
-        front = pareto_front(shown)
+        front = pareto_front(e for e in shown if e.ranked)
         chart = (
             f'<div class="wide-only">{score_vs_cost(shown, front, references)}</div>'
             f'<div class="narrow-only">{score_vs_cost(shown, front, references, compact=True)}</div>'
@@ -215,6 +215,24 @@ def create_app(
         item, position = found
         return JSONResponse({**item.to_dict(), "rank": position})
 
+    def api_generations(request: Request) -> Response:
+        entry_id = int(request.path_params["entry_id"])
+        category = request.path_params["category"]
+        if _ranked_entry(store, entry_id) is None:
+            return _error(404, f"no entry {entry_id}")
+        files = store.generations(entry_id)
+        if category not in files:
+            return _error(404, f"entry {entry_id} has no {category} generation file")
+        return Response(
+            files[category],
+            media_type="application/gzip",
+            headers={
+                "Content-Disposition": (
+                    f'attachment; filename="generation_mmlu_{category}_entry{entry_id}.jsonl.gz"'
+                )
+            },
+        )
+
     def api_reference(request: Request) -> Response:
         return JSONResponse({"rows": [r.to_dict() for r in references]})
 
@@ -251,14 +269,17 @@ def create_app(
         if _depth(payload) > MAX_DEPTH:
             return _error(400, f"body is nested deeper than {MAX_DEPTH} levels")
         try:
-            submitted = validate_submission(payload)
+            # Re-scoring generation files takes a few hundred ms: off the event loop.
+            checked = await run_in_threadpool(check_submission, payload)
         except SubmissionError as exc:
             return _error(422, exc.reason, field=exc.field)
         submitted = dataclasses.replace(
-            submitted, details={**submitted.details, "submitted_by": owner}
+            checked.entry, details={**checked.entry.details, "submitted_by": owner}
         )
         try:
-            new_id = await run_in_threadpool(store.add, submitted, f"token:{owner}", token)
+            new_id = await run_in_threadpool(
+                store.add, submitted, f"token:{owner}", token, checked.generations
+            )
         except DuplicateEntry as exc:
             return _error(409, str(exc), id=exc.existing_id)
         except TeamRefused as exc:
@@ -266,7 +287,13 @@ def create_app(
         found = await run_in_threadpool(_ranked_entry, store, new_id)
         position = found[1] if found else None
         return JSONResponse(
-            {"id": new_id, "rank": position, "track": submitted.track, "url": f"/entry/{new_id}"},
+            {
+                "id": new_id,
+                "status": submitted.status,
+                "rank": position,
+                "track": submitted.track,
+                "url": f"/entry/{new_id}",
+            },
             status_code=201,
         )
 
@@ -285,6 +312,7 @@ def create_app(
             Route("/api/entries", api_list, methods=["GET"]),
             Route("/api/entries", api_submit, methods=["POST"]),
             Route("/api/entries/{entry_id:int}", api_get),
+            Route("/api/entries/{entry_id:int}/generations/{category}", api_generations),
             Route("/api/reference", api_reference),
             Route("/healthz", healthz),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
@@ -332,4 +360,4 @@ def _ranked_entry(store: Store, entry_id: int) -> tuple[Entry, int | None] | Non
     for position, other in rank(store.entries(item.track, details=False)):
         if other.id == entry_id:
             return item, position
-    return None
+    return item, None  # shown, but self-reported: no rank

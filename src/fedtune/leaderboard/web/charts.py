@@ -186,11 +186,13 @@ def score_vs_cost(
 
 
 def _legend(x0: float, y: float, *, rows: int = 1, width: float = 0.0) -> str:
-    """Marks and their meaning: track fills; submitted, verified and Pareto-front rings."""
+    """Marks and their meaning: track fills; submitted, re-scored, verified and Pareto-front
+    rings."""
     items = [
         ("pt track-general-nlp status-published", "General NLP"),
         ("pt track-open status-published", "open track"),
         ("pt track-general-nlp status-submitted", "submitted"),
+        ("pt track-general-nlp status-re-scored", "re-scored"),
         ("pt track-general-nlp status-verified", "verified"),
         ("front", "Pareto front"),
     ]

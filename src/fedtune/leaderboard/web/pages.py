@@ -82,6 +82,10 @@ def board_page(
     body = [
         '<section class="intro"><h1>Federated LLM fine-tuning leaderboard</h1>'
         "<p>Ranked by Average (two decimals), then lower communication, then earlier date. "
+        "Only scores the board checked are ranked: published (the FlowerTune board), re-scored "
+        "(computed here from the entry's generation files with the official parser) or verified "
+        "(the adapter re-evaluated by the operators); self-reported entries are listed after "
+        "them without a rank. "
         'Rows marked <span class="ref-mark">ref</span> are constant-answer baselines: a model that '
         "always answers the same letter scores that much without knowing anything.</p></section>",
         _filters(track, base_model, models),
@@ -162,7 +166,8 @@ def _row(row: BoardRow) -> str:
         else f' <span class="badge {esc(e.status)}">{esc(e.status)}</span>'
     )
     cells = [
-        _cell(row.rank, str(row.rank), "num"),
+        # Unranked (self-reported) entries sort after every ranked row when sorting by rank.
+        _cell(row.rank or 10**9 - 1, str(row.rank or "—"), "num"),
         _cell(e.team, f'<a href="/entry/{e.id}">{esc(e.team)}</a>{status}', "team"),
         _cell(
             e.code_url, f'<a href="{esc(e.code_url)}" rel="nofollow noopener noreferrer">Link</a>'
@@ -208,6 +213,32 @@ def _reference_row(row: BoardRow) -> str:
 # --- an entry -------------------------------------------------------------------------------------
 
 
+def _score_source(entry: Entry) -> str:
+    rescored = entry.details.get("evaluation", {}).get("rescored") or {}
+    if rescored:
+        links = " · ".join(
+            f'<a href="/api/entries/{entry.id}/generations/{esc(c)}">{esc(c)}</a> '
+            f'<code class="hash">sha256 {esc(str(v.get("sha256", ""))[:12])}…</code>'
+            for c, v in rescored.items()
+        )
+        return f"re-scored by the board from the generation files it holds: {links}"
+    return {
+        "published": "quoted from the published FlowerTune board",
+        "verified": "the operators re-evaluated the adapter",
+    }.get(entry.status, "self-reported by the submitter (not checked)")
+
+
+def _not_ranked(entry: Entry) -> str:
+    if entry.moderation == "rejected":
+        return "not ranked (rejected)"
+    if not entry.ranked:
+        return (
+            "not ranked: self-reported scores the board could not check (no generation files, "
+            "not re-evaluated by the operators)"
+        )
+    return "not ranked"
+
+
 def entry_page(entry: Entry, rank: int | None, references: Sequence[ReferenceRow]) -> str:
     """An entry: scores by category and subject, answer letters, round plots, config, provenance."""
     d = entry.details
@@ -227,7 +258,7 @@ def entry_page(entry: Entry, rank: int | None, references: Sequence[ReferenceRow
         )
     track = TRACK_TITLES.get(entry.track, entry.track)
     summary = [
-        ("Rank", f"{rank} in {esc(track)}" if rank is not None else "not ranked"),
+        ("Rank", f"{rank} in {esc(track)}" if rank is not None else _not_ranked(entry)),
         ("Team", esc(entry.team)),
         (
             "Code",
@@ -237,6 +268,7 @@ def entry_page(entry: Entry, rank: int | None, references: Sequence[ReferenceRow
         ("Base model", esc(entry.base_model)),
         ("Track", esc(track)),
         ("Status", esc(entry.status)),
+        ("Scores", _score_source(entry)),
         ("Comm. Costs", f"{esc(format_gb(entry.comm_bytes))} ({entry.comm_bytes:,} bytes)"),
         (
             "Evaluation",
