@@ -215,9 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT / "tests"))
-    from leaderboard.lb_submissions import make_submission
-
     from fedtune.leaderboard.store import Store
+    from leaderboard.lb_submissions import make_submission
 
     with tempfile.TemporaryDirectory(prefix="fedtune-load-") as scratch:
         data_dir = Path(scratch) / "board"
