@@ -298,3 +298,22 @@ def test_no_hostile_submission_gets_a_500(store, submission):
         )
         assert 400 <= reply.status_code < 500, body[:20]
     assert sum(statuses.values()) == 190 * len(HOSTILE_VALUES) and statuses.get(422, 0) > 1500
+
+
+def test_no_hostile_generations_get_a_500(store, submission):
+    """The generation files, and each of them, replaced by each hostile value: always a 4xx."""
+    from starlette.testclient import TestClient
+
+    from fedtune.leaderboard.web.app import create_app
+
+    token = store.new_token("fuzz")
+    client = TestClient(create_app(store, submissions_per_minute=0))
+    headers = {"Authorization": f"Bearer {token}"}
+    valid = submission("Fuzz Files", generations=True)
+    paths = [p for p in _leaves(valid) if p[:1] == ("generations",)]
+    assert len(paths) == 4
+    for path in paths:
+        for value in HOSTILE_VALUES:
+            reply = client.post("/api/entries", json=_replaced(valid, path, value), headers=headers)
+            assert 400 <= reply.status_code < 500, (path, value, reply.text[:200])
+    assert store.count() == 19  # nothing stored
