@@ -37,6 +37,8 @@ def write_evaluation(
     adapter: Path | None | str = "run",
     limit_per_subject: int | None = None,
     protocol: str = "flowertune",
+    shots: int = 0,
+    categories: str | None = None,
 ) -> Path:
     """Write RUN_DIR/eval/ with the evaluation package's own runner and writer.
 
@@ -63,6 +65,8 @@ def write_evaluation(
         model="HuggingFaceTB/SmolLM2-135M-Instruct",
         adapter=str(run if adapter == "run" else adapter) if adapter is not None else None,
         protocol=protocol,
+        shots=shots,
+        categories=categories,
         limit_per_subject=limit_per_subject,
         output_dir=str(run / "eval"),
         run_name=run.name,

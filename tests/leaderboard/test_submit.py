@@ -129,6 +129,17 @@ def _refusals(tmp_path):
     case("partial-eval", "partial evaluation", lambda r: _replace_eval(r, limit_per_subject=5))
     case("partial-unflagged", "partial evaluation", _partial_unflagged)
     case("no-eval", "evaluate the run first", lambda r: _rmtree(r / "eval"))
+    case(
+        "eval-unknown-field",
+        "not an evaluation result file: extra_key: Extra inputs are not permitted",
+        lambda r: _edit_json(_eval_file(r), extra_key=1),
+    )
+    case("eval-metrics-layout", "n_questions: Field required", _metrics_layout)
+    case(
+        "eval-other-name",
+        "no evaluation results (mmlu_*_*shot_*.json)",
+        lambda r: _eval_file(r).rename(r / "eval" / "results.json"),
+    )
     case("running", "has not finished", lambda r: _edit_json(r / "status.json", state="running"))
     return cases
 
@@ -138,11 +149,23 @@ def _replace_eval(run, **kwargs):
     write_evaluation(run, always("A"), **kwargs)
 
 
+def _eval_file(run):
+    return next((run / "eval").glob("mmlu_*.json"))
+
+
 def _partial_unflagged(run):
     """A partial evaluation whose file claims to be complete: the question counts give it away."""
     _replace_eval(run, limit_per_subject=5)
-    path = next((run / "eval").glob("mmlu_*.json"))
-    _edit_json(path, partial=False)
+    _edit_json(_eval_file(run), partial=False)
+
+
+def _metrics_layout(run):
+    """The metrics moved under a `metrics` key: a layout nothing writes, so nothing reads."""
+    path = _eval_file(run)
+    doc = json.loads(path.read_text())
+    keys = ("n_questions", "average", "board", "categories", "subjects", "predicted_letters")
+    doc["metrics"] = {k: doc.pop(k) for k in keys}
+    path.write_text(json.dumps(doc))
 
 
 def _rmtree(path):
@@ -255,6 +278,10 @@ def test_allow_partial_still_refuses_what_else_does_not_add_up(tmp_path, data_di
             "evaluation is of another adapter",
         ),
         (partial("base-model-only", adapter=None), "base model alone"),
+        (
+            partial("unknown-field", lambda r: _edit_json(_eval_file(r), extra_key=1)),
+            "extra_key: Extra inputs are not permitted",
+        ),
         (
             partial(
                 "ledger-summary",

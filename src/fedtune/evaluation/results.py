@@ -1,8 +1,8 @@
 """Result files: one self-describing JSON per evaluation, plus the board's own files in flowertune
 mode.
 
-- `mmlu_{protocol}_{shots}shot_{run}.json`: everything about the evaluation (see
-  `docs/evaluation.md`).
+- `mmlu_{protocol}_{shots}shot_{run}.json`: everything about the evaluation, in the typed format of
+  `fedtune.evaluation.resultfile` (see also `docs/evaluation.md`).
 - flowertune mode, per category: `acc_mmlu_{category}_{run}.txt` (`Accuracy: 0.2190…. `, exactly the
   official scorer's text) and `generation_mmlu_{category}_{run}.jsonl` (a JSON array of `{prompt,
   gold, subset, output}`, the official layout, which `fedtune eval rescore` reads back). A partial
@@ -98,8 +98,11 @@ def board_files(
 
 
 def result_file_name(protocol: str, shots: int, run: str) -> str:
-    """The result JSON's file name."""
+    """The result JSON's file name (matched by `RESULT_FILE_GLOB`)."""
     return f"mmlu_{protocol}_{shots}shot_{run}.json"
+
+
+RESULT_FILE_GLOB = "mmlu_*_*shot_*.json"
 
 
 def write_atomically(directory: Path, files: dict[str, str]) -> list[Path]:

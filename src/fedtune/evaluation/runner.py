@@ -4,7 +4,6 @@ write results."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from fedtune.evaluation.batching import BatchPlan
 from fedtune.evaluation.dataset import EMBEDDED, describe_source
 from fedtune.evaluation.metrics import summarize
 from fedtune.evaluation.progress import ProgressBar
+from fedtune.evaluation.resultfile import build_result
 from fedtune.evaluation.results import (
     RESULT_FORMAT,
     board_files,
@@ -144,6 +144,9 @@ def _workers(plan: BatchPlan, workers: int | None) -> dict[str, int]:
 def evaluate(prepared: Prepared, model: Any, tokenizer: Any) -> tuple[dict[str, Any], list[Path]]:
     """Run the protocol and write the result files (all or none).
 
+    The result JSON is an `EvalResultFile` (fedtune.evaluation.resultfile), checked before anything
+    is written.
+
     Returns:
         The result dict (as written to JSON) and the paths written.
     """
@@ -213,9 +216,10 @@ def evaluate(prepared: Prepared, model: Any, tokenizer: Any) -> tuple[dict[str, 
             )
         )
     result["files"] = sorted(files)
+    document = build_result(result)
     name = result_file_name(request.protocol, request.shots, prepared.run_name)
-    files[name] = json.dumps(result, indent=2) + "\n"
-    return result, write_atomically(prepared.output_dir, files)
+    files[name] = document.to_json_text()
+    return document.model_dump(mode="json"), write_atomically(prepared.output_dir, files)
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -242,7 +242,7 @@ def _build_despite_partial(run_dir: Path, options: dict[str, Any]) -> dict[str, 
     scores. Here it runs on a view of the run directory: links to the run's own files, and a copy
     of the evaluation results with the mark cleared. Nothing is written to the run directory.
     """
-    from fedtune.leaderboard.evalresults import EvalResultsError, find_results
+    from fedtune.leaderboard.evalresults import EvalResultsError, find_results, read_result_file
     from fedtune.leaderboard.runs import RunDirError, build_submission
 
     try:
@@ -261,12 +261,11 @@ def _build_despite_partial(run_dir: Path, options: dict[str, Any]) -> dict[str, 
         copy = view / relative
         copy.parent.mkdir(parents=True, exist_ok=True)
         try:
-            document = json.loads(results.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RunDirError(f"cannot read evaluation results {results}: {exc}") from exc
-        if isinstance(document, dict):
-            document["partial"] = False
-        copy.write_text(json.dumps(document), encoding="utf-8")
+            document = read_result_file(results)
+        except EvalResultsError as exc:
+            raise RunDirError(str(exc)) from exc
+        cleared = document.model_copy(update={"partial": False})
+        copy.write_text(cleared.to_json_text(), encoding="utf-8")
         payload = build_submission(view, **{**options, "eval_name": str(copy)})
     # Point what names the view back at the run directory.
     adapter = payload.get("adapter")

@@ -1,32 +1,26 @@
-"""Reading a run's evaluation results (RUN_DIR/eval/…) into what a submission needs.
+"""Reading a run's evaluation result (RUN_DIR/eval/…) into what a submission needs.
 
-`fedtune eval --adapter RUN_DIR` writes one self-describing JSON per evaluation,
-`RUN_DIR/eval/mmlu_{protocol}_{shots}shot_{run}.json` (fedtune.evaluation.results). This reader
-takes only what a submission needs from it:
+`fedtune eval --adapter RUN_DIR` writes one result file per evaluation,
+`RUN_DIR/eval/mmlu_{protocol}_{shots}shot_{run}.json`, in the one typed format of
+`fedtune.evaluation.resultfile` (`EvalResultFile`, `format: 1`). Only files with that name are
+looked for, and each is parsed strictly against that model: an unknown or missing field, or a
+value of the wrong type, is an error naming the file and the field; no other layout is read.
 
-    {"protocol": "flowertune", "protocol_version": "1", "shots": 0,
-     "partial": false,                                  # true → --limit-per-subject / --sample
-     "model": {"name": "…"},
-     "adapter": {"path": "…", "sha256": "…"} | null,    # what was evaluated (null: base model)
-     "data": {"split": "test"},
-     "subjects": {subject: {"n": int, "correct": int, …}},
-     "categories": {category: {"accuracy": float, …}},
-     "predicted_letters": {"A": int, …, "none": int},
-     "weighted_mean": float, "average_stderr": float, …}
-
-The metrics may also sit under a `metrics` key. Anything it cannot find is reported, never guessed.
+A submission takes from it: `protocol`, `protocol_version`, `shots`, `partial`, `model.name`,
+`adapter` (`path`, `sha256`; null: the base model alone), `data.split`, the per-subject `n` and
+`correct`, `predicted_letters`, the `other` category's accuracy, `weighted_mean` and
+`average_stderr`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fedtune.evaluation.subjects import SUBJECT_CATEGORY
+from fedtune.evaluation.resultfile import EvalResultFile, ResultFileError, parse_result
+from fedtune.evaluation.results import RESULT_FILE_GLOB
 
-RESULT_NAMES = ("results.json", "summary.json", "metrics.json")
+BOARD_PROTOCOL = ("flowertune", 0)
 
 
 class EvalResultsError(ValueError):
@@ -41,25 +35,25 @@ class EvalResults:
     protocol: str
     protocol_version: str
     split: str
-    complete: bool | None
-    subjects: dict[str, dict[str, Any]]  # {"correct", "total"}; checked by validation
+    complete: bool  # not flagged partial
+    subjects: dict[str, dict[str, int]]  # {"correct", "total"}; checked by validation
     answer_distribution: dict[str, int]
     extra: dict[str, float]
     adapter_path: str | None
     adapter_sha256: str | None
-    base_model: str | None
-    shots: int | None
-    without_adapter: bool  # the document says no adapter was applied
-    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    base_model: str
+    shots: int
+    without_adapter: bool  # the result says no adapter was applied
 
 
 def find_results(run_dir: Path, name: str | None = None) -> Path:
-    """The evaluation results file of a run: the one JSON under RUN_DIR/eval/ with per-subject
-    results. With several, the board's protocol (flowertune, zero-shot) is taken if exactly one
-    is; otherwise `name` must choose (a file or folder under eval/, or a path).
+    """The evaluation result file of a run: the one `eval/mmlu_{protocol}_{shots}shot_{run}.json`.
+    With several, the board's protocol (flowertune, zero-shot) is taken if exactly one is;
+    otherwise `name` must choose (a file path, or a file name under eval/).
 
     Raises:
-        EvalResultsError: none found, or several and no `name` to choose.
+        EvalResultsError: none found, a result file that does not parse, or several and no `name`
+            to choose.
     """
     eval_dir = run_dir / "eval"
     if name and Path(name).is_file():
@@ -68,126 +62,75 @@ def find_results(run_dir: Path, name: str | None = None) -> Path:
         hint = f"fedtune eval --adapter {run_dir}"
         raise EvalResultsError(f"{eval_dir} does not exist: evaluate the run first ({hint})")
     if name:
-        base = eval_dir / name
-        if base.is_file():
-            return base
-        candidates = [base / n for n in RESULT_NAMES if (base / n).is_file()]
-        if not candidates:
-            raise EvalResultsError(f"no evaluation results at {base}")
-        return candidates[0]
-    found = [p for n in RESULT_NAMES for p in sorted(eval_dir.glob(f"*/{n}"))]
-    found += [p for n in RESULT_NAMES if (p := eval_dir / n).is_file()]
-    found += [p for p in sorted(eval_dir.glob("*.json")) if p not in found]
-    found = [p for p in found if _looks_like_results(p)]
+        chosen = eval_dir / name
+        if not chosen.is_file():
+            raise EvalResultsError(f"no evaluation result file {name} (nor {chosen})")
+        return chosen
+    found = [p for p in sorted(eval_dir.glob(RESULT_FILE_GLOB)) if p.is_file()]
     if not found:
-        raise EvalResultsError(f"no evaluation results under {eval_dir}")
-    official = [p for p in found if _is_board_protocol(p)]
-    if len(found) > 1 and len(official) == 1:
-        return official[0]
-    if len(found) > 1:
-        names = ", ".join(str(p.relative_to(eval_dir)) for p in found)
         raise EvalResultsError(
-            f"several evaluations under {eval_dir} ({names}); choose one with --eval"
+            f"no evaluation results ({RESULT_FILE_GLOB}) under {eval_dir}: "
+            f"evaluate the run first (fedtune eval --adapter {run_dir})"
         )
-    return found[0]
+    if len(found) == 1:
+        return found[0]
+    parsed = {p: read_result_file(p) for p in found}
+    official = [p for p, d in parsed.items() if (d.protocol, d.shots) == BOARD_PROTOCOL]
+    if len(official) == 1:
+        return official[0]
+    names = ", ".join(p.name for p in found)
+    raise EvalResultsError(
+        f"several evaluations under {eval_dir} ({names}); choose one with --eval"
+    )
 
 
-def _looks_like_results(path: Path) -> bool:
+def read_result_file(path: Path) -> EvalResultFile:
+    """The typed result file at `path`.
+
+    Raises:
+        EvalResultsError: unreadable, or not a format-1 result file (the message names the field).
+    """
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and isinstance(_metrics(doc).get("subjects"), dict)
-
-
-def _is_board_protocol(path: Path) -> bool:
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    return doc.get("protocol") == "flowertune" and doc.get("shots", 0) == 0
-
-
-def _metrics(doc: dict[str, Any]) -> dict[str, Any]:
-    for key in ("metrics", "results"):
-        value = doc.get(key)
-        if isinstance(value, dict) and "subjects" in value:
-            return value
-    return doc
-
-
-def _first(doc: dict[str, Any], *paths: str) -> Any:
-    """The first value found along dotted paths."""
-    for path in paths:
-        value: Any = doc
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is not None:
-            return value
-    return None
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        raise EvalResultsError(f"cannot read evaluation results {path}: {exc}") from exc
+    try:
+        return parse_result(content, path)
+    except ResultFileError as exc:
+        raise EvalResultsError(str(exc)) from None
 
 
 def read_results(path: Path) -> EvalResults:
-    """Parse an evaluation results file.
+    """Parse an evaluation result file (fedtune.evaluation.resultfile) for a submission.
 
     Raises:
-        EvalResultsError: unreadable, or without per-subject counts or a protocol name.
+        EvalResultsError: unreadable, not a format-1 result file (the message names the field), or
+            without per-subject results.
     """
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EvalResultsError(f"cannot read evaluation results {path}: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise EvalResultsError(f"{path}: expected a JSON object")
-    metrics = _metrics(doc)
-    subjects: dict[str, dict[str, Any]] = {}
-    for subject, cell in (metrics.get("subjects") or {}).items():
-        if subject not in SUBJECT_CATEGORY or not isinstance(cell, dict):
-            raise EvalResultsError(f"{path}: unexpected subject entry {subject!r}")
-        total = cell.get("n", cell.get("total"))
-        subjects[subject] = {"correct": cell.get("correct"), "total": total}
-    if not subjects:
+    document = read_result_file(path)
+    if not document.subjects:
         raise EvalResultsError(f"{path}: no per-subject results")
-    protocol = _first(doc, "protocol", "evaluation.protocol", "config.protocol")
-    if not protocol:
-        raise EvalResultsError(f"{path}: the evaluation protocol is not recorded")
     extra: dict[str, float] = {}
-    other = _first(metrics, "categories.other.accuracy")
-    if isinstance(other, int | float):
-        extra["other"] = 100.0 * other
-    for key in ("weighted_mean", "average_stderr"):
-        if isinstance(metrics.get(key), int | float):
-            extra[key] = 100.0 * metrics[key]
-    letters = metrics.get("predicted_letters") or metrics.get("answer_distribution") or {}
-    complete = _first(doc, "complete", "evaluation.complete")
-    partial = doc.get("partial")
-    if isinstance(partial, bool):
-        complete = not partial
-    adapter = doc.get("adapter")
-    shots = doc.get("shots")
+    other = document.categories.get("other")
+    if other is not None:
+        extra["other"] = 100.0 * other.accuracy
+    if document.weighted_mean is not None:
+        extra["weighted_mean"] = 100.0 * document.weighted_mean
+    if document.average_stderr is not None:
+        extra["average_stderr"] = 100.0 * document.average_stderr
+    adapter = document.adapter
     return EvalResults(
         path=Path(path),
-        protocol=str(protocol),
-        protocol_version=str(
-            _first(
-                doc, "protocol_version", "evaluation.protocol_version", "config.protocol_version"
-            )
-            or ""
-        ),
-        split=str(_first(doc, "split", "data.split", "evaluation.split") or "test"),
-        complete=complete if isinstance(complete, bool) else None,
-        subjects=subjects,
-        answer_distribution={str(k): v for k, v in letters.items()},
+        protocol=document.protocol,
+        protocol_version=document.protocol_version,
+        split=document.data.split,
+        complete=not document.partial,
+        subjects={s: {"correct": c.correct, "total": c.n} for s, c in document.subjects.items()},
+        answer_distribution={str(k): v for k, v in document.predicted_letters.items()},
         extra=extra,
-        adapter_path=_first(
-            doc, "adapter.path", "adapter_path", "model.adapter", "model.adapter_path"
-        ),
-        adapter_sha256=_first(
-            doc,
-            "adapter.sha256",
-            "adapter_sha256",
-            "model.adapter_sha256",
-            "adapter.adapter_sha256",
-        ),
-        base_model=_first(doc, "base_model", "model.base", "model.name", "model.base_model"),
-        shots=shots if isinstance(shots, int) and not isinstance(shots, bool) else None,
-        without_adapter="adapter" in doc and adapter is None,
-        raw=doc,
+        adapter_path=adapter.path if adapter else None,
+        adapter_sha256=adapter.sha256 if adapter else None,
+        base_model=document.model.name,
+        shots=document.shots,
+        without_adapter=adapter is None,
     )
