@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.leaderboard.entry import TRACKS
+from fedtune.leaderboard.submission import SubmissionPayload
 
 _DATA_DIR_HELP = "leaderboard data directory (default: $FEDTUNE_LEADERBOARD_DIR or ~/.local/share/fedtune/leaderboard)"  # noqa: E501
 
@@ -226,16 +227,16 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _abbreviated(payload: dict[str, Any]) -> dict[str, Any]:
+def _abbreviated(payload: SubmissionPayload) -> dict[str, Any]:
     """The submission as `--dry-run` prints it: the generation files by their size only."""
+    shown: dict[str, Any] = dict(payload)
     files = payload.get("generations")
-    if not isinstance(files, dict):
-        return payload
-    sizes = {c: f"<{len(text):,} base64 characters>" for c, text in files.items()}
-    return {**payload, "generations": sizes}
+    if isinstance(files, dict):
+        shown["generations"] = {c: f"<{len(t):,} base64 characters>" for c, t in files.items()}
+    return shown
 
 
-def _build_despite_partial(run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+def _build_despite_partial(run_dir: Path, options: dict[str, Any]) -> SubmissionPayload:
     """The submission of a run whose evaluation is marked partial, every other check made.
 
     `build_submission` stops at the partial mark before it checks the adapter and computes the
@@ -279,7 +280,7 @@ def _build_despite_partial(run_dir: Path, options: dict[str, Any]) -> dict[str, 
     return payload
 
 
-def _submit_remote(server: str, token: str | None, payload: dict[str, Any]) -> int:
+def _submit_remote(server: str, token: str | None, payload: SubmissionPayload) -> int:
     import httpx
 
     if not token:

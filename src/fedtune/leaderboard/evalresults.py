@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fedtune.evaluation.resultfile import EvalResultFile, ResultFileError, parse_result
 from fedtune.evaluation.results import RESULT_FILE_GLOB
+from fedtune.leaderboard.submission import SubjectCount
 
 BOARD_PROTOCOL = ("flowertune", 0)
 
@@ -36,7 +37,7 @@ class EvalResults:
     protocol_version: str
     split: str
     complete: bool  # not flagged partial
-    subjects: dict[str, dict[str, int]]  # {"correct", "total"}; checked by validation
+    subjects: dict[str, SubjectCount]  # checked by validation
     answer_distribution: dict[str, int]
     extra: dict[str, float]
     adapter_path: str | None
@@ -125,7 +126,9 @@ def read_results(path: Path) -> EvalResults:
         protocol_version=document.protocol_version,
         split=document.data.split,
         complete=not document.partial,
-        subjects={s: {"correct": c.correct, "total": c.n} for s, c in document.subjects.items()},
+        subjects={
+            s: SubjectCount(correct=c.correct, total=c.n) for s, c in document.subjects.items()
+        },
         answer_distribution={str(k): v for k, v in document.predicted_letters.items()},
         extra=extra,
         adapter_path=adapter.path if adapter else None,

@@ -28,6 +28,13 @@ from fedtune.leaderboard.evalresults import (
     find_results,
     read_results,
 )
+from fedtune.leaderboard.submission import (
+    Adapter,
+    RoundRecord,
+    Scores,
+    Setup,
+    SubmissionPayload,
+)
 from fedtune.provenance import file_sha256
 from fedtune.rundir import (
     FINISHED_STATES,
@@ -118,7 +125,7 @@ def _check_metrics(run_dir: Path, per_round: dict[int, dict[str, int]]) -> dict[
     return losses
 
 
-def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) -> dict[str, str]:
+def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) -> Adapter:
     """The run's final adapter, checked on disk and against what was evaluated.
 
     Raises:
@@ -161,7 +168,7 @@ def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) 
         raise RunDirError(
             f"{results.path.name} does not say which adapter was evaluated (adapter sha256 or path)"
         )
-    return {"location": str(run_dir / str(relative)), "sha256": recorded}
+    return Adapter(location=str(run_dir / str(relative)), sha256=recorded)
 
 
 def display_model_name(name: str) -> str:
@@ -179,7 +186,7 @@ def build_submission(
     track: str,
     base_model: str | None = None,
     eval_name: str | None = None,
-) -> dict[str, Any]:
+) -> SubmissionPayload:
     """Collect and cross-check a run directory into a submission (see validation.py's shape).
 
     Raises:
@@ -248,7 +255,13 @@ def build_submission(
         },
         "config": {k: v for k, v in config.items() if not isinstance(v, dict | list)},
         "rounds": [
-            {k: r[k] for k in ("round", "train_loss", "downlink_bytes", "uplink_bytes", "clients")}
+            RoundRecord(
+                round=r["round"],
+                train_loss=r["train_loss"],
+                downlink_bytes=r["downlink_bytes"],
+                uplink_bytes=r["uplink_bytes"],
+                clients=r["clients"],
+            )
             for r in rounds
         ],
         **_generations(results),
@@ -271,7 +284,7 @@ def generation_files(results: EvalResults) -> dict[str, Path]:
     return files if all(path.is_file() for path in files.values()) else {}
 
 
-def _generations(results: EvalResults) -> dict[str, Any]:
+def _generations(results: EvalResults) -> SubmissionPayload:
     """The submission's `generations` (gzip, base64), so the board scores the entry itself."""
     files = generation_files(results)
     if not files:
@@ -289,8 +302,8 @@ def _generations(results: EvalResults) -> dict[str, Any]:
 
 def _setup(
     config: dict[str, Any], num_rounds: int, clients_per_round: int, summary: dict[str, Any]
-) -> dict[str, Any]:
-    setup: dict[str, Any] = {"dataset": str(config.get("data.name", "")), "rounds": num_rounds}
+) -> Setup:
+    setup: Setup = {"dataset": str(config.get("data.name", "")), "rounds": num_rounds}
     if isinstance(config.get("federation.num-clients"), int):
         setup["num_clients"] = config["federation.num-clients"]
     if clients_per_round:
@@ -314,7 +327,7 @@ def _setup(
     return setup
 
 
-def _scores(results: EvalResults) -> dict[str, float]:
+def _scores(results: EvalResults) -> Scores:
     """Category scores in percent from the per-subject counts (the numbers exist once)."""
     from fedtune.evaluation.subjects import SCORED_CATEGORIES, SUBJECT_CATEGORY
 
@@ -329,4 +342,8 @@ def _scores(results: EvalResults) -> dict[str, float]:
         if total == 0:
             raise RunDirError(f"partial evaluation: no {category} questions were evaluated")
         scores[category] = 100.0 * correct / total
-    return scores
+    return Scores(
+        stem=scores["stem"],
+        social_sciences=scores["social_sciences"],
+        humanities=scores["humanities"],
+    )

@@ -8,7 +8,8 @@ partial (a scored subject missing, or a category with fewer questions than the t
 it breaks the rules of its track. Text that merely looks like HTML is accepted, and escaped
 wherever it is shown.
 
-The shape (every key below the top level is optional unless stated):
+The shape (the types in `fedtune.leaderboard.submission`, from which every allowed key is taken;
+every key below the top level is optional unless stated):
 
     {"team": str, "code_url": "https://…", "base_model": str, "track": "general-nlp" | "open",
      "date": "YYYY-MM-DD",
@@ -69,6 +70,17 @@ from fedtune.evaluation.subjects import (
     SUBJECT_CATEGORY,
 )
 from fedtune.leaderboard.entry import GENERAL_NLP, RESCORED, SUBMITTED, TRACKS, Entry, today_utc
+from fedtune.leaderboard.submission import (
+    Adapter,
+    Communication,
+    Evaluation,
+    RoundRecord,
+    Scores,
+    Setup,
+    SubjectCount,
+    SubmissionPayload,
+    keys,
+)
 
 # The General NLP rules (FlowerTune): the data set and the 20 clients are fixed, and scores must
 # come from the official evaluation protocol.
@@ -88,12 +100,7 @@ MAX_ITEMS = 1000
 # numbers by as much again. 0.01 points is below what the board shows.
 SCORE_TOLERANCE = 0.01
 
-TOP_LEVEL_KEYS = frozenset(
-    {
-        "team", "code_url", "base_model", "track", "date", "scores", "communication",
-        "evaluation", "adapter", "setup", "provenance", "config", "rounds", "generations",
-    }
-)  # fmt: skip
+TOP_LEVEL_KEYS = keys(SubmissionPayload)
 GZIP_MAGIC = b"\x1f\x8b"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHORT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -320,7 +327,7 @@ def _scores(value: Any, rescored: Mapping[str, _Rescored] | None = None) -> dict
         scores = {c: _rescored_percent(rescored[c]) for c in SCORED_CATEGORIES}
         return {**scores, "average": sum(scores.values()) / len(scores)}
     obj = _mapping(value, "scores", required=True)
-    _no_unknown(obj, "scores", {*SCORED_CATEGORIES, "average"})
+    _no_unknown(obj, "scores", keys(Scores))
     scores = {}
     for category in SCORED_CATEGORIES:
         value = _percent(obj.get(category), f"scores.{category}", required=True)
@@ -353,19 +360,7 @@ def _evaluation(
     value: Any, scores: Mapping[str, float], rescored: Mapping[str, _Rescored] | None = None
 ) -> dict[str, Any]:
     obj = _mapping(value, "evaluation", required=rescored is None)
-    _no_unknown(
-        obj,
-        "evaluation",
-        {
-            "protocol",
-            "protocol_version",
-            "shots",
-            "split",
-            "subjects",
-            "answer_distribution",
-            "extra",
-        },
-    )
+    _no_unknown(obj, "evaluation", keys(Evaluation))
     split = _text(obj, "split", "evaluation", 20, required=False) or "test"
     if split != "test":
         raise SubmissionError(
@@ -456,7 +451,7 @@ def _subjects(value: Any) -> dict[str, dict[str, int]]:
         if name not in SUBJECT_CATEGORY:
             raise SubmissionError(where, "not an MMLU subject")
         item = _mapping(counts, where, required=True)
-        _no_unknown(item, where, {"correct", "total"})
+        _no_unknown(item, where, keys(SubjectCount))
         total = _int(item.get("total"), f"{where}.total", minimum=1)
         correct = _int(item.get("correct"), f"{where}.correct", minimum=0)
         if correct > total:
@@ -527,7 +522,7 @@ def _extra(value: Any) -> dict[str, float]:
 
 def _communication(value: Any) -> dict[str, int]:
     obj = _mapping(value, "communication", required=True)
-    _no_unknown(obj, "communication", {"total_bytes", "downlink_bytes", "uplink_bytes"})
+    _no_unknown(obj, "communication", keys(Communication))
     total = _int(obj.get("total_bytes"), "communication.total_bytes", minimum=1)
     result = {"total_bytes": total}
     if "downlink_bytes" in obj or "uplink_bytes" in obj:
@@ -553,9 +548,7 @@ def _rounds(value: Any, total_bytes: int) -> list[dict[str, Any]]:
     for i, item in enumerate(value):
         where = f"rounds[{i}]"
         obj = _mapping(item, where, required=True)
-        _no_unknown(
-            obj, where, {"round", "train_loss", "downlink_bytes", "uplink_bytes", "clients"}
-        )
+        _no_unknown(obj, where, keys(RoundRecord))
         number = _int(obj.get("round"), f"{where}.round", minimum=1)
         if rounds and number <= rounds[-1]["round"]:
             raise SubmissionError(f"{where}.round", "rounds must be listed in increasing order")
@@ -582,7 +575,7 @@ def _rounds(value: Any, total_bytes: int) -> list[dict[str, Any]]:
 
 def _adapter(value: Any) -> dict[str, str]:
     obj = _mapping(value, "adapter", required=False)
-    _no_unknown(obj, "adapter", {"location", "sha256"})
+    _no_unknown(obj, "adapter", keys(Adapter))
     adapter = {}
     location = _text(obj, "location", "adapter", MAX_URL_CHARS, required=False)
     if location:
@@ -598,7 +591,7 @@ def _adapter(value: Any) -> dict[str, str]:
 def _setup(value: Any) -> dict[str, Any]:
     obj = _mapping(value, "setup", required=False)
     texts = ("dataset", "strategy", "adapter", "codec_downlink", "codec_uplink")
-    _no_unknown(obj, "setup", {*texts, "num_clients", "rounds", "clients_per_round"})
+    _no_unknown(obj, "setup", keys(Setup))
     setup: dict[str, Any] = {}
     for key in texts:
         text = _text(obj, key, "setup", MAX_URL_CHARS, required=False)
@@ -622,7 +615,7 @@ def _mapping(value: Any, where: str, required: bool = True) -> Mapping[str, Any]
     return value
 
 
-def _no_unknown(obj: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+def _no_unknown(obj: Mapping[str, Any], where: str, allowed: frozenset[str]) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise SubmissionError(
