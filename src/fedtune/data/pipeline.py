@@ -53,6 +53,33 @@ def partition_examples(
     return examples, counts
 
 
+def node_file_examples(
+    tokenizer: PreTrainedTokenizerBase, config: RunConfig, path: str
+) -> tuple[list[TokenizedExample], dict[str, int]]:
+    """Tokenized examples of a node's own data file (`data-path` in its node config, e.g. one
+    that `fedtune data split` wrote), cleaned and cut as a partition is.
+
+    Raises:
+        DataError: the file is missing, unreadable, or has no usable example.
+    """
+    from fedtune.data.sources import load_local_rows
+
+    source = resolve_data(path)
+    if source.kind != "local":
+        raise DataError(f"data-path: {path!r} is not a local data file")
+    rows = load_local_rows(source)
+    examples, stats, skipped = prepare_rows(tokenizer, config, rows)
+    if not examples:
+        raise DataError(f"data-path: {path} has no usable example ({len(rows)} rows)")
+    counts = {
+        "partition-rows": len(rows),
+        "skipped-rows": skipped,
+        "truncated": stats.truncated,
+        "dropped-no-response": stats.dropped_no_response,
+    }
+    return examples, counts
+
+
 def heldout_examples(
     tokenizer: PreTrainedTokenizerBase, config: RunConfig
 ) -> list[TokenizedExample]:

@@ -85,15 +85,23 @@ def get_worker(config: RunConfig) -> ClientWorker:
 
 
 def get_partition(
-    worker: ClientWorker, config: RunConfig, partition_id: int, num_partitions: int
+    worker: ClientWorker,
+    config: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    data_path: str | None = None,
 ) -> tuple[list[Any], dict[str, int]]:
-    """This client's tokenized partition, built once per data setup."""
-    from fedtune.data.pipeline import partition_examples
+    """This client's tokenized examples, built once per data setup: the node's own file when its
+    node config names one (`data-path`, on the deployment engine), else its partition of
+    `data.name`."""
+    from fedtune.data.pipeline import node_file_examples, partition_examples
 
-    key = (config.data, config.train.seq_length, partition_id, num_partitions)
+    key = (config.data, config.train.seq_length, partition_id, num_partitions, data_path)
     if key not in worker.partitions:
-        worker.partitions[key] = partition_examples(
-            worker.tokenizer, config, partition_id, num_partitions
+        worker.partitions[key] = (
+            node_file_examples(worker.tokenizer, config, data_path)
+            if data_path
+            else partition_examples(worker.tokenizer, config, partition_id, num_partitions)
         )
     return worker.partitions[key]
 
@@ -128,7 +136,10 @@ def local_train(msg: Message, context: Context) -> Message:
         if config.strategy.name == "scaffold"
         else None
     )
-    examples, counts = get_partition(worker, config, partition_id, num_partitions)
+    data_path = context.node_config.get("data-path")
+    examples, counts = get_partition(
+        worker, config, partition_id, num_partitions, str(data_path) if data_path else None
+    )
     train = config.train
     learning_rate = cosine_annealing(
         server_round, config.federation.num_rounds, train.learning_rate_max, train.learning_rate_min
