@@ -62,7 +62,9 @@ def test_each_node_file_holds_exactly_its_partition(split):
 
 def test_a_node_trains_on_its_file_as_on_its_partition(split, smollm2_tokenizer):
     config, out, manifest = split
-    from_file, counts = node_file_examples(smollm2_tokenizer, config, str(out / "node-002.jsonl.gz"))
+    from_file, counts = node_file_examples(
+        smollm2_tokenizer, config, str(out / "node-002.jsonl.gz")
+    )
     from_partition, expected_counts = partition_examples(smollm2_tokenizer, config, 2, 4)
     assert [e.input_ids for e in from_file] == [e.input_ids for e in from_partition]
     assert [e.label_mask for e in from_file] == [e.label_mask for e in from_partition]

@@ -147,3 +147,18 @@ def test_general_nlp_needs_the_setup_recorded():
     del payload["setup"]
     with pytest.raises(SubmissionError, match="Alpaca-GPT4"):
         validate_submission(payload)
+
+
+def test_stored_scores_are_the_counts_never_the_claim():
+    # A claim may be off by the board's rounding; adding 0.0099 to each score wins nothing.
+    payload = make_submission("Tie Breaker", correct=(1500, 1800, 2500))
+    exact = validate_submission(copy.deepcopy(payload))
+    payload["scores"] = {k: v + 0.0099 for k, v in payload["scores"].items()}
+    padded = validate_submission(payload)
+    assert (padded.stem, padded.social_sciences, padded.humanities, padded.average) == (
+        exact.stem,
+        exact.social_sciences,
+        exact.humanities,
+        exact.average,
+    )
+    assert padded.stem == 100 * 1500 / 3153

@@ -163,6 +163,9 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
     rescored = _generations(obj["generations"]) if "generations" in obj else None
     scores = _scores(obj.get("scores"), rescored)
     evaluation = _evaluation(obj.get("evaluation"), scores, rescored)
+    # What is stored is what the counts give, never the claim (which only had to agree with them
+    # to the board's precision): no one gains a tie by adding 0.0099 to each score.
+    scores = _scores_from_counts(evaluation["subjects"])
     communication = _communication(obj.get("communication"))
     rounds = _rounds(obj.get("rounds"), communication["total_bytes"])
     details: dict[str, Any] = {
@@ -354,6 +357,15 @@ def _scores(value: Any, rescored: Mapping[str, _Rescored] | None = None) -> dict
                 f"({item.result.correct:,}/{item.result.rows:,} by the official parser)",
             )
     return _scores(None, rescored)
+
+
+def _scores_from_counts(subjects: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """Category scores (percent) from per-subject counts, and their unweighted mean."""
+    scores = {}
+    for category in SCORED_CATEGORIES:
+        cells = [subjects[s] for s in CATEGORY_SUBJECTS[category]]
+        scores[category] = 100.0 * sum(c["correct"] for c in cells) / sum(c["total"] for c in cells)
+    return {**scores, "average": sum(scores.values()) / len(scores)}
 
 
 def _evaluation(
