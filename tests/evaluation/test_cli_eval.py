@@ -79,8 +79,15 @@ def test_eval_loglik_five_shot_bare_adapter(tmp_path, tiny_model_dir):
     ])  # fmt: skip
     assert code == 0
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["mmlu_loglik_5shot_tiny.json"]
+    assert written == ["mmlu_loglik_5shot_tiny.json", "predictions_mmlu_loglik_5shot_tiny.jsonl"]
     result = json.loads((tmp_path / "out" / written[0]).read_text())
+    # One line per question: the predicted letter beside the gold one recounts every score.
+    lines = (tmp_path / "out" / written[1]).read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == result["n_questions"]
+    assert sum(r["predicted"] == r["gold"] for r in rows) == sum(
+        s["correct"] for s in result["subjects"].values()
+    )
     assert result["shots"] == 5 and set(result["subjects"]) == {"anatomy", "virology"}
 
 

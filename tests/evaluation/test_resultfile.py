@@ -89,7 +89,8 @@ def test_base_model_loglik_five_shot_parses_with_a_null_adapter(tmp_path):
     assert path.name == "mmlu_loglik_5shot_demo.json"
     result = parse_result(path.read_bytes(), path)
     assert result.adapter is None and result.protocol == "loglik" and result.shots == 5
-    assert result.files == [] and "other" not in result.categories
+    assert result.files == ["predictions_mmlu_loglik_5shot_demo.jsonl"]
+    assert "other" not in result.categories
 
 
 def test_rechecked_count_is_kept_and_written_before_files(document):

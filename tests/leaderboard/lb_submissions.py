@@ -56,6 +56,27 @@ def generation_files(correct: tuple[int, int, int], *, wrong: str = "") -> dict[
     return files
 
 
+@functools.lru_cache(maxsize=8)
+def predictions_file(correct: tuple[int, int, int]) -> bytes:
+    """The loglik protocol's predictions file (gzip) for every test question: the first
+    `correct[i]` questions of scored category i predicted right, the rest wrong; the "other"
+    category's questions follow, which the board reads and leaves out."""
+    from fedtune.evaluation.dataset import load_split
+
+    questions = load_split()
+    rights = dict(zip(SCORED_CATEGORIES, correct, strict=True))
+    seen: dict[str, int] = {}
+    lines = []
+    for q in questions:
+        number = seen[q.category] = seen.get(q.category, -1) + 1
+        other = "ABCD"[("ABCD".index(q.answer) + 1) % 4]
+        right = number < rights.get(q.category, 0)
+        row = {"subset": q.subject, "index": q.index, "gold": q.answer,
+               "predicted": q.answer if right else other}  # fmt: skip
+        lines.append(json.dumps(row) + "\n")
+    return gzip.compress("".join(lines).encode(), compresslevel=1, mtime=0)
+
+
 def encoded_generations(correct: tuple[int, int, int]) -> dict[str, str]:
     """`generation_files` as a submission's `generations` (base64)."""
     return {c: base64.b64encode(b).decode() for c, b in generation_files(correct).items()}
@@ -70,12 +91,14 @@ def make_submission(
     rounds: int = 3,
     base_model: str = "SmolLM2-135M-Instruct",
     generations: bool = False,
+    predictions: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """A valid submission whose category scores follow from `correct` (STEM, Social, Humanities).
 
     With `generations`, it carries the official evaluation's generation files (so the board
-    re-scores and ranks it) and leaves the per-subject counts and answer letters to them.
+    re-scores and ranks it) and leaves the per-subject counts and answer letters to them; with
+    `predictions`, the loglik protocol's per-question predictions instead (5-shot).
     """
     by_category = dict(zip(SCORED_CATEGORIES, correct, strict=True))
     scores = {c: 100.0 * by_category[c] / EXPECTED_TEST_QUESTIONS[c] for c in SCORED_CATEGORIES}
@@ -121,5 +144,8 @@ def make_submission(
     if generations:
         payload["generations"] = encoded_generations(tuple(correct))
         del payload["evaluation"]["subjects"], payload["evaluation"]["answer_distribution"]
+    if predictions:
+        payload["predictions"] = base64.b64encode(predictions_file(tuple(correct))).decode()
+        payload["evaluation"] = {"protocol": "loglik", "protocol_version": "1", "shots": 5}
     payload.update(overrides)
     return payload

@@ -24,7 +24,7 @@ from fedtune.leaderboard.validation import (
     rescore_generations,
 )
 
-from .lb_submissions import generation_files, make_submission
+from .lb_submissions import generation_files, make_submission, predictions_file
 
 pytestmark = pytest.mark.unit
 
@@ -232,3 +232,76 @@ def test_the_board_recomputes_what_it_shows_and_notices_tampering(store, tmp_pat
     # Deleting the entry deletes its files.
     store.delete(entry_id, "test", "tests")
     assert store.generations(entry_id) == {}
+
+
+# --- the loglik protocol's per-question predictions --------------------------------------------
+
+
+def _prediction_rows(correct=CORRECT):
+    return [json.loads(line) for line in gzip.decompress(predictions_file(correct)).splitlines()]
+
+
+def _with_predictions(rows):
+    payload = make_submission(correct=CORRECT, predictions=True)
+    packed = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    payload["predictions"] = base64.b64encode(packed).decode()
+    return payload
+
+
+def test_predictions_are_recounted_against_the_split(store):
+    payload = make_submission(correct=CORRECT, predictions=True)
+    checked = check_submission(payload)
+    entry = checked.entry
+    assert entry.status == RESCORED and entry.ranked
+    assert entry.stem == 100 * 1500 / 3153 and entry.humanities == 100 * 2500 / 4705
+    evaluation = entry.details["evaluation"]
+    assert evaluation["protocol"] == "loglik" and evaluation["shots"] == 5
+    assert {v["format"] for v in evaluation["rescored"].values()} == {"predictions"}
+    assert sum(s["total"] for s in evaluation["subjects"].values()) == 10935  # "other" left out
+    entry_id = store.add(entry, generations=checked.generations)
+    assert recheck(store.get(entry_id), store.generations(entry_id)) == []
+    payload["scores"]["stem"] += 1
+    with pytest.raises(SubmissionError, match="the generation files give|claimed"):
+        check_submission(payload)
+
+
+def _prediction_twice(rows):
+    rows[5] = dict(rows[4])
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (
+            lambda rows: [
+                {**rows[0], "gold": "ABCD"[("ABCD".index(rows[0]["gold"]) + 1) % 4]},
+                *rows[1:],
+            ],
+            "the test split says",
+        ),  # fmt: skip
+        (_prediction_twice, "answers a question twice"),
+        (lambda rows: rows[1:], "partial evaluation"),
+        (lambda rows: [{**rows[0], "index": 99999}, *rows[1:]], "is not a test-split question"),
+        (lambda rows: [{**rows[0], "predicted": "E"}, *rows[1:]], "is not {subset"),
+        (lambda rows: [{**rows[0], "index": True}, *rows[1:]], "is not {subset"),
+        (lambda rows: [], "no predictions"),
+    ],
+)
+def test_predictions_that_are_not_the_test_split_are_refused(tamper, reason):
+    with pytest.raises(SubmissionError) as caught:
+        check_submission(_with_predictions(tamper(_prediction_rows())))
+    assert caught.value.field == "predictions" and reason in caught.value.reason
+
+
+def test_predictions_need_the_loglik_protocol_and_come_alone():
+    payload = make_submission(correct=CORRECT, predictions=True)
+    payload["evaluation"]["protocol"] = "flowertune"
+    with pytest.raises(SubmissionError, match="'loglik' protocol's outputs"):
+        check_submission(payload)
+    both = make_submission(correct=CORRECT, predictions=True, generations=True)
+    with pytest.raises(SubmissionError, match="not both"):
+        check_submission(both)
+    official = make_submission(correct=CORRECT, predictions=True, track="general-nlp")
+    with pytest.raises(SubmissionError, match="General NLP requires the official"):
+        check_submission(official)

@@ -302,3 +302,18 @@ def test_allow_partial_still_refuses_what_else_does_not_add_up(tmp_path, data_di
     assert submit(run, data_dir, "--track", "open", "--allow-partial") == 2
     assert "--allow-partial goes with --dry-run only" in capsys.readouterr().err
     assert not data_dir.exists()
+
+
+def test_a_loglik_evaluation_is_submitted_with_its_predictions_and_recounted(
+    tmp_path, data_dir, capsys
+):
+    run = make_run_dir(tmp_path, name="loglik", evaluate=False)
+    write_evaluation(run, always("C"), protocol="loglik", shots=5)
+    written = sorted(p.name for p in (run / "eval").iterdir())
+    assert "predictions_mmlu_loglik_5shot_loglik.jsonl" in written
+    assert submit(run, data_dir, "--track", "open") == 0
+    assert "(re-scored)" in capsys.readouterr().out
+    entry = Store.in_dir(data_dir).get(20)
+    assert entry.ranked and entry.details["evaluation"]["protocol"] == "loglik"
+    # Always C scores exactly the always-C reference row.
+    assert round(entry.average, 2) == 25.72

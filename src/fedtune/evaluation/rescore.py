@@ -228,3 +228,105 @@ def rescore_file(path: Path) -> RescoredFile:
         GenerationFileError: the file is not in the board's format.
     """
     return rescore_rows(read_generations(path), str(path))
+
+
+# --- per-question predictions (the loglik protocol's outputs) ----------------------------------
+
+PREDICTION_FIELDS = ("subset", "index", "gold", "predicted")
+PREDICTED_VALUES = frozenset({"A", "B", "C", "D", "none"})
+
+
+def parse_predictions(raw: bytes, where: str = "") -> list[dict[str, Any]]:
+    """Rows of a predictions file (JSON Lines of `{"subset", "index", "gold", "predicted"}`, gzip
+    or not), each checked for its fields and their types.
+
+    Raises:
+        GenerationFileError: not UTF-8 JSON Lines, empty, or a malformed row.
+    """
+    try:
+        text = decompress(raw, where).decode("utf-8")
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise GenerationFileError(f"{where}: not UTF-8 ({exc.reason})") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise GenerationFileError(f"{where}: not JSON Lines") from exc
+    if not rows:
+        raise GenerationFileError(f"{where}: no predictions")
+    for number, row in enumerate(rows):
+        ok = (
+            isinstance(row, dict)
+            and set(row) == set(PREDICTION_FIELDS)
+            and isinstance(row["subset"], str)
+            and row["subset"] in SUBJECT_CATEGORY
+            and isinstance(row["index"], int)
+            and not isinstance(row["index"], bool)
+            and row["gold"] in ("A", "B", "C", "D")
+            and row["predicted"] in PREDICTED_VALUES
+        )
+        if not ok:
+            raise GenerationFileError(
+                f"{where}: row {number} is not {{subset: an MMLU subject, index: int, "
+                "gold: A–D, predicted: A–D or none}"
+            )
+    return rows
+
+
+def check_prediction_set(
+    rows: Sequence[Mapping[str, Any]],
+    category: str,
+    golds: Mapping[tuple[str, int], str],
+    where: str = "",
+) -> None:
+    """Check that `rows` answer exactly the questions in `golds` (subject, row in the test split →
+    gold letter, one category's), each once, with the split's gold letters.
+
+    Raises:
+        GenerationFileError: a question of another category or not in the split, a wrong gold
+            letter, a question answered twice, or questions left out.
+    """
+    seen: set[tuple[str, int]] = set()
+    for number, row in enumerate(rows):
+        key = (row["subset"], row["index"])
+        if SUBJECT_CATEGORY[key[0]] != category:
+            raise GenerationFileError(f"{where}: row {number} is not a {category} question")
+        if key not in golds:
+            raise GenerationFileError(
+                f"{where}: row {number} ({key[0]} #{key[1]}) is not a test-split question"
+            )
+        if golds[key] != row["gold"]:
+            raise GenerationFileError(
+                f"{where}: row {number} ({key[0]} #{key[1]}) gives gold {row['gold']!r}; the test "
+                f"split says {golds[key]!r}"
+            )
+        if key in seen:
+            raise GenerationFileError(f"{where}: row {number} answers a question twice")
+        seen.add(key)
+    missing = len(golds) - len(seen)
+    if missing:
+        raise GenerationFileError(
+            f"partial evaluation: {where}: {missing:,} of the {category} test questions are not "
+            f"answered ({len(rows):,} rows, the split has {len(golds):,})"
+        )
+
+
+def rescore_predictions(rows: Sequence[Mapping[str, Any]], path: str = "") -> RescoredFile:
+    """Count predictions that equal the gold letter, per subject and in all."""
+    subjects: dict[str, list[int]] = {}
+    letters: Counter[str] = Counter()
+    for row in rows:
+        ok = row["predicted"] == row["gold"]
+        cell = subjects.setdefault(row["subset"], [0, 0])
+        cell[0] += 1
+        cell[1] += ok
+        letters[row["predicted"]] += 1
+    correct = sum(c for _, c in subjects.values())
+    categories = {SUBJECT_CATEGORY[s] for s in subjects}
+    return RescoredFile(
+        path=path,
+        category=categories.pop() if len(categories) == 1 else None,
+        rows=len(rows),
+        correct=correct,
+        accuracy=correct / len(rows),
+        subjects={s: (n, c) for s, (n, c) in subjects.items()},
+        predicted_letters={k: letters[k] for k in ("A", "B", "C", "D", "none")},
+    )

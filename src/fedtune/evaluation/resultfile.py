@@ -23,7 +23,8 @@ written by `fedtune eval` and read back by `fedtune leaderboard submit`.
      "timing": {"seconds", "questions_per_s"},
      "environment": {…},                                 # free-form: commit, versions, machine
      "rechecked_one_at_a_time": int,                     # flowertune only; absent otherwise
-     "files": ["acc_mmlu_…", "generation_mmlu_…"]}        # the board's files beside it
+     "files": ["acc_mmlu_…", "generation_mmlu_…"]}        # the files beside it: the board's
+                                                         # (flowertune) or predictions_… (loglik)
 
 Accuracies are fractions (0–1; see `fedtune.evaluation.metrics`); counts are non-negative integers.
 Parsing is strict: an unknown or missing key, a value of the wrong type (no string for a number, no

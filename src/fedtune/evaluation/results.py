@@ -7,6 +7,8 @@ mode.
   official scorer's text) and `generation_mmlu_{category}_{run}.jsonl` (a JSON array of `{prompt,
   gold, subset, output}`, the official layout, which `fedtune eval rescore` reads back). A partial
   evaluation adds a second line to the accuracy file saying so.
+- loglik mode: `predictions_mmlu_loglik_{shots}shot_{run}.jsonl`, one line per question (`subset`,
+  `index`, `gold`, `predicted`), from which the leaderboard recounts every score.
 
 All files of one evaluation are written to temporary names first and renamed into place only when
 every one of them was written, so an interrupted evaluation leaves no half-written result.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.evaluation.flowertune import Generation
+from fedtune.evaluation.metrics import Verdict
 from fedtune.evaluation.prompts import flowertune_inner_prompt
 from fedtune.evaluation.subjects import ALL_CATEGORIES
 from fedtune.provenance import git_commit, package_versions
@@ -95,6 +98,29 @@ def board_files(
             text += f"\npartial: {len(rows)} of {available[category]} questions (seed {seed})\n"
         files[f"acc_mmlu_{category}_{run}.txt"] = text
     return files
+
+
+def predictions_file_name(protocol: str, shots: int, run: str) -> str:
+    """The per-question predictions' file name (the loglik protocol's own outputs)."""
+    return f"predictions_mmlu_{protocol}_{shots}shot_{run}.jsonl"
+
+
+def prediction_rows(verdicts: Sequence[Verdict]) -> str:
+    """One JSON line per question: `{"subset", "index", "gold", "predicted"}` — the question by its
+    subject and row in the test split, the gold letter, and the letter the protocol read (`none`
+    when it read none). With these a reader recounts every score without the model."""
+    return "".join(
+        json.dumps(
+            {
+                "subset": v.question.subject,
+                "index": v.question.index,
+                "gold": v.question.answer,
+                "predicted": v.letter or "none",
+            }
+        )
+        + "\n"
+        for v in verdicts
+    )
 
 
 def result_file_name(protocol: str, shots: int, run: str) -> str:

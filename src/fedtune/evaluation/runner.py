@@ -20,6 +20,8 @@ from fedtune.evaluation.results import (
     RESULT_FORMAT,
     board_files,
     environment,
+    prediction_rows,
+    predictions_file_name,
     result_file_name,
     safe_run_name,
     write_atomically,
@@ -214,6 +216,10 @@ def evaluate(prepared: Prepared, model: Any, tokenizer: Any) -> tuple[dict[str, 
                 selection.available_per_category,
                 selection.seed,
             )
+        )
+    else:
+        files[predictions_file_name(request.protocol, request.shots, prepared.run_name)] = (
+            prediction_rows(verdicts)
         )
     result["files"] = sorted(files)
     document = build_result(result)

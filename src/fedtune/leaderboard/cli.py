@@ -228,11 +228,14 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _abbreviated(payload: SubmissionPayload) -> dict[str, Any]:
-    """The submission as `--dry-run` prints it: the generation files by their size only."""
+    """The submission as `--dry-run` prints it: the generation files and predictions by their size
+    only."""
     shown: dict[str, Any] = dict(payload)
     files = payload.get("generations")
     if isinstance(files, dict):
         shown["generations"] = {c: f"<{len(t):,} base64 characters>" for c, t in files.items()}
+    if isinstance(payload.get("predictions"), str):
+        shown["predictions"] = f"<{len(payload['predictions']):,} base64 characters>"
     return shown
 
 

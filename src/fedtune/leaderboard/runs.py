@@ -284,8 +284,28 @@ def generation_files(results: EvalResults) -> dict[str, Path]:
     return files if all(path.is_file() for path in files.values()) else {}
 
 
+def predictions_file(results: EvalResults) -> Path | None:
+    """The per-question predictions `fedtune eval --protocol loglik` writes beside its result file
+    (`predictions_mmlu_loglik_{shots}shot_{run}.jsonl`), or None."""
+    name = results.path.stem
+    prefix = "mmlu_"
+    if results.protocol != "loglik" or not name.startswith(prefix):
+        return None
+    path = results.path.with_name(f"predictions_{name}.jsonl")
+    return path if path.is_file() else None
+
+
 def _generations(results: EvalResults) -> SubmissionPayload:
-    """The submission's `generations` (gzip, base64), so the board scores the entry itself."""
+    """The submission's `generations` (gzip, base64) or `predictions`, so the board scores the
+    entry itself."""
+    predictions = predictions_file(results)
+    if predictions is not None:
+        try:
+            content = predictions.read_bytes()
+        except OSError as exc:
+            raise RunDirError(f"cannot read {predictions}: {exc}") from exc
+        packed = gzip.compress(content, compresslevel=9, mtime=0)
+        return {"predictions": base64.b64encode(packed).decode("ascii")}
     files = generation_files(results)
     if not files:
         return {}

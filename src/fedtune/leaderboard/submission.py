@@ -92,6 +92,7 @@ class SubmissionPayload(TypedDict, total=False):
     config: dict[str, Any]
     rounds: list[RoundRecord]
     generations: dict[str, str]  # category → base64 of the official generation file
+    predictions: str  # base64 of the loglik protocol's per-question predictions file
 
 
 def keys(section: type) -> frozenset[str]:

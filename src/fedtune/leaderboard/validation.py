@@ -24,7 +24,8 @@ every key below the top level is optional unless stated):
      "provenance": {...}, "config": {key: scalar},
      "rounds": [{"round": int, "train_loss": float | null, "downlink_bytes": int,
                  "uplink_bytes": int}],
-     "generations": {"stem": b64, "social_sciences": b64, "humanities": b64}}
+     "generations": {"stem": b64, "social_sciences": b64, "humanities": b64},
+     "predictions": b64}
 
 `generations` carries the official evaluation's own output files, one per category (base64 of the
 file, gzip-compressed or not). With them the board scores the entry itself: each file must answer
@@ -34,6 +35,12 @@ Average and the answer distribution. `scores` and `evaluation.subjects` may then
 given they must agree with the re-scored numbers (scores within 0.01, counts exactly) or the
 submission is refused, naming both. Such an entry is stored as "re-scored", with its files; an
 entry without them is "submitted" (self-reported) and is shown but not ranked.
+
+`predictions` does the same for the `loglik` protocol: the per-question predictions file `fedtune
+eval --protocol loglik` writes (JSON Lines of `{"subset", "index", "gold", "predicted"}`, base64,
+gzip or not). Every scored test question must appear once, by subject and row, with the split's
+gold letter; the board counts predicted == gold. The rows of the "other" category are read and
+left out.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import datetime as dt
 import functools
 import gzip
 import hashlib
+import json
 import math
 import re
 import unicodedata
@@ -54,13 +62,17 @@ from urllib.parse import urlsplit
 
 from fedtune.evaluation.dataset import EMBEDDED, load_split
 from fedtune.evaluation.rescore import (
+    PREDICTION_FIELDS,
     GenerationFileError,
     QuestionSet,
     RescoredFile,
+    check_prediction_set,
     check_question_set,
     decompress,
     parse_generations,
+    parse_predictions,
     question_set,
+    rescore_predictions,
     rescore_rows,
 )
 from fedtune.evaluation.subjects import (
@@ -160,7 +172,15 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
     track = _text(obj, "track", "", 20, required=False) or GENERAL_NLP
     if track not in TRACKS:
         raise SubmissionError("track", f"must be one of {', '.join(TRACKS)}, got {track!r}")
-    rescored = _generations(obj["generations"]) if "generations" in obj else None
+    if "generations" in obj and "predictions" in obj:
+        raise SubmissionError("predictions", "send generation files or predictions, not both")
+    rescored = (
+        _generations(obj["generations"])
+        if "generations" in obj
+        else _predictions(obj["predictions"])
+        if "predictions" in obj
+        else None
+    )
     scores = _scores(obj.get("scores"), rescored)
     evaluation = _evaluation(obj.get("evaluation"), scores, rescored)
     # What is stored is what the counts give, never the claim (which only had to agree with them
@@ -237,6 +257,7 @@ class _Rescored:
     result: RescoredFile
     sha256: str  # of the file's content (uncompressed)
     stored: bytes  # gzip of the content
+    format: str = "generations"  # or "predictions" (the loglik protocol's per-question letters)
 
 
 @functools.lru_cache(maxsize=len(SCORED_CATEGORIES))
@@ -279,6 +300,67 @@ def rescore_generations(files: Mapping[str, bytes]) -> dict[str, _Rescored]:
     return rescored
 
 
+@functools.lru_cache(maxsize=len(SCORED_CATEGORIES))
+def _test_golds(category: str) -> dict[tuple[str, int], str]:
+    """(subject, row) → gold letter of a category's questions in the shipped MMLU test split."""
+    return {
+        (q.subject, q.index): q.answer
+        for q in load_split(EMBEDDED, "test")
+        if q.category == category
+    }
+
+
+def rescore_predictions_by_category(rows: list[dict[str, Any]], where: str) -> dict[str, _Rescored]:
+    """Per scored category: its questions' predictions checked against the test split and counted;
+    what the store keeps is that category's rows as JSON Lines (gzip). Rows of other categories are
+    checked for form and then left out, as the board scores only three."""
+    rescored: dict[str, _Rescored] = {}
+    for category in SCORED_CATEGORIES:
+        mine = [r for r in rows if SUBJECT_CATEGORY[r["subset"]] == category]
+        try:
+            check_prediction_set(mine, category, _test_golds(category), where)
+        except GenerationFileError as exc:
+            raise SubmissionError(where, str(exc).replace(f"{where}: ", "")) from None
+        content = "".join(
+            json.dumps({k: r[k] for k in PREDICTION_FIELDS}) + "\n" for r in mine
+        ).encode()
+        rescored[category] = _Rescored(
+            result=rescore_predictions(mine, f"{where}.{category}"),
+            sha256=hashlib.sha256(content).hexdigest(),
+            stored=gzip.compress(content, mtime=0),
+            format="predictions",
+        )
+    return rescored
+
+
+def _predictions(value: Any) -> dict[str, _Rescored]:
+    if not isinstance(value, str):
+        raise SubmissionError("predictions", "must be the predictions file in base64 (a string)")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise SubmissionError("predictions", "not valid base64") from None
+    try:
+        rows = parse_predictions(raw, "predictions")
+    except GenerationFileError as exc:
+        raise SubmissionError("predictions", str(exc).replace("predictions: ", "")) from None
+    return rescore_predictions_by_category(rows, "predictions")
+
+
+def _rescore_held(files: Mapping[str, bytes], formats: Mapping[str, str]) -> dict[str, _Rescored]:
+    """Re-score the files the store holds for an entry, each by its format."""
+    if set(formats.values()) == {"predictions"}:
+        rows: list[dict[str, Any]] = []
+        for category in SCORED_CATEGORIES:
+            where = f"predictions.{category}"
+            try:
+                rows += parse_predictions(files.get(category, b""), where)
+            except GenerationFileError as exc:
+                raise SubmissionError(where, str(exc)) from None
+        return rescore_predictions_by_category(rows, "predictions")
+    return rescore_generations(files)
+
+
 def recheck(entry: Entry, files: Mapping[str, bytes]) -> list[str]:
     """Re-score a stored entry from the generation files the store holds for it; the differences
     from what the entry shows (empty when every number is reproduced exactly).
@@ -286,9 +368,12 @@ def recheck(entry: Entry, files: Mapping[str, bytes]) -> list[str]:
     Raises:
         SubmissionError: the held files are no longer valid generation files.
     """
-    rescored = rescore_generations(files)
-    problems = []
     evaluation = entry.details.get("evaluation", {})
+    formats = {
+        c: str(v.get("format", "generations")) for c, v in evaluation.get("rescored", {}).items()
+    }
+    rescored = _rescore_held(files, formats)
+    problems = []
     for category, item in rescored.items():
         shown = getattr(entry, category)
         exact = _rescored_percent(item)
@@ -402,7 +487,15 @@ def _rescored_evaluation(
 ) -> dict[str, Any]:
     """The evaluation of an entry with generation files: every count from the files."""
     protocol = _text(obj, "protocol", "evaluation", MAX_NAME_CHARS, required=False)
-    if protocol not in ("", OFFICIAL_PROTOCOL) or shots not in (None, 0):
+    by_predictions = next(iter(rescored.values())).format == "predictions"
+    if by_predictions:
+        if protocol not in ("", "loglik"):
+            raise SubmissionError(
+                "evaluation.protocol",
+                f"predictions are the 'loglik' protocol's outputs, but the evaluation says "
+                f"{protocol!r}",
+            )
+    elif protocol not in ("", OFFICIAL_PROTOCOL) or shots not in (None, 0):
         raise SubmissionError(
             "evaluation.protocol",
             f"generation files are the official {OFFICIAL_PROTOCOL!r} protocol's zero-shot "
@@ -435,17 +528,19 @@ def _rescored_evaluation(
                 f"claimed {claimed_letters}; the generation files give {letters}",
             )
     return {
-        "protocol": OFFICIAL_PROTOCOL,
+        "protocol": "loglik" if by_predictions else OFFICIAL_PROTOCOL,
         "protocol_version": _text(
             obj, "protocol_version", "evaluation", MAX_NAME_CHARS, required=False
         ),
         "split": "test",
-        "shots": 0,
+        **({"shots": shots} if by_predictions and shots is not None else {}),
+        **({} if by_predictions else {"shots": 0}),
         "subjects": subjects,
         "answer_distribution": letters,
         "extra": _extra(obj.get("extra")),
         "rescored": {
             category: {
+                "format": item.format,
                 "sha256": item.sha256,
                 "rows": item.result.rows,
                 "correct": item.result.correct,

@@ -218,9 +218,12 @@ def create_app(
     def api_generations(request: Request) -> Response:
         entry_id = int(request.path_params["entry_id"])
         category = request.path_params["category"]
-        if _ranked_entry(store, entry_id) is None:
+        found = _ranked_entry(store, entry_id)
+        if found is None:
             return _error(404, f"no entry {entry_id}")
         files = store.generations(entry_id)
+        held = found[0].details.get("evaluation", {}).get("rescored", {}).get(category, {})
+        stem = "predictions" if held.get("format") == "predictions" else "generation"
         if category not in files:
             return _error(404, f"entry {entry_id} has no {category} generation file")
         return Response(
@@ -228,7 +231,7 @@ def create_app(
             media_type="application/gzip",
             headers={
                 "Content-Disposition": (
-                    f'attachment; filename="generation_mmlu_{category}_entry{entry_id}.jsonl.gz"'
+                    f'attachment; filename="{stem}_mmlu_{category}_entry{entry_id}.jsonl.gz"'
                 )
             },
         )

@@ -221,7 +221,12 @@ def _score_source(entry: Entry) -> str:
             f'<code class="hash">sha256 {esc(str(v.get("sha256", ""))[:12])}…</code>'
             for c, v in rescored.items()
         )
-        return f"re-scored by the board from the generation files it holds: {links}"
+        kind = (
+            "the per-question predictions"
+            if any(v.get("format") == "predictions" for v in rescored.values())
+            else "the generation files"
+        )
+        return f"re-scored by the board from {kind} it holds: {links}"
     return {
         "published": "quoted from the published FlowerTune board",
         "verified": "the operators re-evaluated the adapter",
