@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "fedtune.leaderboard.cli",
     "fedtune.report",
     "fedtune.data.cli",
+    "fedtune.federation.local_cli",
 )
 
 

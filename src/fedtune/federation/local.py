@@ -1,0 +1,333 @@
+"""A federation on this machine with Flower's deployment engine: one SuperLink and N SuperNodes as
+separate processes, optionally with TLS and SuperNode authentication — the same pieces, flags and
+files a user runs on separate machines.
+
+`up` generates what is asked for (a CA and server certificate; one P-384 key per node, registered
+with the SuperLink), starts the processes, waits until the SuperLink answers and every node is
+online, and writes:
+- `federation.json`: every process started (role, pid, process group, port, command, log), the
+  address, what is secured — what `down` stops, and nothing else;
+- `flwr-home/config.toml`: the connection `flwr run . NAME` uses (address, TLS root certificate);
+- `certs/`, `keys/`, `logs/`.
+Anything that fails during `up` stops what was already started. `down` sends SIGTERM to each
+process group it recorded (nodes first, then the SuperLink), waits, then SIGKILLs what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedtune.federation.certs import make_node_key, make_tls
+
+STATE_FILE = "federation.json"
+HOST = "127.0.0.1"
+# A node whose SuperLink is gone retries for at most this long, then exits (never forever).
+NODE_MAX_WAIT_S = 600
+
+
+class FederationError(RuntimeError):
+    """The local federation could not be started, or is not in the state asked for."""
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment Flower's processes need: this interpreter's bin on PATH (Flower starts
+    flower-superexec and the apps by name), the connection file, and no runtime installs."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(entry.name)
+    return bool(members)
+
+
+def _start(role: str, name: str, command: list[str], log: Path, env: dict[str, str]) -> dict:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return {"role": role, "name": name, "pid": process.pid, "pgid": process.pid,
+            "command": command, "log": str(log)}  # fmt: skip
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        return " | ".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_health(address: str, ca: Path | None, process: dict, timeout_s: float) -> float:
+    import httpx
+
+    scheme = "https" if ca else "http"
+    started = time.monotonic()
+    while True:
+        try:
+            reply = httpx.get(f"{scheme}://{address}/health", verify=str(ca) if ca else False,
+                              timeout=2)  # fmt: skip
+            if reply.status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        if not _alive(process["pid"]):
+            raise FederationError(f"the SuperLink exited: {_tail(process['log'])}")
+        if time.monotonic() - started > timeout_s:
+            raise FederationError(f"the SuperLink did not answer within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def flwr_cli(args: list[str], env: dict[str, str], timeout_s: float = 60) -> Any:
+    """Run `flwr ARGS --format json` and return its JSON answer.
+
+    Raises:
+        FederationError: it failed, timed out or did not answer JSON.
+    """
+    flwr = str(Path(sys.executable).parent / "flwr")
+    try:
+        done = subprocess.run(
+            [flwr, *args, "--format", "json"], env=env, capture_output=True, text=True,
+            timeout=timeout_s,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise FederationError(f"flwr {' '.join(args)} took over {timeout_s:.0f} s") from exc
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        answer = None
+    if done.returncode != 0 or not isinstance(answer, dict) or not answer.get("success"):
+        detail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        raise FederationError(f"flwr {' '.join(args)} failed: {' | '.join(detail)}")
+    return answer
+
+
+def online_nodes(state: dict, env: dict[str, str] | None = None) -> list[dict]:
+    """The SuperLink's nodes that are online (`flwr supernode ls`)."""
+    env = env or flower_env(Path(state["flwr_home"]))
+    answer = flwr_cli(["supernode", "ls", state["connection"]], env)
+    return [n for n in answer.get("nodes", []) if n.get("status") == "online"]
+
+
+def node_data_files(data_dir: Path, nodes: int) -> list[Path]:
+    """Node i's file of a `fedtune data split` directory, checked to hold a split for `nodes`.
+
+    Raises:
+        FederationError: no split there, or one for another number of nodes.
+    """
+    from fedtune.data.split import MANIFEST, node_file
+
+    try:
+        manifest = json.loads((data_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise FederationError(f"{data_dir} is not a `fedtune data split` directory: {exc}") from exc
+    if manifest.get("num_nodes") != nodes:
+        raise FederationError(
+            f"{data_dir} holds a split for {manifest.get('num_nodes')} nodes, not {nodes}"
+        )
+    return [(data_dir / node_file(i)).resolve() for i in range(nodes)]
+
+
+def read_state(directory: Path) -> dict:
+    """The recorded federation of `directory`.
+
+    Raises:
+        FederationError: none recorded there.
+    """
+    try:
+        return json.loads((directory / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise FederationError(f"no federation recorded in {directory} ({STATE_FILE})") from None
+    except ValueError as exc:
+        raise FederationError(f"{directory / STATE_FILE} is not readable: {exc}") from exc
+
+
+def _write_state(directory: Path, state: dict) -> None:
+    temporary = directory / f".{STATE_FILE}.tmp"
+    temporary.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(temporary, directory / STATE_FILE)
+
+
+def up(
+    directory: Path,
+    nodes: int,
+    *,
+    tls: bool = False,
+    auth: bool = False,
+    data_dir: Path | None = None,
+    connection: str = "local-deployment",
+    timeout_s: float = 90.0,
+) -> dict:
+    """Start a SuperLink and `nodes` SuperNodes on this machine; the recorded state.
+
+    Raises:
+        FederationError: bad arguments, a federation already running in `directory`, or a piece
+            that did not start (everything started is stopped again first).
+    """
+    if nodes < 1:
+        raise FederationError("--nodes must be at least 1")
+    if auth and not tls:
+        raise FederationError("SuperNode authentication needs TLS (--tls)")
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / STATE_FILE).exists():
+        old = read_state(directory)
+        if any(_group_alive(p["pgid"]) for p in old.get("processes", [])):
+            raise FederationError(
+                f"a federation is already running from {directory} (fedtune federation down)"
+            )
+    files = node_data_files(data_dir.resolve(), nodes) if data_dir else [None] * nodes
+    flwr_home = directory / "flwr-home"
+    flwr_home.mkdir(exist_ok=True)
+    env = flower_env(flwr_home)
+    port = free_port()
+    address = f"{HOST}:{port}"
+    ca = make_tls(directory / "certs") if tls else None
+    state: dict[str, Any] = {
+        "address": address, "connection": connection, "flwr_home": str(flwr_home),
+        "tls": tls, "auth": auth, "nodes": nodes, "processes": [],
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    bin_dir = Path(sys.executable).parent
+    try:
+        link = [str(bin_dir / "flower-superlink"), "--host", HOST, "--port", str(port),
+                "--database", str(directory / "superlink.db"),
+                "--disable-runtime-dependency-installation"]  # fmt: skip
+        if ca:
+            link += ["--ssl-ca-certfile", str(ca.ca_cert), "--ssl-certfile",
+                     str(ca.server_cert), "--ssl-keyfile", str(ca.server_key)]  # fmt: skip
+        else:
+            link.append("--insecure")
+        if auth:
+            link.append("--enable-supernode-auth")
+        superlink = _start(
+            "superlink", "superlink", link, directory / "logs" / "superlink.log", env
+        )
+        state["processes"].append(superlink)
+        _write_state(directory, state)
+        state["superlink_ready_s"] = round(
+            _wait_health(address, ca.ca_cert if ca else None, superlink, timeout_s), 2
+        )
+        _write_connection(flwr_home, connection, address, ca.ca_cert if ca else None)
+        for i in range(nodes):
+            name = f"node-{i}"
+            node = [str(bin_dir / "flower-supernode"), "--superlink", address,
+                    "--port", str(free_port()), "--max-wait-time", str(NODE_MAX_WAIT_S)]  # fmt: skip
+            node += ["--root-certificates", str(ca.ca_cert)] if ca else ["--insecure"]
+            if auth:
+                private, public = make_node_key(directory / "keys", name)
+                flwr_cli(["supernode", "register", str(public), connection], env)
+                node += ["--auth-supernode-private-key", str(private)]
+            config = f"partition-id={i} num-partitions={nodes}"
+            if files[i] is not None:
+                config += f' data-path="{files[i]}"'
+            node += ["--node-config", config]
+            started = _start("supernode", name, node, directory / "logs" / f"{name}.log", env)
+            state["processes"].append(started)
+            _write_state(directory, state)
+        nodes_started = time.monotonic()
+        deadline = nodes_started + timeout_s
+        while len(online_nodes(state, env)) < nodes:
+            dead = [p for p in state["processes"] if not _alive(p["pid"])]
+            if dead:
+                raise FederationError(f"{dead[0]['name']} exited: {_tail(dead[0]['log'])}")
+            if time.monotonic() > deadline:
+                raise FederationError(f"not every node came online within {timeout_s:.0f} s")
+            time.sleep(0.5)
+    except BaseException:
+        down(directory)
+        raise
+    state["nodes_online_s"] = round(time.monotonic() - nodes_started, 2)
+    _write_state(directory, state)
+    return state
+
+
+def _write_connection(flwr_home: Path, name: str, address: str, ca: Path | None) -> None:
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
+             f'address = "{address}"', f"insecure = {'false' if ca else 'true'}"]  # fmt: skip
+    if ca:
+        lines.append(f'root-certificates = "{ca}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def down(directory: Path, timeout_s: float = 20.0) -> list[str]:
+    """Stop every process group the federation of `directory` recorded: nodes first, then the
+    SuperLink; SIGTERM, then SIGKILL after `timeout_s`. Returns what was stopped, as text.
+
+    Raises:
+        FederationError: no federation recorded there.
+    """
+    directory = directory.resolve()
+    state = read_state(directory)
+    report = []
+    ordered = sorted(state.get("processes", []), key=lambda p: p["role"] == "superlink")
+    for process in ordered:
+        pgid = process["pgid"]
+        if not _group_alive(pgid):
+            report.append(f"{process['name']} (pid {process['pid']}): not running")
+            continue
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        how = "stopped"
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+            how = f"killed after {timeout_s:.0f} s"
+            while _group_alive(pgid) and time.monotonic() < deadline + 10:
+                time.sleep(0.1)
+        report.append(f"{process['name']} (pid {process['pid']}): {how}")
+    state["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    state["processes"] = []
+    _write_state(directory, state)
+    return report

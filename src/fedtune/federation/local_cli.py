@@ -1,0 +1,96 @@
+"""`fedtune federation up|down|status`: Flower's deployment engine on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = ".fedtune-federation"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "federation",
+        help="a SuperLink and SuperNodes on this machine (Flower's deployment engine)",
+        description="Start, inspect and stop a local federation of separate processes.",
+    )
+    commands = parser.add_subparsers(dest="federation_command", required=True, metavar="COMMAND")
+    up = commands.add_parser("up", help="start a SuperLink and N SuperNodes")
+    up.add_argument("--nodes", type=int, required=True, help="number of SuperNodes")
+    up.add_argument("--tls", action="store_true", help="TLS with a generated CA")
+    up.add_argument(
+        "--auth", action="store_true", help="SuperNode authentication (generated keys; needs --tls)"
+    )
+    up.add_argument(
+        "--data", help="a `fedtune data split` directory: node i trains on its node file"
+    )
+    up.add_argument("--name", default="local-deployment", help="the connection's name for flwr run")
+    up.set_defaults(handler=_up)
+    down = commands.add_parser("down", help="stop exactly what `up` started")
+    down.set_defaults(handler=_down)
+    status = commands.add_parser("status", help="the recorded processes and the online nodes")
+    status.set_defaults(handler=_status)
+    for command in (up, down, status):
+        command.add_argument(
+            "--dir", default=DEFAULT_DIR, help=f"the federation's directory ({DEFAULT_DIR})"
+        )
+
+
+def _up(args: argparse.Namespace) -> int:
+    from fedtune.federation.local import FederationError, up
+
+    try:
+        state = up(
+            Path(args.dir),
+            args.nodes,
+            tls=args.tls,
+            auth=args.auth,
+            data_dir=Path(args.data) if args.data else None,
+            connection=args.name,
+        )
+    except FederationError as exc:
+        print(f"fedtune federation up: error: {exc}", file=sys.stderr)
+        return 2
+    secured = " + ".join(x for x, on in (("TLS", state["tls"]), ("node auth", state["auth"])) if on)
+    print(
+        f"SuperLink {state['address']} ({secured or 'insecure'}), {state['nodes']} SuperNodes "
+        f"online after {state['nodes_online_s']} s; state in {Path(args.dir) / 'federation.json'}"
+    )
+    print(
+        f"run on it:  FLWR_HOME={state['flwr_home']} "
+        f"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . {state['connection']} --stream"
+    )
+    print(f"stop it:    fedtune federation down --dir {args.dir}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from fedtune.federation.local import FederationError, down
+
+    try:
+        for line in down(Path(args.dir)):
+            print(line)
+    except FederationError as exc:
+        print(f"fedtune federation down: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedtune.federation.local import FederationError, _group_alive, online_nodes, read_state
+
+    try:
+        state = read_state(Path(args.dir))
+        for process in state.get("processes", []):
+            alive = "running" if _group_alive(process["pgid"]) else "not running"
+            print(f"{process['name']:10} pid {process['pid']:>7}  {alive}  log {process['log']}")
+        if not state.get("processes"):
+            print(f"stopped at {state.get('stopped_at', '?')}")
+            return 0
+        print(f"{len(online_nodes(state))} of {state['nodes']} nodes online at {state['address']}")
+    except FederationError as exc:
+        print(f"fedtune federation status: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,87 @@
+"""`fedtune federation up/down` on loopback: a SuperLink and SuperNodes as real processes with TLS
+and SuperNode authentication; an unregistered node is refused; `down` leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtune.federation.certs import make_node_key
+from fedtune.federation.local import (
+    FederationError,
+    _group_alive,
+    down,
+    flower_env,
+    free_port,
+    online_nodes,
+    read_state,
+    up,
+)
+
+pytestmark = pytest.mark.integration  # real Flower processes
+
+DEADLINE_S = 60  # every wait in this test is bounded by this
+
+
+def test_up_with_tls_and_auth_refuses_strangers_and_down_leaves_nothing(tmp_path):
+    directory = tmp_path / "federation"
+    state = up(directory, 3, tls=True, auth=True, timeout_s=DEADLINE_S)
+    try:
+        assert [p["role"] for p in state["processes"]] == ["superlink", *["supernode"] * 3]
+        assert state["tls"] and state["auth"] and state["nodes_online_s"] < DEADLINE_S
+        assert len(online_nodes(state)) == 3
+        config = (directory / "flwr-home" / "config.toml").read_text()
+        assert "root-certificates" in config and "insecure = false" in config
+        for i, process in enumerate(state["processes"][1:]):
+            assert f"partition-id={i} num-partitions=3" in " ".join(process["command"])
+        with pytest.raises(FederationError, match="already running"):
+            up(directory, 1, tls=True, auth=True, timeout_s=DEADLINE_S)
+
+        # A node with a key the SuperLink never registered is refused and exits.
+        private, _ = make_node_key(tmp_path / "stranger", "stranger")
+        log = tmp_path / "stranger.log"
+        with open(log, "wb") as handle:
+            stranger = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "flower-supernode"),
+                    "--superlink", state["address"], "--port", str(free_port()),
+                    "--root-certificates", str(directory / "certs" / "ca.crt"),
+                    "--auth-supernode-private-key", str(private),
+                    "--node-config", "partition-id=0 num-partitions=3",
+                ],
+                env=flower_env(directory / "flwr-home"),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            code = stranger.wait(timeout=DEADLINE_S)
+        finally:  # its SuperExec child too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(stranger.pid, signal.SIGKILL)
+            stranger.wait()
+        assert code != 0 and "Failed to activate SuperNode" in log.read_text(errors="replace")
+        assert len(online_nodes(state)) == 3
+    finally:
+        report = down(directory)
+    assert len(report) == 4 and all(line.endswith("stopped") for line in report)
+    for process in state["processes"]:
+        assert not _group_alive(process["pgid"]), process["name"]
+    assert read_state(directory)["processes"] == []
+    assert down(directory) == []  # nothing left to stop
+
+
+def test_up_refuses_bad_requests_and_starts_nothing(tmp_path):
+    with pytest.raises(FederationError, match="needs TLS"):
+        up(tmp_path / "a", 2, auth=True)
+    with pytest.raises(FederationError, match="at least 1"):
+        up(tmp_path / "b", 0)
+    with pytest.raises(FederationError, match="not a `fedtune data split` directory"):
+        up(tmp_path / "c", 2, data_dir=tmp_path / "nowhere")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing started
