@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,23 +199,34 @@ def check_question_set(
 
 def rescore_rows(rows: Sequence[Mapping[str, str]], path: str = "") -> RescoredFile:
     """Score generation rows with the official parser (see `read_generations` for the format)."""
+    return _tally(
+        (
+            (row["subset"], is_correct(row["output"], row["gold"]),
+             predicted_letter(row["output"]) or "none")
+            for row in rows
+        ),
+        path,
+    )  # fmt: skip
+
+
+def _tally(verdicts: Iterable[tuple[str, bool, str]], path: str) -> RescoredFile:
+    """(subject, right?, letter read or "none") per row → the counts of a `RescoredFile`."""
     subjects: dict[str, list[int]] = {}
     letters: Counter[str] = Counter()
-    correct = 0
-    for row in rows:
-        ok = is_correct(row["output"], row["gold"])
-        correct += ok
-        cell = subjects.setdefault(row["subset"], [0, 0])
+    for subject, ok, letter in verdicts:
+        cell = subjects.setdefault(subject, [0, 0])
         cell[0] += 1
         cell[1] += ok
-        letters[predicted_letter(row["output"]) or "none"] += 1
+        letters[letter] += 1
+    rows = sum(n for n, _ in subjects.values())
+    correct = sum(c for _, c in subjects.values())
     categories = {SUBJECT_CATEGORY[s] for s in subjects}
     return RescoredFile(
         path=path,
         category=categories.pop() if len(categories) == 1 else None,
-        rows=len(rows),
+        rows=rows,
         correct=correct,
-        accuracy=correct / len(rows),
+        accuracy=correct / rows,
         subjects={s: (n, c) for s, (n, c) in subjects.items()},
         predicted_letters={k: letters[k] for k in ("A", "B", "C", "D", "none")},
     )
@@ -311,22 +322,4 @@ def check_prediction_set(
 
 def rescore_predictions(rows: Sequence[Mapping[str, Any]], path: str = "") -> RescoredFile:
     """Count predictions that equal the gold letter, per subject and in all."""
-    subjects: dict[str, list[int]] = {}
-    letters: Counter[str] = Counter()
-    for row in rows:
-        ok = row["predicted"] == row["gold"]
-        cell = subjects.setdefault(row["subset"], [0, 0])
-        cell[0] += 1
-        cell[1] += ok
-        letters[row["predicted"]] += 1
-    correct = sum(c for _, c in subjects.values())
-    categories = {SUBJECT_CATEGORY[s] for s in subjects}
-    return RescoredFile(
-        path=path,
-        category=categories.pop() if len(categories) == 1 else None,
-        rows=len(rows),
-        correct=correct,
-        accuracy=correct / len(rows),
-        subjects={s: (n, c) for s, (n, c) in subjects.items()},
-        predicted_letters={k: letters[k] for k in ("A", "B", "C", "D", "none")},
-    )
+    return _tally(((r["subset"], r["predicted"] == r["gold"], r["predicted"]) for r in rows), path)

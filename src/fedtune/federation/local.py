@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.federation.certs import make_node_key, make_tls
+from fedtune.rundir import process_alive
 
 STATE_FILE = "federation.json"
 HOST = "127.0.0.1"
@@ -59,12 +60,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a zombie (exited, not yet reaped) is not alive
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
