@@ -125,6 +125,8 @@ def main() -> None:
         f"strategy.clients-per-round={args.clients_per_round}",
         f"train.local-steps={args.local_steps}",
         f"train.seq-length={args.seq_length}",
+        # Bytes-to-target needs the held-out loss after every round.
+        "eval.heldout-every-rounds=1",
         f"run.output-dir={out}",
         *args.set,
     ]

@@ -54,6 +54,7 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
         "federation.num-clients=3",
         "strategy.clients-per-round=3",
         "num-server-rounds=2",
+        "eval.heldout-every-rounds=1",
         "train.local-steps=2",
         "train.batch-size=2",
         "train.seq-length=64",

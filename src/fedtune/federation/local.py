@@ -149,11 +149,16 @@ def flwr_cli(args: list[str], env: dict[str, str], timeout_s: float = 60) -> Any
     return answer
 
 
-def online_nodes(state: dict, env: dict[str, str] | None = None) -> list[dict]:
-    """The SuperLink's nodes that are online (`flwr supernode ls`)."""
+def node_statuses(state: dict, env: dict[str, str] | None = None) -> dict[int, str]:
+    """node id → status (online, offline, registered …) as the SuperLink reports it."""
     env = env or flower_env(Path(state["flwr_home"]))
     answer = flwr_cli(["supernode", "ls", state["connection"]], env)
-    return [n for n in answer.get("nodes", []) if n.get("status") == "online"]
+    return {int(n["node-id"]): str(n.get("status")) for n in answer.get("nodes", [])}
+
+
+def online_nodes(state: dict, env: dict[str, str] | None = None) -> list[int]:
+    """The ids of the SuperLink's nodes that are online (`flwr supernode ls`)."""
+    return sorted(n for n, status in node_statuses(state, env).items() if status == "online")
 
 
 def node_data_files(data_dir: Path, nodes: int) -> list[Path]:
@@ -261,15 +266,19 @@ def up(
             node = [str(bin_dir / "flower-supernode"), "--superlink", address,
                     "--port", str(free_port()), "--max-wait-time", str(NODE_MAX_WAIT_S)]  # fmt: skip
             node += ["--root-certificates", str(ca.ca_cert)] if ca else ["--insecure"]
+            node_id = None
             if auth:
                 private, public = make_node_key(directory / "keys", name)
-                flwr_cli(["supernode", "register", str(public), connection], env)
+                answer = flwr_cli(["supernode", "register", str(public), connection], env)
+                node_id = int(answer["node-id"])
                 node += ["--auth-supernode-private-key", str(private)]
             config = f"partition-id={i} num-partitions={nodes}"
             if files[i] is not None:
                 config += f' data-path="{files[i]}"'
             node += ["--node-config", config]
             started = _start("supernode", name, node, directory / "logs" / f"{name}.log", env)
+            if node_id is not None:
+                started["node_id"] = node_id
             state["processes"].append(started)
             _write_state(directory, state)
         nodes_started = time.monotonic()
@@ -287,6 +296,58 @@ def up(
     state["nodes_online_s"] = round(time.monotonic() - nodes_started, 2)
     _write_state(directory, state)
     return state
+
+
+def restart_node(directory: Path, name: str, timeout_s: float = 180.0) -> dict:
+    """Start a recorded SuperNode again that is no longer running (same command, key, data and
+    log) and wait until it is online; its updated record.
+
+    With authentication the SuperLink refuses a node's key while it still counts the old
+    session as online (Flower marks a silent node offline within about 60 s), so the restart
+    first waits for that. Every wait is bounded by `timeout_s`.
+
+    Raises:
+        FederationError: no such node, it is still running, or it did not come back in time.
+    """
+    directory = directory.resolve()
+    state = read_state(directory)
+    found = [
+        p for p in state.get("processes", []) if p["name"] == name and p["role"] == "supernode"
+    ]
+    if not found:
+        known = ", ".join(p["name"] for p in state.get("processes", []) if p["role"] == "supernode")
+        raise FederationError(f"no node {name!r} in {directory} (nodes: {known or 'none'})")
+    process = found[0]
+    if _group_alive(process["pgid"]):
+        raise FederationError(f"{name} is still running (pid {process['pid']})")
+    env = flower_env(Path(state["flwr_home"]))
+    started = time.monotonic()
+    deadline = started + timeout_s
+    node_id = process.get("node_id")
+    if node_id is not None:
+        while node_statuses(state, env).get(node_id) == "online":
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"the SuperLink still counts {name} (node {node_id}) as online after "
+                    f"{timeout_s:.0f} s; it refuses the key until then"
+                )
+            time.sleep(1.0)
+    before = set(online_nodes(state, env))
+    fresh = _start("supernode", name, process["command"], Path(process["log"]), env)
+    process.update(pid=fresh["pid"], pgid=fresh["pgid"], restarts=process.get("restarts", 0) + 1)
+    _write_state(directory, state)
+    while True:
+        online = set(online_nodes(state, env))
+        if (node_id in online) if node_id is not None else bool(online - before):
+            break
+        if not _alive(process["pid"]):
+            raise FederationError(f"{name} exited again: {_tail(process['log'])}")
+        if time.monotonic() > deadline:
+            raise FederationError(f"{name} did not come online within {timeout_s:.0f} s")
+        time.sleep(0.5)
+    process["rejoined_s"] = round(time.monotonic() - started, 2)
+    _write_state(directory, state)
+    return process
 
 
 def _write_connection(flwr_home: Path, name: str, address: str, ca: Path | None) -> None:

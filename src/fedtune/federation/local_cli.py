@@ -32,7 +32,15 @@ def register(subparsers: Any) -> None:
     down.set_defaults(handler=_down)
     status = commands.add_parser("status", help="the recorded processes and the online nodes")
     status.set_defaults(handler=_status)
-    for command in (up, down, status):
+    restart = commands.add_parser(
+        "restart", help="start a node that died again (same key, data and log) and wait for it"
+    )
+    restart.add_argument("node", help="the node's name, e.g. node-1 (see `status`)")
+    restart.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds to wait for it to be online (180)"
+    )
+    restart.set_defaults(handler=_restart)
+    for command in (up, down, status, restart):
         command.add_argument(
             "--dir", default=DEFAULT_DIR, help=f"the federation's directory ({DEFAULT_DIR})"
         )
@@ -85,7 +93,10 @@ def _status(args: argparse.Namespace) -> int:
         state = read_state(Path(args.dir))
         for process in state.get("processes", []):
             alive = "running" if _group_alive(process["pgid"]) else "not running"
-            print(f"{process['name']:10} pid {process['pid']:>7}  {alive}  log {process['log']}")
+            node = f"  node id {process['node_id']}" if "node_id" in process else ""
+            print(
+                f"{process['name']:10} pid {process['pid']:>7}  {alive}{node}  log {process['log']}"
+            )
         if not state.get("processes"):
             print(f"stopped at {state.get('stopped_at', '?')}")
             return 0
@@ -93,4 +104,17 @@ def _status(args: argparse.Namespace) -> int:
     except FederationError as exc:
         print(f"fedtune federation status: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _restart(args: argparse.Namespace) -> int:
+    from fedtune.federation.local import FederationError, restart_node
+
+    print(f"restarting {args.node} (up to {args.timeout:.0f} s) …", file=sys.stderr, flush=True)
+    try:
+        process = restart_node(Path(args.dir), args.node, timeout_s=args.timeout)
+    except FederationError as exc:
+        print(f"fedtune federation restart: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.node} online again after {process['rejoined_s']} s (pid {process['pid']})")
     return 0

@@ -1,0 +1,145 @@
+"""A node's death on Flower's deployment engine, across real processes with TLS and SuperNode
+authentication: a SuperNode is SIGKILLed while it holds a training message; the round completes on
+the survivors within the round timeout, later rounds go on, the node is restarted with its own key
+and rejoins, and a later round trains it again. Every wait has a hard deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedtune.federation.local import _group_alive, down, flower_env, restart_node, up
+
+pytestmark = pytest.mark.integration  # real Flower processes; runs in CI
+
+ROOT = Path(__file__).resolve().parents[2]
+ROUND_TIMEOUT_S = 30  # a silent node's reply is given up after this
+RUN_DEADLINE_S = 600  # the whole run, kill and rejoin included
+ROUNDS = 6
+
+
+def _members(pgid: int) -> list[str]:
+    """Command lines of the live processes in a process group."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(cmdline)
+    return found
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _wait(predicate, deadline: float, what: str, run: subprocess.Popen) -> None:
+    while not predicate():
+        if run.poll() is not None:
+            raise AssertionError(f"the run ended before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_node_killed_mid_round_survivors_finish_and_it_rejoins(tmp_path, tiny_model_dir):
+    directory = tmp_path / "federation"
+    state = up(directory, 3, tls=True, auth=True, timeout_s=60)
+    out = tmp_path / "runs"
+    run_dir = out / "deploy"
+    run_config = " ".join(
+        [
+            f"num-server-rounds={ROUNDS}",
+            f"model.name='{tiny_model_dir}'",
+            "model.lora.peft-lora-r=4",
+            "train.training-arguments.max-steps=1",
+            "train.training-arguments.per-device-train-batch-size=2",
+            "train.seq-length=64",
+            "federation.num-clients=3",
+            "strategy.clients-per-round=3",
+            "strategy.min-clients=2",
+            f"strategy.round-timeout-s={ROUND_TIMEOUT_S}",
+            "strategy.node-wait-s=90",
+            "eval.probe-examples=2",
+            "data.heldout-examples=8",
+            f"run.output-dir='{out}'",
+            "run.name='deploy'",
+        ]
+    )
+    log = tmp_path / "flwr-run.log"
+    env = flower_env(Path(state["flwr_home"]))
+    victim = next(p for p in state["processes"] if p["name"] == "node-1")
+    started = time.monotonic()
+    deadline = started + RUN_DEADLINE_S
+    with open(log, "wb") as handle:
+        run = subprocess.Popen(
+            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), state["connection"],
+             "--stream", "--run-config", run_config],
+            env=env, cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        # After round 1, wait for node-1 to hold a message: its ClientApp process is running.
+        _wait(lambda: len(_lines(run_dir / "metrics.jsonl")) >= 1, deadline, "round 1", run)
+        _wait(
+            lambda: any("flwr-clientapp" in c for c in _members(victim["pgid"])),
+            deadline,
+            "node-1's ClientApp",
+            run,
+        )
+        killed_in = len(_lines(run_dir / "metrics.jsonl")) + 1
+        os.killpg(victim["pgid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _wait(lambda: not _group_alive(victim["pgid"]), deadline, "node-1 to die", run)
+
+        rejoined = restart_node(directory, "node-1", timeout_s=180)
+        rejoined_after = time.monotonic() - killed_at
+
+        code = run.wait(timeout=max(deadline - time.monotonic(), 1))
+        finished_after = time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        recorded = json.loads((directory / "federation.json").read_text())["processes"]
+        report = down(directory)
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "completed", summary
+    metrics = _lines(run_dir / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == list(range(1, ROUNDS + 1))
+    assert all(m["clients"] >= 2 for m in metrics)  # strategy.min-clients
+    clients = _lines(run_dir / "clients.jsonl")
+    # The round node-1 died in: its reply is given up, the survivors are aggregated.
+    lost = [c for c in clients if c["round"] == killed_in and c["partition_id"] == 1]
+    assert lost and "problem" in lost[-1], lost
+    assert metrics[killed_in - 1]["clients"] == 2
+    # No round waited longer than its bounds (round timeout + node wait, with start-up slack).
+    assert finished_after < RUN_DEADLINE_S
+    # Restarted with its own key, under its own node id, and trained again in a later round.
+    assert rejoined["restarts"] == 1 and rejoined_after < 180
+    again = [
+        c
+        for c in clients
+        if c["round"] > killed_in and c["partition_id"] == 1 and "problem" not in c
+    ]
+    assert again, f"node-1 never trained after rejoining ({rejoined_after:.0f} s after its death)"
+    assert len(report) == 4 and all(line.endswith("stopped") for line in report), report
+    for process in recorded:
+        assert not _group_alive(process["pgid"]), process["name"]
