@@ -143,3 +143,11 @@ def test_node_killed_mid_round_survivors_finish_and_it_rejoins(tmp_path, tiny_mo
     assert len(report) == 4 and all(line.endswith("stopped") for line in report), report
     for process in recorded:
         assert not _group_alive(process["pgid"]), process["name"]
+    # Warm nodes: each survivor's worker loaded the model once and answered every message.
+    for name in ("node-0", "node-2"):
+        lines = [
+            x
+            for x in (directory / "logs" / f"{name}.log").read_text().splitlines()
+            if "fedtune node worker: message" in x
+        ]
+        assert len(lines) >= ROUNDS and lines[-1].endswith("model loaded 1 time(s)"), lines[-3:]

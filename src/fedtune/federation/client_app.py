@@ -48,6 +48,7 @@ class ClientWorker:
 
 
 _WORKER: dict[str, ClientWorker] = {}
+MODEL_LOADS = [0]  # base models this process has loaded (a warm node worker reports it)
 
 
 def _model_key(config: RunConfig) -> tuple[Any, ...]:
@@ -81,6 +82,7 @@ def get_worker(config: RunConfig) -> ClientWorker:
     )
     worker = ClientWorker(key, peft_model, tokenizer, device)
     _WORKER["worker"] = worker
+    MODEL_LOADS[0] += 1
     return worker
 
 
@@ -316,13 +318,24 @@ def describe_node(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({NODE: record}), reply_to=msg)
 
 
+def _warm(msg: Message, context: Context) -> Message | None:
+    """The reply of this node's warm worker when its node config names one (`worker-socket`)."""
+    path = context.node_config.get("worker-socket")
+    if not path:
+        return None
+    from fedtune.federation.node_worker import forward
+
+    timeout = run_config(msg).federation.round_timeout_s
+    return cast(Message, forward(str(path), msg, context, timeout_s=timeout))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Flower entry point for train messages."""
-    return local_train(msg, context)
+    return _warm(msg, context) or local_train(msg, context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Flower entry point for query messages (node discovery)."""
-    return describe_node(msg, context)
+    return _warm(msg, context) or describe_node(msg, context)

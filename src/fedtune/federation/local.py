@@ -15,12 +15,15 @@ process group it recorded (nodes first, then the SuperLink), waits, then SIGKILL
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -209,8 +212,13 @@ def up(
     data_dir: Path | None = None,
     connection: str = "local-deployment",
     timeout_s: float = 90.0,
+    warm: bool = True,
 ) -> dict:
     """Start a SuperLink and `nodes` SuperNodes on this machine; the recorded state.
+
+    With `warm`, each SuperNode runs beside a node worker (`fedtune federation worker`, in the
+    node's process group) that keeps the model and data across messages; the node config's
+    `worker-socket` tells fedtune's ClientApp where it listens.
 
     Raises:
         FederationError: bad arguments, a federation already running in `directory`, or a piece
@@ -237,7 +245,7 @@ def up(
     ca = make_tls(directory / "certs") if tls else None
     state: dict[str, Any] = {
         "address": address, "connection": connection, "flwr_home": str(flwr_home),
-        "tls": tls, "auth": auth, "nodes": nodes, "processes": [],
+        "tls": tls, "auth": auth, "warm": warm, "nodes": nodes, "processes": [],
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     bin_dir = Path(sys.executable).parent
@@ -275,7 +283,11 @@ def up(
             config = f"partition-id={i} num-partitions={nodes}"
             if files[i] is not None:
                 config += f' data-path="{files[i]}"'
+            if warm:
+                config += f' worker-socket="{worker_socket(directory, name)}"'
             node += ["--node-config", config]
+            if warm:
+                node = with_worker(node, worker_socket(directory, name))
             started = _start("supernode", name, node, directory / "logs" / f"{name}.log", env)
             if node_id is not None:
                 started["node_id"] = node_id
@@ -348,6 +360,24 @@ def restart_node(directory: Path, name: str, timeout_s: float = 180.0) -> dict:
     process["rejoined_s"] = round(time.monotonic() - started, 2)
     _write_state(directory, state)
     return process
+
+
+def worker_socket(directory: Path, name: str) -> Path:
+    """Where node `name`'s worker listens: in the federation's directory, or under the system's
+    temporary directory when that path would pass the ~100-byte limit of Unix socket paths."""
+    path = directory / "sockets" / f"{name}.sock"
+    if len(str(path)) > 100:
+        digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"fedtune-{digest}" / f"{name}.sock"
+    return path
+
+
+def with_worker(supernode: list[str], socket_path: Path) -> list[str]:
+    """A command that starts the node worker in the background, then becomes the SuperNode
+    (`exec`): both in one process group, so stopping or killing the node stops both."""
+    worker = [sys.executable, "-m", "fedtune.cli", "federation", "worker", "--socket"]
+    script = " ".join(shlex.quote(x) for x in worker) + ' "$0" & exec "$@"'
+    return ["/bin/sh", "-c", script, str(socket_path), *supernode]
 
 
 def _write_connection(flwr_home: Path, name: str, address: str, ca: Path | None) -> None:

@@ -27,6 +27,11 @@ def register(subparsers: Any) -> None:
         "--data", help="a `fedtune data split` directory: node i trains on its node file"
     )
     up.add_argument("--name", default="local-deployment", help="the connection's name for flwr run")
+    up.add_argument(
+        "--cold",
+        action="store_true",
+        help="no node workers: each message's ClientApp process loads the model itself",
+    )
     up.set_defaults(handler=_up)
     down = commands.add_parser("down", help="stop exactly what `up` started")
     down.set_defaults(handler=_down)
@@ -40,6 +45,14 @@ def register(subparsers: Any) -> None:
         "--timeout", type=float, default=180.0, help="seconds to wait for it to be online (180)"
     )
     restart.set_defaults(handler=_restart)
+    worker = commands.add_parser(
+        "worker",
+        help="a node's warm worker (model and data kept across messages) on a Unix socket",
+        description="Serve fedtune's ClientApp for one SuperNode whose node config names "
+        "worker-socket=PATH; runs until stopped. `up` starts one per node unless --cold.",
+    )
+    worker.add_argument("--socket", required=True, help="the Unix socket path to listen on")
+    worker.set_defaults(handler=_worker)
     for command in (up, down, status, restart):
         command.add_argument(
             "--dir", default=DEFAULT_DIR, help=f"the federation's directory ({DEFAULT_DIR})"
@@ -57,13 +70,16 @@ def _up(args: argparse.Namespace) -> int:
             auth=args.auth,
             data_dir=Path(args.data) if args.data else None,
             connection=args.name,
+            warm=not args.cold,
         )
     except FederationError as exc:
         print(f"fedtune federation up: error: {exc}", file=sys.stderr)
         return 2
+    warm = "warm node workers" if state["warm"] else "cold ClientApps"
     secured = " + ".join(x for x, on in (("TLS", state["tls"]), ("node auth", state["auth"])) if on)
     print(
         f"SuperLink {state['address']} ({secured or 'insecure'}), {state['nodes']} SuperNodes "
+        f"({warm}) "
         f"online after {state['nodes_online_s']} s; state in {Path(args.dir) / 'federation.json'}"
     )
     print(
@@ -117,4 +133,23 @@ def _restart(args: argparse.Namespace) -> int:
         print(f"fedtune federation restart: error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.node} online again after {process['rejoined_s']} s (pid {process['pid']})")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from fedtune.federation.node_worker import WorkerError, serve
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        serve(Path(args.socket))
+    except WorkerError as exc:
+        print(f"fedtune federation worker: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
