@@ -190,3 +190,34 @@ def test_embedded_smollm2_one_round(tmp_path, embedded_source):
     # SmolLM2-135M, LoRA r=8 on q,v over 30 layers: 30 × (8·576 + 576·8 + 8·576 + 192·8) = 460,800.
     assert sum(t.numel() for t in state.values()) == 460_800
     assert all(t.dtype == torch.float32 for t in state.values())
+
+
+@pytest.mark.slow
+def test_local_dp_stops_before_passing_its_epsilon(tmp_path, tiny_model_dir):
+    # σ = 2 over 3 clients, no amplification: ε = 3.19 after two releases, 4.01 after three.
+    done, run_dir = fedtune_run(
+        tmp_path,
+        f"model.name={tiny_model_dir}",
+        "federation.num-clients=3",
+        "strategy.clients-per-round=3",
+        "num-server-rounds=4",
+        "train.local-steps=1",
+        "train.batch-size=1",
+        "train.seq-length=64",
+        "dp.clipping-norm=0.1",
+        "dp.noise-multiplier=2.0",
+        "dp.noise=client",
+        "dp.max-epsilon=3.5",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopping before round 3: its release would take ε to 4.011" in done.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "stopped-privacy-budget" and summary["rounds_completed"] == 2
+    privacy = summary["privacy"]
+    assert privacy["noise"] == "client" and privacy["releases"] == [3, 3]
+    assert privacy["epsilon"] == pytest.approx(3.189, abs=1e-3) and privacy["epsilon"] <= 3.5
+    # Local DP: the server is told no unnoised norm; every update it saw carries σ·C noise, so
+    # its distance from the global is far above the clipping norm.
+    clients = [json.loads(x) for x in (run_dir / "clients.jsonl").read_text().splitlines()]
+    assert clients and all("dp_update_norm" not in c for c in clients)
+    assert all(c["update_norm"] > 0.1 for c in clients)

@@ -302,6 +302,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DpConfig:
+    clipping_norm: float = _key(
+        "dp.clipping-norm",
+        "Client-level differential privacy: each client update (adapter after training minus "
+        "the global received) is clipped to this L2 norm; 0 turns DP off.",
+    )
+    noise_multiplier: float = _key(
+        "dp.noise-multiplier",
+        "Gaussian noise standard deviation as a multiple of dp.clipping-norm (σ); 0 clips "
+        "without noise (ε is then infinite).",
+    )
+    noise: str = _key(
+        "dp.noise",
+        "Who adds the noise: server (central DP: σ·C/n on the mean of n clipped updates) or "
+        "client (local DP: σ·C on each clipped update, before the uplink).",
+    )
+    delta: float = _key("dp.delta", "The δ at which ε is reported.")
+    accounting: str = _key(
+        "dp.accounting",
+        "RDP accounting without amplification (no-amplification: every client counted in "
+        "every round) or with amplification by uniform sampling (without-replacement).",
+    )
+    max_epsilon: float = _key(
+        "dp.max-epsilon", "Stop before a round whose release would pass this ε; 0: no limit."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.clipping_norm > 0
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     probe_examples: int = _key(
         "eval.probe-examples",
@@ -353,6 +385,7 @@ class RunConfig:
     strategy: StrategyConfig
     validate: ValidateConfig
     compress: CompressConfig
+    dp: DpConfig
     train: TrainConfig
     eval: EvalConfig
     run: RunSettings
@@ -385,6 +418,7 @@ _SECTIONS = {
     "strategy": StrategyConfig,
     "validate": ValidateConfig,
     "compress": CompressConfig,
+    "dp": DpConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "run": RunSettings,
@@ -448,6 +482,12 @@ DEFAULTS: dict[str, Any] = {
     "compress.block-size": 64,
     "compress.stochastic-rounding": False,
     "compress.error-feedback": False,
+    "dp.clipping-norm": 0.0,
+    "dp.noise-multiplier": 0.0,
+    "dp.noise": "server",
+    "dp.delta": 1e-5,
+    "dp.accounting": "no-amplification",
+    "dp.max-epsilon": 0.0,
     "train.learning-rate-max": 2e-3,
     "train.learning-rate-min": 2e-4,
     "train.seq-length": 256,
@@ -726,6 +766,7 @@ def validate(config: RunConfig) -> None:
     _require(fed.round_timeout_s > 0, "strategy.round-timeout-s", "must be > 0")
     _validate_strategy(config)
     _validate_compress(config)
+    _validate_dp(config)
     _require(t.learning_rate_max > 0, "train.learning-rate-max", "must be > 0")
     _require(
         0 <= t.learning_rate_min <= t.learning_rate_max,
@@ -802,6 +843,51 @@ def codec_specs(config: RunConfig) -> tuple[Any, Any]:
 def _validate_compress(config: RunConfig) -> None:
     _require(config.compress.block_size >= 1, "compress.block-size", "must be >= 1")
     codec_specs(config)
+
+
+def _validate_dp(config: RunConfig) -> None:
+    from fedtune.federation.privacy import ACCOUNTING, NOISE_MODES
+
+    dp = config.dp
+    _require(dp.clipping_norm >= 0, "dp.clipping-norm", "must be >= 0 (0 = no DP)")
+    _require(dp.noise_multiplier >= 0, "dp.noise-multiplier", "must be >= 0")
+    _require(dp.noise in NOISE_MODES, "dp.noise", f"must be one of {', '.join(NOISE_MODES)}")
+    _require(0 < dp.delta < 1, "dp.delta", f"must be in (0, 1), got {dp.delta}")
+    _require(
+        dp.accounting in ACCOUNTING,
+        "dp.accounting",
+        f"must be one of {', '.join(ACCOUNTING)}, got {dp.accounting!r}",
+    )
+    _require(dp.max_epsilon >= 0, "dp.max-epsilon", "must be >= 0 (0 = no limit)")
+    if not dp.enabled:
+        _require(
+            dp.noise_multiplier == 0,
+            "dp.noise-multiplier",
+            "needs dp.clipping-norm > 0 (the noise is scaled to the clipping norm)",
+        )
+        return
+    _require(
+        config.strategy.name in ("fedavg", "fedprox"),
+        "dp.clipping-norm",
+        "DP averages clipped updates with equal weights: it needs strategy.name fedavg or "
+        f"fedprox, got {config.strategy.name!r}",
+    )
+    _require(
+        not config.compress.error_feedback,
+        "dp.clipping-norm",
+        "error feedback adds earlier rounds' unclipped residuals to an update: turn "
+        "compress.error-feedback off with DP",
+    )
+    _require(
+        dp.accounting == "no-amplification" or dp.noise == "server",
+        "dp.accounting",
+        "amplification by sampling applies to central noise only (dp.noise=server)",
+    )
+    _require(
+        dp.max_epsilon == 0 or dp.noise_multiplier > 0,
+        "dp.max-epsilon",
+        "needs dp.noise-multiplier > 0 (without noise ε is infinite)",
+    )
 
 
 def _validate_strategy(config: RunConfig) -> None:

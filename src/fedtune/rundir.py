@@ -45,7 +45,7 @@ CHECKPOINTS_DIR = "checkpoints"
 RESUME_POINTER = "resume-point"  # under checkpoints/: the name of the current resume point
 
 # How a run ended. Finished runs can be evaluated and submitted; the others can be resumed.
-FINISHED_STATES = ("completed", "stopped-budget")
+FINISHED_STATES = ("completed", "stopped-budget", "stopped-privacy-budget")
 ENDED_STATES = (*FINISHED_STATES, "failed", "interrupted", "terminated")
 # States a live process writes; with a dead pid they mean the run was killed.
 LIVE_STATES = ("created", "resuming", "running")

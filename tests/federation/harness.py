@@ -40,6 +40,12 @@ SETUPS: dict[str, tuple[str, ...]] = {
         "model.lora.client-ranks=4,8",
         "compress.uplink=delta,int8",
     ),
+    # Client-level DP with the server's noise over an int8 uplink: clipped updates, seeded noise.
+    "dp-central": (
+        "dp.clipping-norm=0.02",
+        "dp.noise-multiplier=0.5",
+        "compress.uplink=delta,int8",
+    ),
     "fedadam-compressed": (
         "strategy.name=fedadam",
         "compress.downlink=int8",

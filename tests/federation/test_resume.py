@@ -51,6 +51,7 @@ def _resume(tmp_path, name, model_dir, reference):
         ("mid-round", "flexlora"),
         ("between-rounds", "scaffold-ffa"),
         ("in-checkpoint", "fedadam-compressed"),
+        ("between-rounds", "dp-central"),
     ],
 )
 def test_sigkill_then_resume(where, setup, reference_run, tiny_model_dir_module, tmp_path):
@@ -223,3 +224,30 @@ def test_flexlora_clients_train_at_their_ranks_and_the_global_is_a_peft_adapter(
     report = json.loads((run_dir / "partitions.json").read_text())
     assert report["num_partitions"] == 4 and len(report["sizes"]) == 4
     assert (run_dir / "partitions.png").exists()
+
+
+def test_dp_clips_noises_and_accounts_each_release(reference_run):
+    from types import SimpleNamespace
+
+    from fedtune.federation.privacy import privacy_spent
+
+    run_dir = reference_run("dp-central")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    privacy = summary["privacy"]
+    assert privacy["noise"] == "server" and privacy["clipping_norm"] == 0.02
+    assert privacy["noise_multiplier"] == 0.5 and privacy["delta"] == 1e-5
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert privacy["releases"] == [m["clients"] for m in metrics] and len(metrics) == 5
+    # ε grows with each release and is the accountant's for these releases, recomputed here.
+    epsilons = [m["dp_epsilon"] for m in metrics]
+    assert all(a < b for a, b in zip(epsilons, epsilons[1:], strict=False))
+    dp = SimpleNamespace(**{k: privacy[k] for k in ("noise", "noise_multiplier", "clipping_norm",
+                                                    "delta", "accounting")})  # fmt: skip
+    releases = [m["clients"] for m in metrics]
+    assert privacy["epsilon"] == epsilons[-1] == privacy_spent(dp, 4, releases)["epsilon"]
+    # Every client reported its norm before clipping; the clipping bound held for every update
+    # the server accepted (its norm is measured after decoding, before the server's re-clip).
+    clients = [c for c in read_jsonl(run_dir / "clients.jsonl") if "problem" not in c]
+    assert clients and all(c["dp_update_norm"] > 0 for c in clients)
+    assert any(c["dp_update_norm"] > 0.02 for c in clients)  # the bound was binding
+    assert all(c["update_norm"] <= 0.02 * 1.01 for c in clients)  # int8 rounding's margin

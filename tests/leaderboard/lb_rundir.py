@@ -90,6 +90,7 @@ def make_run_dir(
     answer: Answer | None = None,
     evaluate: bool = True,
     seed: int = 0,
+    privacy: dict[str, Any] | None = None,
 ) -> Path:
     """A finished run with a ledger, an adapter and (with `evaluate`) a complete evaluation."""
     run = root / name
@@ -152,6 +153,7 @@ def make_run_dir(
             "final_train_loss": metrics[-1]["train_loss"],
             "adapter": "adapter",
             "adapter_sha256": sha,
+            "privacy": privacy,
         },
     )
     if evaluate:

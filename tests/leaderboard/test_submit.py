@@ -317,3 +317,24 @@ def test_a_loglik_evaluation_is_submitted_with_its_predictions_and_recounted(
     assert entry.ranked and entry.details["evaluation"]["protocol"] == "loglik"
     # Always C scores exactly the always-C reference row.
     assert round(entry.average, 2) == 25.72
+
+
+def test_a_dp_run_shows_its_recomputed_privacy_on_the_entry(tmp_path, data_dir, capsys):
+    from types import SimpleNamespace
+
+    from fedtune.federation.privacy import privacy_spent
+
+    dp = SimpleNamespace(noise="server", noise_multiplier=0.8, clipping_norm=0.1, delta=1e-5,
+                         accounting="no-amplification")  # fmt: skip
+    spent = privacy_spent(dp, 20, [2, 2, 2])
+    run = make_run_dir(tmp_path, answer=always("D"), privacy=spent)
+    assert submit(run, data_dir, "--track", "open") == 0
+    capsys.readouterr()
+    privacy = Store.in_dir(data_dir).get(20).details["setup"]["privacy"]
+    assert privacy["epsilon"] == spent["epsilon"] and privacy["releases"] == [2, 2, 2]
+    assert main(["leaderboard", "show", "--format", "json", "--data-dir", str(data_dir)]) == 0
+    # A run whose summary claims another ε is refused before anything is stored.
+    other = make_run_dir(tmp_path, name="other", answer=always("C"),
+                         privacy={**spent, "epsilon": spent["epsilon"] + 1})  # fmt: skip
+    assert submit(other, data_dir, "--track", "open") != 0
+    assert "the accountant gives" in capsys.readouterr().err

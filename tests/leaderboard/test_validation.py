@@ -162,3 +162,48 @@ def test_stored_scores_are_the_counts_never_the_claim():
         exact.average,
     )
     assert padded.stem == 100 * 1500 / 3153
+
+
+def test_a_dp_claim_is_recomputed_and_a_wrong_epsilon_refused():
+    from types import SimpleNamespace
+
+    from fedtune.federation.privacy import privacy_spent
+
+    dp = SimpleNamespace(noise="server", noise_multiplier=1.1, clipping_norm=0.05, delta=1e-5,
+                         accounting="without-replacement")  # fmt: skip
+    epsilon = privacy_spent(dp, 20, [2, 2, 1])["epsilon"]
+    privacy = {**vars(dp), "releases": [2, 2, 1], "epsilon": epsilon}
+    payload = make_submission(rounds=3)
+    payload["setup"]["privacy"] = privacy
+    entry = validate_submission(payload)
+    assert entry.details["setup"]["privacy"]["epsilon"] == epsilon
+    assert (
+        0
+        < epsilon
+        < privacy_spent(
+            SimpleNamespace(**{**vars(dp), "accounting": "no-amplification"}), 20, [2, 2, 1]
+        )["epsilon"]
+    )
+    refusals = [
+        ({"epsilon": epsilon * 0.9}, "setup.privacy.epsilon", "the accountant gives"),
+        ({"releases": [2, 2]}, "setup.privacy.releases", "one release per round"),
+        ({"releases": [3, 2, 1]}, "setup.privacy.releases", "at most the clients"),
+        ({"noise": "nobody"}, "setup.privacy.noise", "must be one of"),
+        ({"noise_multiplier": 0.0}, "setup.privacy.epsilon", "send null"),
+        ({"noise": "client"}, "setup.privacy.accounting", "amplification needs"),
+        ({"secret": 1}, "setup.privacy", "unknown"),
+    ]
+    for change, field, reason in refusals:
+        bad = make_submission(rounds=3)
+        bad["setup"]["privacy"] = {**privacy, **change}
+        with pytest.raises(SubmissionError) as info:
+            validate_submission(bad)
+        assert info.value.field.startswith(field) and reason in str(info.value), (
+            change,
+            info.value,
+        )
+    no_rounds = make_submission(rounds=3)
+    no_rounds["setup"]["privacy"] = privacy
+    del no_rounds["rounds"]
+    with pytest.raises(SubmissionError, match="recomputed"):
+        validate_submission(no_rounds)

@@ -178,9 +178,10 @@ def local_train(msg: Message, context: Context) -> Message:
         "partition-id": partition_id,
         **counts,
     }
-    arrays = encode_reply(
+    arrays, private = encode_reply(
         msg, context, config, uplink, worker, received, server_round, partition_id
     )
+    metrics.update(private)
     content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
     if scaffold is not None:
         content[CONTROL_DELTA] = scaffold.finish(result.mean_gradients or {})
@@ -250,16 +251,30 @@ def encode_reply(
     received: ArrayRecord,
     server_round: int,
     partition_id: int,
-) -> ArrayRecord:
+) -> tuple[ArrayRecord, dict[str, float]]:
     """The trained adapter through the uplink codec: as a change from the global adapter this
-    client received (`delta`), plus last round's residual (error feedback), seeded rounding."""
+    client received (`delta`), plus last round's residual (error feedback), seeded rounding.
+    With DP the update is clipped first, and noised with dp.noise=client; with dp.noise=server
+    the metrics say its norm before clipping."""
     import numpy as np
 
     from fedtune.federation.node_state import NodeStateStore
+    from fedtune.federation.privacy import add_noise, clip_update, noise_rng
     from fedtune.model.adapters import adapter_state
 
     reference = {k: a.numpy() for k, a in received.items()}
     tensors = {k: v.numpy() for k, v in adapter_state(worker.model).items() if k in reference}
+    extra: dict[str, float] = {}
+    dp = config.dp
+    if dp.enabled:
+        tensors, norm = clip_update(tensors, reference, dp.clipping_norm)
+        if dp.noise == "server":  # (with local DP the server is not told anything unnoised)
+            extra["dp-update-norm"] = norm
+        elif dp.noise_multiplier > 0:
+            std = dp.noise_multiplier * dp.clipping_norm
+            tensors = add_noise(
+                tensors, std, noise_rng(config.train.seed, server_round, partition_id)
+            )
     store = residual = None
     if uplink.spec.error_feedback:
         store = NodeStateStore.for_node(context, run_dir_of(msg), partition_id)
@@ -268,7 +283,7 @@ def encode_reply(
     record, new_residual = uplink.encode(tensors, reference=reference, residual=residual, rng=rng)
     if store is not None and new_residual is not None:
         store.save(server_round, new_residual)
-    return record
+    return record, extra
 
 
 def check_frozen(msg: Message, own: dict[str, Any], travelling: list[str]) -> None:

@@ -66,6 +66,9 @@ REPLY_METRICS: dict[str, MetricSpec] = {
     "skipped-rows": MetricSpec(int, required=False, doc="rows without instruction/response"),
     "truncated": MetricSpec(int, required=False, doc="responses cut by train.seq-length"),
     "dropped-no-response": MetricSpec(int, required=False, doc="examples with no label left"),
+    "dp-update-norm": MetricSpec(
+        float, required=False, doc="with DP: the update's L2 norm before clipping"
+    ),
 }
 
 

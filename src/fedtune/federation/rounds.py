@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
@@ -32,7 +33,7 @@ from fedtune.accounting.ledger import (
 )
 from fedtune.compression.codecs import CodecSpec
 from fedtune.compression.message import MessageCodec
-from fedtune.federation.messages import ARRAYS, MAX_EXAMPLES, RUN_CONFIG, RUN_CONTEXT
+from fedtune.federation.messages import ARRAYS, MAX_EXAMPLES, RUN_CONFIG, RUN_CONTEXT, WEIGHT_KEY
 from fedtune.federation.nodes import NodeDirectory, PartitionSampler
 from fedtune.federation.strategies import restore_strategy_state, strategy_state
 from fedtune.federation.updates import (
@@ -58,7 +59,12 @@ class FederationError(RuntimeError):
 
 
 class BudgetReached(Exception):
-    """The next attempt would take the total past run.byte-budget."""
+    """The next attempt would take the total past run.byte-budget (`kind` "budget"), or the
+    next release past dp.max-epsilon (`kind` "privacy-budget")."""
+
+    def __init__(self, message: str, kind: str = "budget") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +89,7 @@ class LoopState:
     stopped: str | None = None  # "budget" when run.byte-budget stopped the loop
     checkpoint_seconds: list[float] = field(default_factory=list)  # writing each round's point
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    privacy_releases: list[int] = field(default_factory=list)  # clients in each DP release
 
     def save(
         self, run_dir: RunDirectory, ledger: Ledger, strategy: Any, checkpoint_s: float = 0.0
@@ -109,6 +116,7 @@ class LoopState:
                 "stopped": self.stopped,
                 "checkpoint_seconds": self.checkpoint_seconds,
                 "resumes": self.resumes,
+                "privacy_releases": self.privacy_releases,
                 "ledger": ledger.position(),
                 "logs": run_dir.log_positions(),
             },
@@ -153,6 +161,7 @@ class LoopState:
             stopped=saved["stopped"],
             checkpoint_seconds=saved["checkpoint_seconds"],
             resumes=saved["resumes"],
+            privacy_releases=saved.get("privacy_releases", []),
         )
         return state, {**saved["ledger"], "logs": saved["logs"]}
 
@@ -188,6 +197,8 @@ class RoundContext:
     frozen_sha256: str = ""  # digest of the adapter tensors that do not travel (nodes check it)
     rank_of: Any = None  # partition → its LoRA rank, for a strategy with `node_ranks` (FlexLoRA)
     log: Any = None  # callable(str) for per-client problems
+    dp: Any = None  # DpConfig when differential privacy is on (privacy.py)
+    population: int = 0  # clients in the federation (the accountant's population)
 
 
 @dataclass
@@ -334,9 +345,15 @@ def validate(
     drop_outliers(updates, state.norm_history[-ctx.norm_window :], ctx.norm_ratio)
 
 
-def aggregate(ctx: RoundContext, server_round: int, usable: list[ClientUpdate]) -> tuple[Any, Any]:
+def aggregate(
+    ctx: RoundContext,
+    server_round: int,
+    usable: list[ClientUpdate],
+    reference: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
     """The strategy's aggregate of the usable updates, in partition order, cast to the adapter's
-    dtypes (a server optimizer may compute in float64).
+    dtypes (a server optimizer may compute in float64). With DP (privacy.py): each update
+    clipped against `reference` (the global sent), equal weights, and the server's noise.
 
     Raises:
         FederationError: the strategy returned nothing or a non-finite adapter.
@@ -344,21 +361,34 @@ def aggregate(ctx: RoundContext, server_round: int, usable: list[ClientUpdate]) 
     import numpy as np
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+    from fedtune.federation.privacy import add_noise, clip_update, noise_rng
+
+    dp = ctx.dp
     ordered = sorted(usable, key=lambda u: u.partition_id)
     replies = []
     for update in ordered:
         # The decoded adapter and the schema's metrics only: an extra metric key in one reply
         # must not make the strategy refuse the whole cohort.
+        arrays, metrics = update.arrays, dict[str, Any](update.metrics)
+        if dp is not None and reference is not None:
+            clipped, _ = clip_update(
+                {k: a.numpy() for k, a in arrays.items()}, reference, dp.clipping_norm
+            )
+            arrays = ArrayRecord({k: Array(v) for k, v in clipped.items()})
+            metrics[WEIGHT_KEY] = 1  # equal weights: each client's sensitivity is C/n
         update.reply.content = RecordDict(
-            {ARRAYS: update.arrays, "metrics": MetricRecord(dict(update.metrics)), **update.side}
+            {ARRAYS: arrays, "metrics": MetricRecord(metrics), **update.side}
         )
         replies.append(update.reply)
     arrays, metrics = ctx.strategy.aggregate_train(server_round, replies)
     if arrays is None:
         raise FederationError(f"round {server_round}: the strategy aggregated nothing")
+    values_of = {key: array.numpy() for key, array in arrays.items()}
+    if dp is not None and dp.noise == "server" and dp.noise_multiplier > 0:
+        std = dp.noise_multiplier * dp.clipping_norm / len(ordered)
+        values_of = add_noise(values_of, std, noise_rng(ctx.seed, server_round, -1))
     cast = {}
-    for key, array in arrays.items():
-        values = array.numpy()
+    for key, values in values_of.items():
         want = np.dtype(ctx.expected_spec[key][1])
         if not np.isfinite(values).all():
             raise FederationError(f"round {server_round}: the aggregate of {key} is not finite")
@@ -404,6 +434,19 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
         partitions = [ctx.nodes.partition_of[m.metadata.dst_node_id] for m in messages]
         down = meter_downlink(messages)
         cost = sum(d[0] for d in down) + len(messages) * expected_uplink_bytes(ctx, state, sent)
+        if ctx.dp is not None and ctx.dp.max_epsilon > 0 and attempt == 1:
+            from fedtune.federation.privacy import epsilon_after
+
+            epsilon = epsilon_after(
+                ctx.dp, ctx.population, state.privacy_releases, ctx.clients_per_round
+            )
+            if epsilon > ctx.dp.max_epsilon:
+                raise BudgetReached(
+                    f"stopping before round {server_round}: its release would take ε to "
+                    f"{epsilon:.3f}, past dp.max-epsilon={ctx.dp.max_epsilon:g} "
+                    f"(δ = {ctx.dp.delta:g})",
+                    kind="privacy-budget",
+                )
         if ctx.ledger.would_exceed(ctx.byte_budget, cost):
             if attempt == 1:
                 raise BudgetReached(
@@ -443,7 +486,10 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
             f"round {server_round}: {len(usable)} usable replies after {attempt} attempt(s), "
             f"strategy.min-clients is {ctx.min_clients} (reasons: {reasons})"
         )
-    aggregated_part, aggregated = aggregate(ctx, server_round, usable)
+    reference = {k: a.numpy() for k, a in sent.items()} if ctx.dp is not None else None
+    aggregated_part, aggregated = aggregate(ctx, server_round, usable, reference)
+    if ctx.dp is not None:
+        state.privacy_releases = [*state.privacy_releases, len(usable)]
     # The new global: the aggregate where it travelled, the frozen rest unchanged, in order.
     arrays = ArrayRecord({k: aggregated_part.get(k, a) for k, a in state.arrays.items()})
     metrics: dict[str, Any] = {
@@ -459,6 +505,11 @@ def run_round(ctx: RoundContext, state: LoopState, server_round: int) -> RoundRe
         "downlink_bytes": down_total,
         "uplink_bytes": up_total,
     }
+    if ctx.dp is not None:
+        from fedtune.federation.privacy import privacy_spent
+
+        epsilon = privacy_spent(ctx.dp, ctx.population, state.privacy_releases)["epsilon"]
+        metrics["dp_epsilon"] = epsilon if math.isfinite(epsilon) else None  # None: infinite
     norms = [u.norm for u in usable if u.norm is not None]
     return RoundResult(arrays, metrics, clients, norms)
 
@@ -508,6 +559,8 @@ def _client_row(server_round: int, update: ClientUpdate) -> dict[str, Any]:
         skipped_rows=m.get("skipped-rows", 0),
         update_norm=update.norm,
     )
+    if "dp-update-norm" in m:
+        row["dp_update_norm"] = m["dp-update-norm"]
     if update.ignored_metrics:
         row["ignored_metrics"] = update.ignored_metrics
     return row

@@ -160,7 +160,7 @@ def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
     """Run the engine under supervision; report how the run ended."""
     from fedtune.federation.progress import stderr_emit
     from fedtune.federation.supervisor import engine_command, supervise
-    from fedtune.rundir import ENDED_STATES, read_status, read_summary
+    from fedtune.rundir import ENDED_STATES, FINISHED_STATES, read_status, read_summary
 
     command = engine_command(
         run_dir.path,
@@ -180,7 +180,7 @@ def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
             f"continue it with: fedtune run --resume {run_dir.path}",
             code=code if code not in (0, 2) else 1,
         )
-    if status["state"] not in ("completed", "stopped-budget"):
+    if status["state"] not in FINISHED_STATES:
         message = f"run {status['state']} after {status.get('rounds_completed', 0)} rounds"
         if status.get("error"):
             message += f": {status['error']}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -288,6 +289,8 @@ def round_context(
         seed=config.train.seed,
         run_dir=str(run_dir),
         log=progress.note,
+        dp=config.dp if config.dp.enabled else None,
+        population=fed.num_clients,
     )
 
 
@@ -347,7 +350,7 @@ def run_federation(
             result = run_round(ctx, state, server_round)
         except BudgetReached as stop:
             progress.note(str(stop))
-            state.stopped = "budget"
+            state.stopped = stop.kind
             break
         metrics = result.metrics
         if evaluator is not None:
@@ -421,6 +424,19 @@ def checkpoint(
     return spent
 
 
+def privacy_summary(config: RunConfig, state: LoopState) -> dict[str, Any] | None:
+    """What DP this run had and the (ε, δ) it spent (ε None: infinite, no noise); None
+    without DP."""
+    if not config.dp.enabled:
+        return None
+    from fedtune.federation.privacy import privacy_spent
+
+    spent = privacy_spent(config.dp, config.federation.num_clients, state.privacy_releases)
+    if not math.isfinite(spent["epsilon"]):
+        spent["epsilon"] = None
+    return spent
+
+
 def finish(
     run_dir: RunDirectory,
     config: RunConfig,
@@ -431,7 +447,7 @@ def finish(
 ) -> dict[str, Any]:
     """The final adapter, summary.json and the final status."""
     fed = config.federation
-    state_name = "stopped-budget" if state.stopped == "budget" else "completed"
+    state_name = f"stopped-{state.stopped}" if state.stopped else "completed"
     digest = run_dir.write_adapter(
         run_dir.path / "adapter",
         to_peft(state.arrays.to_torch_state_dict(), config.lora.variant),
@@ -470,6 +486,7 @@ def finish(
         "adapter_sha256": digest,
         "config_digest": config.digest(),
         "seconds": round(state.elapsed_s, 1),
+        "privacy": privacy_summary(config, state),
         "checkpoint_seconds": {
             "per_round": state.checkpoint_seconds,
             "mean": round(sum(state.checkpoint_seconds) / max(len(state.checkpoint_seconds), 1), 4),

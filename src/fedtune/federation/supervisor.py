@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.rundir import ENDED_STATES, RunDirectory, RunDirError
+from fedtune.rundir import ENDED_STATES, FINISHED_STATES, RunDirectory, RunDirError
 
 STOP_GRACE_S = 10.0
 EXIT_GRACE_S = 30.0
@@ -156,9 +156,7 @@ def supervise(command: list[str], run_dir: RunDirectory, emit: Any) -> int:
                         f"{EXIT_GRACE_S:.0f} s (a client still busy?): stopping it"
                     )
                     _stop(proc, tracked)
-                    code = (
-                        0 if _state(run_dir).get("state") in ("completed", "stopped-budget") else 1
-                    )
+                    code = 0 if _state(run_dir).get("state") in FINISHED_STATES else 1
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -1,7 +1,7 @@
 """From a run directory to a submission: collect, cross-check, refuse what does not add up.
 
 A run is refused, with the reason, when:
-- it did not finish (status.json not "completed" or "stopped-budget");
+- it did not finish (status.json not "completed", "stopped-budget" or "stopped-privacy-budget");
 - its ledger is missing, unreadable, or its totals differ from summary.json (or from the per-round
   metrics), or a completed round has no ledger line;
 - its adapter on disk is not the one summary.json names (sha256), or the evaluation was of another
@@ -30,6 +30,7 @@ from fedtune.leaderboard.evalresults import (
 )
 from fedtune.leaderboard.submission import (
     Adapter,
+    Privacy,
     RoundRecord,
     Scores,
     Setup,
@@ -344,6 +345,17 @@ def _setup(
     codecs = summary.get("codecs") or {}
     setup["codec_downlink"] = str(codecs.get("downlink", "identity"))
     setup["codec_uplink"] = str(codecs.get("uplink", "identity"))
+    privacy = summary.get("privacy")
+    if isinstance(privacy, dict):
+        setup["privacy"] = Privacy(
+            noise=str(privacy["noise"]),
+            noise_multiplier=float(privacy["noise_multiplier"]),
+            clipping_norm=float(privacy["clipping_norm"]),
+            delta=float(privacy["delta"]),
+            accounting=str(privacy["accounting"]),
+            releases=[int(n) for n in privacy["releases"]],
+            epsilon=privacy["epsilon"],
+        )
     return setup
 
 

@@ -52,6 +52,18 @@ class Adapter(TypedDict, total=False):
     sha256: str
 
 
+class Privacy(TypedDict, total=False):
+    """Client-level differential privacy of the run (`dp.*`); the board recomputes ε."""
+
+    noise: str  # server (central) or client (local)
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+    accounting: str  # no-amplification or without-replacement
+    releases: list[int]  # clients aggregated in each round's release
+    epsilon: float | None  # None: infinite (no noise)
+
+
 class Setup(TypedDict, total=False):
     """The federation's shape, shown on the entry."""
 
@@ -63,6 +75,7 @@ class Setup(TypedDict, total=False):
     adapter: str
     codec_downlink: str
     codec_uplink: str
+    privacy: Privacy
 
 
 class RoundRecord(TypedDict, total=False):

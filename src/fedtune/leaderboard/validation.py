@@ -86,6 +86,7 @@ from fedtune.leaderboard.submission import (
     Adapter,
     Communication,
     Evaluation,
+    Privacy,
     RoundRecord,
     Scores,
     Setup,
@@ -193,7 +194,7 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
         "communication": communication,
         "rounds": rounds,
         "adapter": _adapter(obj.get("adapter")),
-        "setup": _setup(obj.get("setup")),
+        "setup": _setup(obj.get("setup"), rounds),
         "provenance": _plain(obj.get("provenance", {}), "provenance", depth=3),
         "config": _plain(obj.get("config", {}), "config", depth=1),
     }
@@ -695,7 +696,7 @@ def _adapter(value: Any) -> dict[str, str]:
     return adapter
 
 
-def _setup(value: Any) -> dict[str, Any]:
+def _setup(value: Any, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     obj = _mapping(value, "setup", required=False)
     texts = ("dataset", "strategy", "adapter", "codec_downlink", "codec_uplink")
     _no_unknown(obj, "setup", keys(Setup))
@@ -707,7 +708,70 @@ def _setup(value: Any) -> dict[str, Any]:
     for key in ("num_clients", "rounds", "clients_per_round"):
         if key in obj:
             setup[key] = _int(obj[key], f"setup.{key}", minimum=1)
+    if "privacy" in obj:
+        setup["privacy"] = _privacy(obj["privacy"], setup.get("num_clients"), rounds)
     return setup
+
+
+def _privacy(value: Any, population: int | None, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A DP claim the board can recompute: ε from σ, δ, the accounting, the population and
+    each round's release, by the same accountant; a claim that differs is refused."""
+    from types import SimpleNamespace
+
+    from fedtune.federation.privacy import ACCOUNTING, NOISE_MODES, privacy_spent
+
+    where = "setup.privacy"
+    obj = _mapping(value, where, required=True)
+    _no_unknown(obj, where, keys(Privacy))
+    noise = _text(obj, "noise", where, 20, required=True)
+    accounting = _text(obj, "accounting", where, 40, required=True)
+    if noise not in NOISE_MODES:
+        raise SubmissionError(f"{where}.noise", f"must be one of {', '.join(NOISE_MODES)}")
+    if accounting not in ACCOUNTING:
+        raise SubmissionError(f"{where}.accounting", f"must be one of {', '.join(ACCOUNTING)}")
+    sigma = _finite(obj.get("noise_multiplier"), f"{where}.noise_multiplier")
+    clip = _finite(obj.get("clipping_norm"), f"{where}.clipping_norm")
+    delta = _finite(obj.get("delta"), f"{where}.delta")
+    if sigma < 0 or clip <= 0 or not 0 < delta < 1:
+        raise SubmissionError(
+            where, "needs noise_multiplier >= 0, clipping_norm > 0, 0 < delta < 1"
+        )
+    releases = obj.get("releases")
+    if not isinstance(releases, list) or len(releases) > MAX_ROUNDS:
+        raise SubmissionError(f"{where}.releases", "must be a list: clients per round's release")
+    counts = [_int(n, f"{where}.releases[{i}]", minimum=1) for i, n in enumerate(releases)]
+    if population is None or not rounds:
+        raise SubmissionError(
+            where, "ε is recomputed from setup.num_clients and the per-round records: send both"
+        )
+    if len(counts) != len(rounds) or any(
+        n > r["clients"] for n, r in zip(counts, rounds, strict=False)
+    ):
+        raise SubmissionError(
+            f"{where}.releases",
+            "one release per round, each at most the clients that round's ledger counts",
+        )
+    if accounting == "without-replacement" and noise != "server":
+        raise SubmissionError(f"{where}.accounting", "amplification needs noise=server")
+    if max(counts, default=0) > population:
+        raise SubmissionError(f"{where}.releases", "more clients than setup.num_clients")
+    dp = SimpleNamespace(noise=noise, noise_multiplier=sigma, clipping_norm=clip, delta=delta,
+                         accounting=accounting)  # fmt: skip
+    epsilon = privacy_spent(dp, population, counts)["epsilon"]
+    claimed = obj.get("epsilon")
+    if not math.isfinite(epsilon):
+        if claimed is not None:
+            raise SubmissionError(f"{where}.epsilon", "without noise ε is infinite: send null")
+        recomputed = None
+    else:
+        got = _finite(claimed, f"{where}.epsilon")
+        if abs(got - epsilon) > 1e-6 * max(1.0, epsilon):
+            raise SubmissionError(
+                f"{where}.epsilon", f"claims {got:.6f}; the accountant gives {epsilon:.6f}"
+            )
+        recomputed = epsilon
+    return {"noise": noise, "noise_multiplier": sigma, "clipping_norm": clip, "delta": delta,
+            "accounting": accounting, "releases": counts, "epsilon": recomputed}  # fmt: skip
 
 
 # --- primitives -----------------------------------------------------------------------------------
