@@ -16,7 +16,10 @@ strategy, one bar per partitioning, error bars = std over seeds) and a Markdown 
 
 Knobs for a larger run (a GPU): --rounds, --clients, --clients-per-round, --local-steps,
 --seq-length, --mmlu, and `--set KEY=VALUE` for any other setting; every run's directory is kept
-under --out and reused when the grid is run again (an interrupted run is resumed).
+under --out and reused when the grid is run again (an interrupted run is resumed). The JSON
+is rewritten after every run, and its rows are reused by a later invocation with the same
+settings even when the run directories are gone; `--collect` reports what is finished without
+training anything.
 """
 
 from __future__ import annotations
@@ -52,12 +55,26 @@ PARTITIONS: dict[str, list[str]] = {
 }
 
 
-def one_run(args: argparse.Namespace, strategy: str, partition: str, seed: int) -> dict:
-    """Train (or reuse) one run and score it; its row."""
+def one_run(
+    args: argparse.Namespace, strategy: str, partition: str, seed: int, done: dict
+) -> dict | None:
+    """Train (or reuse) one run and score it; its row. A row already in the JSON file (same
+    settings) is reused even when its run directory is gone; with --collect nothing new is
+    trained or scored and a run not finished yet gives None."""
     out = Path(args.out)
     name = f"{strategy}-{partition}-s{seed}"
+    if (strategy, partition, seed) in done:
+        return done[(strategy, partition, seed)]
     run_dir = out / name
-    if not (run_dir / "summary.json").exists():
+    finished = (run_dir / "summary.json").exists()
+    scored = (
+        bool(sorted((run_dir / "eval").glob("mmlu_loglik_5shot_*.json")))
+        if finished and (run_dir / "eval").exists()
+        else False
+    )
+    if args.collect and (not finished or (args.mmlu and not scored)):
+        return None
+    if not finished:
         command = [sys.executable, "-m", "fedtune.cli", "run"]
         if run_dir.exists():
             command += ["--resume", str(run_dir)]
@@ -107,6 +124,42 @@ def one_run(args: argparse.Namespace, strategy: str, partition: str, seed: int) 
     }
 
 
+def settings_of(args: argparse.Namespace) -> dict:
+    return {
+        k: getattr(args, k)
+        for k in ("rounds", "clients", "clients_per_round", "local_steps", "seq_length", "mmlu")
+    }
+
+
+def earlier_rows(args: argparse.Namespace) -> dict:
+    """(strategy, partition, seed) → row, from the JSON file of an earlier run of this grid with
+    the same settings."""
+    path = Path(args.json)
+    if not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    if report.get("settings") != settings_of(args) or report.get("extra_settings", []) != args.set:
+        return {}
+    return {(r["strategy"], r["partition"], r["seed"]): r for r in report.get("runs", [])}
+
+
+def write_report(args, rows, partitions, started) -> list[dict]:
+    table = aggregate(rows)
+    report = {
+        "machine": f"{os.cpu_count()} CPU cores",
+        "settings": settings_of(args),
+        "extra_settings": args.set,
+        "seeds": args.seeds,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "table": table,
+        "runs": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    draw(table, partitions, Path(args.json).with_suffix(".png"))
+    return table
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """mean ± std over seeds per (strategy, partitioning)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -134,8 +187,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict], partitions: list[str]) -> str:
     head = "| strategy | " + " | ".join(f"held-out loss, {p}" for p in partitions)
-    head += " | MMLU 5-shot (IID) | bytes per run |"
-    lines = [head, "|---" * (len(partitions) + 3) + "|"]
+    head += " | MMLU 5-shot (IID) | bytes per run | seeds |"
+    lines = [head, "|---" * (len(partitions) + 4) + "|"]
     by_key = {(r["strategy"], r["partition"]): r for r in table}
     for strategy in dict.fromkeys(r["strategy"] for r in table):
         cells = []
@@ -151,7 +204,12 @@ def markdown(table: list[dict], partitions: list[str]) -> str:
         lines.append(
             f"| {strategy} | "
             + " | ".join(cells)
-            + f" | {mmlu} | {first.get('total_bytes', 0):,} |"
+            + f" | {mmlu} | {first.get('total_bytes', 0):,} | "
+            + "/".join(
+                str(by_key[(strategy, p)]["seeds"]) if (strategy, p) in by_key else "0"
+                for p in partitions
+            )  # fmt: skip
+            + " |"
         )
     return "\n".join(lines)
 
@@ -198,6 +256,11 @@ def main() -> None:
     parser.add_argument("--mmlu", type=int, default=200, help="5-shot questions; 0 skips MMLU")
     parser.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for all")
     parser.add_argument("--out", default="/tmp/fedtune-strategies")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="train and score nothing: report the runs already finished (and those in --json)",
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "strategies.json"))
     args = parser.parse_args()
     strategies = [s for s in args.strategies.split(",") if s]
@@ -209,27 +272,19 @@ def main() -> None:
         raise SystemExit(f"unknown strategies or partitions: {', '.join(unknown)}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = [
-        one_run(args, strategy, partition, seed)
-        for seed in range(1, args.seeds + 1)
-        for partition in partitions
-        for strategy in strategies
-    ]
-    table = aggregate(rows)
-    report = {
-        "machine": f"{os.cpu_count()} CPU cores",
-        "settings": {
-            k: getattr(args, k)
-            for k in ("rounds", "clients", "clients_per_round", "local_steps", "seq_length", "mmlu")
-        },
-        "seeds": args.seeds,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "table": table,
-        "runs": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    draw(table, partitions, Path(args.json).with_suffix(".png"))
+    done = earlier_rows(args)
+    rows: list[dict] = []
+    for seed in range(1, args.seeds + 1):
+        for partition in partitions:
+            for strategy in strategies:
+                row = one_run(args, strategy, partition, seed, done)
+                if row is not None:
+                    rows.append(row)
+                    # Written after every run: an interrupted grid keeps what it finished.
+                    write_report(args, rows, partitions, started)
+    if not rows:
+        raise SystemExit("no finished run to report")
+    table = write_report(args, rows, partitions, started)
     print(markdown(table, partitions))
 
 
