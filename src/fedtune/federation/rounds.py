@@ -556,6 +556,7 @@ def _client_row(server_round: int, update: ClientUpdate) -> dict[str, Any]:
         padded_tokens=m["padded-tokens"],
         learning_rate=m["learning-rate"],
         seconds=m["seconds"],
+        train_seconds=m["train-seconds"],
         skipped_rows=m.get("skipped-rows", 0),
         update_norm=update.norm,
     )
