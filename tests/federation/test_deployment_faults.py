@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.federation.local import _group_alive, down, flower_env, restart_node, up
+from fedtune.federation.local import _alive, _group_alive, down, flower_env, restart_node, up
 
 pytestmark = pytest.mark.integration  # real Flower processes; runs in CI
 
@@ -50,21 +50,17 @@ def _lines(path: Path) -> list[dict]:
 
 def _wait(predicate, deadline: float, what: str, run: subprocess.Popen) -> None:
     while not predicate():
-        if run.poll() is not None:
+        if run is not None and run.poll() is not None:
             raise AssertionError(f"the run ended before {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
 
 
-def test_node_killed_mid_round_survivors_finish_and_it_rejoins(tmp_path, tiny_model_dir):
-    directory = tmp_path / "federation"
-    state = up(directory, 3, tls=True, auth=True, timeout_s=60)
-    out = tmp_path / "runs"
-    run_dir = out / "deploy"
-    run_config = " ".join(
+def _run_config(tiny_model_dir: Path, out: Path, rounds: int, *extra: str) -> str:
+    return " ".join(
         [
-            f"num-server-rounds={ROUNDS}",
+            f"num-server-rounds={rounds}",
             f"model.name='{tiny_model_dir}'",
             "model.lora.peft-lora-r=4",
             "train.training-arguments.max-steps=1",
@@ -79,20 +75,37 @@ def test_node_killed_mid_round_survivors_finish_and_it_rejoins(tmp_path, tiny_mo
             "data.heldout-examples=8",
             f"run.output-dir='{out}'",
             "run.name='deploy'",
+            *extra,
         ]
     )
+
+
+def _flwr_run(state: dict, run_config: str, cwd: Path, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as handle:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), state["connection"],
+             "--stream", "--run-config", run_config],
+            env=flower_env(Path(state["flwr_home"])), cwd=cwd, stdout=handle,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _stop(run: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+
+
+def test_node_killed_mid_round_survivors_finish_and_it_rejoins(tmp_path, tiny_model_dir):
+    directory = tmp_path / "federation"
+    state = up(directory, 3, tls=True, auth=True, timeout_s=60)
+    out = tmp_path / "runs"
+    run_dir = out / "deploy"
     log = tmp_path / "flwr-run.log"
-    env = flower_env(Path(state["flwr_home"]))
     victim = next(p for p in state["processes"] if p["name"] == "node-1")
     started = time.monotonic()
     deadline = started + RUN_DEADLINE_S
-    with open(log, "wb") as handle:
-        run = subprocess.Popen(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), state["connection"],
-             "--stream", "--run-config", run_config],
-            env=env, cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    run = _flwr_run(state, _run_config(tiny_model_dir, out, ROUNDS), tmp_path, log)
     try:
         # After round 1, wait for node-1 to hold a message: its ClientApp process is running.
         _wait(lambda: len(_lines(run_dir / "metrics.jsonl")) >= 1, deadline, "round 1", run)
@@ -113,9 +126,7 @@ def test_node_killed_mid_round_survivors_finish_and_it_rejoins(tmp_path, tiny_mo
         code = run.wait(timeout=max(deadline - time.monotonic(), 1))
         finished_after = time.monotonic() - started
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
+        _stop(run)
         recorded = json.loads((directory / "federation.json").read_text())["processes"]
         report = down(directory)
     text = log.read_text(errors="replace")
@@ -151,3 +162,46 @@ def test_node_killed_mid_round_survivors_finish_and_it_rejoins(tmp_path, tiny_mo
             if "fedtune node worker: message" in x
         ]
         assert len(lines) >= ROUNDS and lines[-1].endswith("model loaded 1 time(s)"), lines[-3:]
+
+
+@pytest.mark.slow
+def test_serverapp_killed_then_resumed_on_the_same_federation(tmp_path, tiny_model_dir):
+    """SIGKILL the ServerApp after round 2; `flwr run` with run.resume continues the same run
+    directory from its last resume point: every round once in every log, the resume recorded."""
+    directory = tmp_path / "federation"
+    state = up(directory, 3, tls=True, auth=True, timeout_s=60)
+    out = tmp_path / "runs"
+    run_dir = out / "deploy"
+    log = tmp_path / "flwr-run.log"
+    deadline = time.monotonic() + RUN_DEADLINE_S
+    config = _run_config(tiny_model_dir, out, 4, "train.save-every-round=1")
+    first = _flwr_run(state, config, tmp_path, log)
+    try:
+        _wait(lambda: len(_lines(run_dir / "metrics.jsonl")) >= 2, deadline, "round 2", first)
+        # The ServerApp's process: the one the run directory's status names.
+        pid = json.loads((run_dir / "status.json").read_text())["pid"]
+        assert "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: not _alive(pid), deadline, "the ServerApp to die", None)
+        _stop(first)  # the stream of a run whose ServerApp is gone
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "running"  # what it was when killed; the pid is dead now
+
+        second = _flwr_run(state, f"{config} run.resume='{run_dir}'", tmp_path, log)
+        try:
+            code = second.wait(timeout=max(deadline - time.monotonic(), 1))
+        finally:
+            _stop(second)
+    finally:
+        _stop(first)
+        down(directory)
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "completed", text[-3000:]
+    assert summary["resumes"] and summary["resumes"][0]["after_round"] >= 2
+    for name in ("metrics.jsonl", "ledger.jsonl", "clients.jsonl"):
+        rounds = [r["round"] for r in _lines(run_dir / name)]
+        assert sorted(set(rounds)) == [1, 2, 3, 4], name
+        assert rounds == sorted(rounds), name
+    assert [m["round"] for m in _lines(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]

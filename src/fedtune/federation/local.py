@@ -111,12 +111,14 @@ def _tail(path: str, lines: int = 5) -> str:
 def _wait_health(address: str, ca: Path | None, process: dict, timeout_s: float) -> float:
     import httpx
 
+    import ssl
+
     scheme = "https" if ca else "http"
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else False
     started = time.monotonic()
     while True:
         try:
-            reply = httpx.get(f"{scheme}://{address}/health", verify=str(ca) if ca else False,
-                              timeout=2)  # fmt: skip
+            reply = httpx.get(f"{scheme}://{address}/health", verify=verify, timeout=2)
             if reply.status_code == 200:
                 return time.monotonic() - started
         except httpx.HTTPError:
