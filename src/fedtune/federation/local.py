@@ -109,9 +109,9 @@ def _tail(path: str, lines: int = 5) -> str:
 
 
 def _wait_health(address: str, ca: Path | None, process: dict, timeout_s: float) -> float:
-    import httpx
-
     import ssl
+
+    import httpx
 
     scheme = "https" if ca else "http"
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else False
