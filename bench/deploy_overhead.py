@@ -5,7 +5,8 @@ imports torch, loads the model and tokenizes its data; warm: a node worker keeps
 `flwr run . local-deployment` of the embedded default job shape on N clients, all N training each
 round. The server's own scoring (held-out and probe losses) is turned off so that a round is
 the engine and the clients only. Per round: its wall time (metrics.jsonl), the longest client
-training loop (clients.jsonl `train_seconds`), and their difference — the overhead: message
+training loop (clients.jsonl `train_seconds`), the longest `local_train` (`seconds`: adapter load,
+data, training, encoding), and the differences — the overhead: message
 transport, ClientApp process start, imports, model load, tokenization, encoding, aggregation.
 Round 1 carries the first load in both modes; rounds 2.. are the steady state.
 
