@@ -93,3 +93,39 @@ def test_the_command(tmp_path, capsys):
     assert "already holds a split" in capsys.readouterr().err
     bad = ["data", "split", "embedded:nothing", "--out", str(tmp_path / "t")]
     assert main(bad) == 2
+
+
+def test_a_split_directory_is_a_data_source_for_server_and_clients(split, tmp_path):
+    from fedtune.data.partition_report import build_report
+    from fedtune.federation.run_cli import check_data
+
+    config, out, manifest = split
+    original = resolve_data(config.data.name)
+    on_split = build_config({**SETTINGS, "data.name": str(out)})
+    source = resolve_data(str(out))
+    assert source.kind == "split"
+    # Each client's partition is its node file; the server's held-out set is the split's.
+    for i in range(4):
+        assert [dict(r) for r in load_partition(source, on_split.data, i, 4)] == [
+            dict(r) for r in load_partition(original, config.data, i, 4)
+        ]
+    assert [dict(r) for r in load_heldout(source, on_split.data, 4)] == [
+        dict(r) for r in load_heldout(original, config.data, 4)
+    ]
+    # The server's per-node bound and report come from the manifest and the saved report,
+    # never from a node's file: delete them all and the report is unchanged.
+    report = build_report(on_split.data, 4)
+    assert report.sizes == [n["rows"] for n in manifest["nodes"]] and report.labels
+    bare = tmp_path / "server-side"
+    bare.mkdir()
+    for name in ("split.json", "heldout.jsonl.gz"):
+        (bare / name).write_bytes((out / name).read_bytes())
+    server_only = build_report(build_config({**SETTINGS, "data.name": str(bare)}).data, 4)
+    assert server_only.sizes == report.sizes and server_only.heldout_rows == 50
+    assert "4 node files" in check_data(build_config({**SETTINGS, "data.name": str(bare)}))
+    with pytest.raises(DataError, match="a split for 4 nodes, but federation.num-clients is 5"):
+        load_partition(source, on_split.data, 0, 5)
+    with pytest.raises(DataError, match="has no node-001.jsonl.gz"):
+        load_partition(resolve_data(str(bare)), on_split.data, 1, 4)
+    with pytest.raises(DataError, match="already a split"):
+        write_split(on_split, tmp_path / "again")

@@ -82,6 +82,6 @@ def test_up_refuses_bad_requests_and_starts_nothing(tmp_path):
         up(tmp_path / "a", 2, auth=True)
     with pytest.raises(FederationError, match="at least 1"):
         up(tmp_path / "b", 0)
-    with pytest.raises(FederationError, match="not a `fedtune data split` directory"):
+    with pytest.raises(FederationError, match="not a readable `fedtune data split` manifest"):
         up(tmp_path / "c", 2, data_dir=tmp_path / "nowhere")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing started

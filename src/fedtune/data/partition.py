@@ -7,10 +7,19 @@ so a 52,002-row set gives 2 shards of 2,601 rows and 18 of 2,600.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import DataConfig
-from fedtune.data.sources import DataError, DataSource, load_local_rows, normalize_columns
+from fedtune.data.sources import (
+    HELDOUT_FILE,
+    DataError,
+    DataSource,
+    load_local_rows,
+    node_file,
+    normalize_columns,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -145,6 +154,9 @@ def load_partition(
     """Rows of one client's partition, columns normalized (not yet cleaned)."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    if source.kind == "split":  # the node's own file, as a node of a real federation holds it
+        read_manifest(source.path, num_partitions)
+        return _split_file(source, node_file(partition_id))
     if source.kind == "hub":
         federated = hub_partitioner(source, config, num_partitions)
         try:
@@ -159,6 +171,9 @@ def load_partition(
 
 def load_heldout(source: DataSource, config: DataConfig, num_partitions: int) -> Dataset:
     """The held-out rows (columns normalized, not yet cleaned); empty when none are held out."""
+    if source.kind == "split":  # the split's own held-out file, whatever data.heldout-examples says
+        read_manifest(source.path, num_partitions)
+        return _split_file(source, HELDOUT_FILE)
     if source.kind == "hub":
         federated = hub_partitioner(source, config, num_partitions)
         try:
@@ -171,3 +186,10 @@ def load_heldout(source: DataSource, config: DataConfig, num_partitions: int) ->
         dataset.shuffle(seed=config.seed), config.heldout_examples, num_partitions
     )
     return heldout
+
+
+def _split_file(source: DataSource, name: str) -> Dataset:
+    path = Path(source.path) / name
+    if not path.is_file():
+        raise DataError(f"data.name: {source.name} has no {name}")
+    return load_local_rows(DataSource("local", str(path), str(path)))

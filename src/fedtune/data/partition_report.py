@@ -84,6 +84,33 @@ def guess_label(columns: list[str], config: DataConfig) -> str | None:
     return next((c for c in LABEL_GUESSES if c in columns), None)
 
 
+def split_report(directory: str, config: DataConfig, num_partitions: int) -> PartitionReport:
+    """A split directory's report: the one `fedtune data split` saved beside its files when it
+    is there, else the row counts its manifest lists (the server never reads a node's file)."""
+    from fedtune.data.sources import read_manifest
+
+    manifest = read_manifest(directory, num_partitions)
+    sizes = [int(node["rows"]) for node in manifest["nodes"]]
+    saved = Path(directory) / REPORT_JSON
+    if saved.is_file():
+        try:
+            fields = json.loads(saved.read_text())
+            fields.pop("summary", None)
+            report = PartitionReport(**fields)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            report = None
+        if report is not None and report.sizes == sizes:
+            return report
+    heldout = int(manifest.get("heldout", {}).get("rows", 0))
+    return PartitionReport(
+        data=config.name,
+        partitioner=str(manifest.get("data_settings", {}).get("partitioner", "split")),
+        num_partitions=num_partitions,
+        heldout_rows=heldout,
+        sizes=sizes,
+    )
+
+
 def build_report(config: DataConfig, num_partitions: int) -> PartitionReport | None:
     """The report for local or embedded data; None for a hub data set (the server does not hold
     its rows).
@@ -99,6 +126,8 @@ def build_report(config: DataConfig, num_partitions: int) -> PartitionReport | N
     source = resolve_data(config.name)
     if source.kind == "hub":
         return None
+    if source.kind == "split":
+        return split_report(source.path, config, num_partitions)
     rows = load_local_rows(source)
     partitioner = partition_dataset(rows, config, num_partitions)
     sizes = [len(partitioner.load_partition(i)) for i in range(num_partitions)]

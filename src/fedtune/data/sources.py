@@ -52,8 +52,45 @@ def embedded_path(key: str) -> Path:
     return Path(str(resource))
 
 
+# A `fedtune data split` directory (data/split.py writes it).
+MANIFEST = "split.json"
+HELDOUT_FILE = "heldout.jsonl.gz"
+
+
+def node_file(partition_id: int) -> str:
+    """The file name of a partition's rows in a split directory."""
+    return f"node-{partition_id:03d}.jsonl.gz"
+
+
+def read_manifest(directory: str | Path, num_nodes: int | None = None) -> dict[str, Any]:
+    """The `split.json` of a split directory, checked to be for `num_nodes` nodes when given.
+
+    Raises:
+        DataError: no readable manifest, or one for another number of nodes.
+    """
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        count = int(manifest["num_nodes"])
+        rows = [int(node["rows"]) for node in manifest["nodes"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"data.name: {path} is not a readable `fedtune data split` manifest: {exc}"
+        ) from None
+    if len(rows) != count:
+        raise DataError(f"data.name: {path} lists {len(rows)} node files for {count} nodes")
+    if num_nodes is not None and count != num_nodes:
+        raise DataError(
+            f"data.name: {directory} is a split for {count} nodes, but federation.num-clients "
+            f"is {num_nodes}"
+        )
+    return dict(manifest)
+
+
 def resolve_data(name: str) -> DataSource:
-    """Classify `data.name` and check what can be checked offline.
+    """Classify `data.name` and check what can be checked offline. A directory that holds a
+    `fedtune data split` is kind "split": each client (node) has its own file, the server reads
+    only the manifest (rows per node) and the held-out file.
 
     Raises:
         DataError: unknown embedded name, a missing local file, an unsupported file type.
@@ -62,6 +99,8 @@ def resolve_data(name: str) -> DataSource:
     if name.startswith(EMBEDDED_PREFIX):
         return DataSource("embedded", name, str(embedded_path(name[len(EMBEDDED_PREFIX) :])))
     path = Path(name).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return DataSource("split", name, str(path.resolve()))
     looks_local = name.startswith((".", "/", "~")) or name.lower().endswith(LOCAL_SUFFIXES)
     if path.exists() or looks_local:
         if not path.is_file():

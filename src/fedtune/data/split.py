@@ -24,15 +24,16 @@ from typing import Any
 
 from fedtune.config import RunConfig
 from fedtune.data.partition import load_heldout, partition_dataset
-from fedtune.data.sources import DataError, load_local_rows, resolve_data
+from fedtune.data.sources import (
+    HELDOUT_FILE,
+    MANIFEST,
+    DataError,
+    load_local_rows,
+    node_file,
+    resolve_data,
+)
 
-MANIFEST = "split.json"
-HELDOUT_FILE = "heldout.jsonl.gz"
-
-
-def node_file(partition_id: int) -> str:
-    """The file name of a partition's rows."""
-    return f"node-{partition_id:03d}.jsonl.gz"
+__all__ = ["HELDOUT_FILE", "MANIFEST", "node_file", "write_split"]
 
 
 def _write_rows(path: Path, rows: Any) -> dict[str, Any]:
@@ -59,6 +60,8 @@ def write_split(config: RunConfig, out: Path) -> dict[str, Any]:
     source = resolve_data(config.data.name)
     if source.kind == "hub":
         raise DataError(f"{config.data.name}: a hub data set; download it to a file and split that")
+    if source.kind == "split":
+        raise DataError(f"{config.data.name}: already a split; split the data set it came from")
     if (out / MANIFEST).exists():
         raise DataError(f"{out} already holds a split ({MANIFEST}); choose another directory")
     out.mkdir(parents=True, exist_ok=True)

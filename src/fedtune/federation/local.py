@@ -172,16 +172,12 @@ def node_data_files(data_dir: Path, nodes: int) -> list[Path]:
     Raises:
         FederationError: no split there, or one for another number of nodes.
     """
-    from fedtune.data.split import MANIFEST, node_file
+    from fedtune.data.sources import DataError, node_file, read_manifest
 
     try:
-        manifest = json.loads((data_dir / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise FederationError(f"{data_dir} is not a `fedtune data split` directory: {exc}") from exc
-    if manifest.get("num_nodes") != nodes:
-        raise FederationError(
-            f"{data_dir} holds a split for {manifest.get('num_nodes')} nodes, not {nodes}"
-        )
+        read_manifest(data_dir, nodes)
+    except DataError as exc:
+        raise FederationError(str(exc).removeprefix("data.name: ")) from None
     return [(data_dir / node_file(i)).resolve() for i in range(nodes)]
 
 

@@ -86,6 +86,12 @@ def _up(args: argparse.Namespace) -> int:
         f"run on it:  FLWR_HOME={state['flwr_home']} "
         f"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . {state['connection']} --stream"
     )
+    if args.data:
+        print(
+            f"its data:   the nodes train on their own files of {args.data}; give the server "
+            f"the split too: --run-config \"data.name='{Path(args.data).resolve()}' "
+            f"federation.num-clients={state['nodes']}\""
+        )
     print(f"stop it:    fedtune federation down --dir {args.dir}")
     return 0
 

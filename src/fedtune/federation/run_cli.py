@@ -100,11 +100,26 @@ def resolve_config(args: argparse.Namespace) -> Any:
 def check_data(config: Any) -> str:
     """Parse a local/embedded data set and check it splits over the clients; describe it."""
     from fedtune.data.partition import partition_dataset
-    from fedtune.data.sources import DataError, clean_rows, load_local_rows, resolve_data
+    from fedtune.data.sources import (
+        DataError,
+        clean_rows,
+        load_local_rows,
+        read_manifest,
+        resolve_data,
+    )
 
     source = resolve_data(config.data.name)
     if source.kind == "hub":
         return f"hub data set {source.name} (loaded by each client through flwr-datasets)"
+    if source.kind == "split":
+        manifest = read_manifest(source.path, config.federation.num_clients)
+        sizes = [int(node["rows"]) for node in manifest["nodes"]]
+        if min(sizes) == 0:
+            raise DataError(f"data.name: {sizes.count(0)} of the split's node files are empty")
+        return (
+            f"{source.name}: a split of {manifest['data']} into {len(sizes)} node files of "
+            f"{min(sizes):,}–{max(sizes):,} rows, {manifest['heldout']['rows']} held out"
+        )
     rows = load_local_rows(source)
     _, skipped = clean_rows(rows)
     partitioner = partition_dataset(rows, config.data, config.federation.num_clients)
