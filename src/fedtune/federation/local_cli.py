@@ -90,7 +90,7 @@ def _up(args: argparse.Namespace) -> int:
         print(
             f"its data:   the nodes train on their own files of {args.data}; give the server "
             f"the split too: --run-config \"data.name='{Path(args.data).resolve()}' "
-            f"federation.num-clients={state['nodes']}\""
+            f'federation.num-clients={state["nodes"]}"'
         )
     print(f"stop it:    fedtune federation down --dir {args.dir}")
     return 0
