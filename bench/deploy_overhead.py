@@ -67,13 +67,14 @@ def measure(mode: str, args: argparse.Namespace, work: Path) -> dict:
     clients = [json.loads(x) for x in (run_dir / "clients.jsonl").read_text().splitlines()]
     rounds = []
     for m in metrics:
-        trained = [
-            c["train_seconds"] for c in clients if c["round"] == m["round"] and "problem" not in c
-        ]
-        longest = max(trained)
+        done = [c for c in clients if c["round"] == m["round"] and "problem" not in c]
+        longest = max(c["train_seconds"] for c in done)
+        in_client = max(c["seconds"] for c in done)  # local_train from message to reply
         rounds.append(
             {"round": m["round"], "seconds": m["seconds"], "train_seconds": round(longest, 2),
+             "client_seconds": round(in_client, 2),
              "overhead_seconds": round(m["seconds"] - longest, 2),
+             "outside_client_seconds": round(m["seconds"] - in_client, 2),
              "overhead_ratio": round((m["seconds"] - longest) / longest, 3)}
         )  # fmt: skip
     steady = rounds[1:] or rounds
