@@ -4,6 +4,7 @@ and SuperNode authentication; an unregistered node is refused; `down` leaves not
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -85,3 +86,20 @@ def test_up_refuses_bad_requests_and_starts_nothing(tmp_path):
     with pytest.raises(FederationError, match="not a readable `fedtune data split` manifest"):
         up(tmp_path / "c", 2, data_dir=tmp_path / "nowhere")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing started
+
+
+def test_restart_refuses_unknown_and_running_nodes(tmp_path):
+    from fedtune.federation.local import STATE_FILE, restart_node
+
+    directory = tmp_path / "federation"
+    directory.mkdir()
+    me = {"role": "supernode", "name": "node-0", "pid": os.getpid(), "pgid": os.getpgid(0),
+          "command": ["true"], "log": str(tmp_path / "n.log")}  # fmt: skip
+    state = {"processes": [me], "flwr_home": str(tmp_path), "connection": "x", "nodes": 1}
+    (directory / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(FederationError, match="no node 'node-7'.*nodes: node-0"):
+        restart_node(directory, "node-7")
+    with pytest.raises(FederationError, match="node-0 is still running"):
+        restart_node(directory, "node-0")
+    with pytest.raises(FederationError, match="no federation recorded"):
+        restart_node(tmp_path / "nowhere", "node-0")
