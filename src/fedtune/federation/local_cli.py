@@ -86,6 +86,10 @@ def _up(args: argparse.Namespace) -> int:
         f"run on it:  FLWR_HOME={state['flwr_home']} "
         f"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . {state['connection']} --stream"
     )
+    print(
+        "            (fp32 LoRA as one object per message, lossless and ~5x less per-round "
+        "overhead here: --run-config \"compress.downlink='fp32,zstd' compress.uplink='fp32,zstd'\")"
+    )
     if args.data:
         print(
             f"its data:   the nodes train on their own files of {args.data}; give the server "
