@@ -846,11 +846,15 @@ def _validate_compress(config: RunConfig) -> None:
 
 
 def _validate_dp(config: RunConfig) -> None:
-    from fedtune.federation.privacy import ACCOUNTING, NOISE_MODES
+    from fedtune.federation.privacy import ACCOUNTING, MAX_NOISE_MULTIPLIER, NOISE_MODES
 
     dp = config.dp
     _require(dp.clipping_norm >= 0, "dp.clipping-norm", "must be >= 0 (0 = no DP)")
-    _require(dp.noise_multiplier >= 0, "dp.noise-multiplier", "must be >= 0")
+    _require(
+        0 <= dp.noise_multiplier <= MAX_NOISE_MULTIPLIER,
+        "dp.noise-multiplier",
+        f"must be in [0, {MAX_NOISE_MULTIPLIER:g}]",
+    )
     _require(dp.noise in NOISE_MODES, "dp.noise", f"must be one of {', '.join(NOISE_MODES)}")
     _require(0 < dp.delta < 1, "dp.delta", f"must be in (0, 1), got {dp.delta}")
     _require(

@@ -164,6 +164,7 @@ def test_no_noise_means_infinite_epsilon_and_bad_settings_are_named():
             "dp.accounting",
         ),  # fmt: skip
         ({"dp.clipping-norm": 0.1, "dp.delta": 1.0}, "dp.delta"),
+        ({"dp.clipping-norm": 0.1, "dp.noise-multiplier": 1e300}, "dp.noise-multiplier"),
         ({"dp.clipping-norm": 0.1, "dp.max-epsilon": 3.0}, "dp.max-epsilon"),
     ]:
         with pytest.raises(ConfigError, match=key):

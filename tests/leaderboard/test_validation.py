@@ -192,6 +192,7 @@ def test_a_dp_claim_is_recomputed_and_a_wrong_epsilon_refused():
         ({"noise_multiplier": 0.0}, "setup.privacy.epsilon", "send null"),
         ({"noise": "client"}, "setup.privacy.accounting", "amplification needs"),
         ({"secret": 1}, "setup.privacy", "unknown"),
+        ({"noise_multiplier": 1e300}, "setup.privacy", "noise_multiplier <= 1e+06"),
     ]
     for change, field, reason in refusals:
         bad = make_submission(rounds=3)

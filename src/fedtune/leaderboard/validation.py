@@ -718,7 +718,12 @@ def _privacy(value: Any, population: int | None, rounds: list[dict[str, Any]]) -
     each round's release, by the same accountant; a claim that differs is refused."""
     from types import SimpleNamespace
 
-    from fedtune.federation.privacy import ACCOUNTING, NOISE_MODES, privacy_spent
+    from fedtune.federation.privacy import (
+        ACCOUNTING,
+        MAX_NOISE_MULTIPLIER,
+        NOISE_MODES,
+        privacy_spent,
+    )
 
     where = "setup.privacy"
     obj = _mapping(value, where, required=True)
@@ -732,9 +737,11 @@ def _privacy(value: Any, population: int | None, rounds: list[dict[str, Any]]) -
     sigma = _finite(obj.get("noise_multiplier"), f"{where}.noise_multiplier")
     clip = _finite(obj.get("clipping_norm"), f"{where}.clipping_norm")
     delta = _finite(obj.get("delta"), f"{where}.delta")
-    if sigma < 0 or clip <= 0 or not 0 < delta < 1:
+    if not 0 <= sigma <= MAX_NOISE_MULTIPLIER or clip <= 0 or not 0 < delta < 1:
         raise SubmissionError(
-            where, "needs noise_multiplier >= 0, clipping_norm > 0, 0 < delta < 1"
+            where,
+            f"needs 0 <= noise_multiplier <= {MAX_NOISE_MULTIPLIER:g}, clipping_norm > 0, "
+            "0 < delta < 1",
         )
     releases = obj.get("releases")
     if not isinstance(releases, list) or len(releases) > MAX_ROUNDS:
