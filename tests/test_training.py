@@ -70,6 +70,23 @@ def test_fast_loss_equals_the_models_own_loss(tiny_llama):
     assert float(loss_sum / count) == pytest.approx(float(reference), rel=1e-5)
 
 
+def test_scoring_in_row_slices_gives_the_same_loss(tiny_llama, monkeypatch):
+    """Without gradients the logits are computed a slice of rows at a time (bounded memory):
+    the same sum, the same count, as the whole batch at once."""
+    import fedtune.training.local as local
+
+    model = tiny_llama(vocab_size=64)
+    ids, attention, labelled = collate(random_examples(6, seed=4), pad_id=0, device="cpu")
+    whole, count = summed_token_loss(model, ids, attention, labelled)  # gradients on: one slice
+    assert whole.requires_grad
+    monkeypatch.setattr(local, "EVAL_LOGIT_ROWS", 5)
+    assert count > 3 * local.EVAL_LOGIT_ROWS
+    with torch.no_grad():
+        sliced, sliced_count = summed_token_loss(model, ids, attention, labelled)
+    assert sliced_count == count
+    assert float(sliced) == pytest.approx(float(whole), rel=1e-6)
+
+
 def test_micro_batching_does_not_change_the_gradient(tiny_llama):
     lora = build_config().lora
     examples = random_examples(8, seed=2)

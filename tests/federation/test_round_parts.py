@@ -358,3 +358,27 @@ def test_server_evaluations_are_due_before_every_n_rounds_and_after_the_last():
 
     with pytest.raises(ConfigError, match="eval.heldout-every-rounds"):
         build_config({"eval.heldout-every-rounds": 0})
+
+
+@pytest.mark.parametrize(
+    ("cores", "sampled", "client_cpus", "expected"),
+    [
+        (2, 2, None, 2.0),  # a 2-core machine: one worker, two threads
+        (1, 2, None, 1.0),  # never more than the machine has (Ray could not place it)
+        (16, 2, None, 8.0),  # the cores split over the round's clients
+        (64, 20, None, 3.0),
+        (16, 20, None, 2.0),  # Flower's floor of 2 cores per client
+        (2, 2, 1.0, 1.0),  # --client-cpus wins
+    ],
+)
+def test_simulation_workers_get_at_least_two_cores_on_cpu(
+    monkeypatch: pytest.MonkeyPatch, cores: int, sampled: int, client_cpus: float | None, expected
+) -> None:
+    from fedtune.federation.engine import backend_config
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend = backend_config(sampled, client_cpus, None)
+    assert backend["client_resources"]["num_cpus"] == expected
+    assert backend["client_resources"]["num_gpus"] == 0.0
+    assert backend["init_args"]["num_cpus"] == cores

@@ -26,10 +26,21 @@ def load_client_app(spec: str) -> Any:
     return getattr(module, attribute or "app")
 
 
+# Flower's default `client_resources.num_cpus` for a simulated client.
+CPU_CORES_PER_CLIENT = 2
+
+
 def backend_config(
     sampled_clients: int, client_cpus: float | None, client_gpus: float | None
 ) -> dict[str, Any]:
-    """Ray resources: on CPU the cores are split over the clients of a round (they run at once).
+    """Ray resources: one simulation worker per `num_cpus` cores (per GPU when there is one).
+
+    On CPU the cores are split over the clients of a round, but never below Flower's own default
+    of 2 cores per client: every worker holds its own copy of the model and its training
+    activations (about 2.5 GB on the embedded default), while a worker's torch threads use its
+    cores about as well as separate workers would — so a 2-core machine runs one worker with two
+    threads, not two workers with one (half the memory, `bench/process_memory.py`). Clients
+    beyond the workers wait their turn within the round. `--client-cpus` overrides it.
 
     `max_restarts` reaches Ray's actor options: a worker process that dies (a segfault, the OOM
     killer, an `os._exit` in a ClientApp) is restarted, instead of staying in Flower's pool as a
@@ -38,7 +49,7 @@ def backend_config(
     import torch
 
     cores = os.cpu_count() or 1
-    cpus = client_cpus or max(1.0, float(cores // sampled_clients))
+    cpus = client_cpus or float(min(cores, max(CPU_CORES_PER_CLIENT, cores // sampled_clients)))
     gpus = client_gpus if client_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
     return {
         "client_resources": {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": -1},

@@ -101,6 +101,11 @@ def _split_model(model: Any) -> tuple[Any, Any] | None:
     return decoder, head
 
 
+# Rows of logits computed at once when a loss is only scored (no gradients): 512 × 49,152 fp32
+# logits are 0.1 GB.
+EVAL_LOGIT_ROWS = 512
+
+
 def summed_token_loss(
     model: Any, ids: torch.Tensor, attention: torch.Tensor, labelled: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
@@ -110,13 +115,29 @@ def summed_token_loss(
     """
     import torch.nn.functional as F
 
+    import torch
+
     targets = ids[:, 1:][labelled[:, 1:]]
     predicting = labelled[:, 1:]
     split = _split_model(model)
     if split is not None:
         decoder, head = split
         hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
-        logits = head(hidden[:, :-1][predicting])
+        rows = hidden[:, :-1][predicting]
+        if not torch.is_grad_enabled() and len(rows) > EVAL_LOGIT_ROWS:
+            # Scoring only: the vocabulary-wide logits of a whole batch (4,096 tokens × 49,152
+            # for SmolLM2, 0.8 GB in fp32, twice over inside cross_entropy) are what a server's
+            # held-out scoring would peak on; a slice of rows at a time bounds them.
+            total = sum(
+                F.cross_entropy(
+                    head(rows[start : start + EVAL_LOGIT_ROWS]).float(),
+                    targets[start : start + EVAL_LOGIT_ROWS],
+                    reduction="sum",
+                )
+                for start in range(0, len(rows), EVAL_LOGIT_ROWS)
+            )
+            return torch.as_tensor(total), int(targets.numel())
+        logits = head(rows)
     else:
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1][predicting]
     loss = F.cross_entropy(logits.float(), targets, reduction="sum")
