@@ -113,9 +113,8 @@ def summed_token_loss(
 
     Position t predicts token t+1, so the positions that matter are labelled[:, 1:].
     """
-    import torch.nn.functional as F
-
     import torch
+    import torch.nn.functional as F
 
     targets = ids[:, 1:][labelled[:, 1:]]
     predicting = labelled[:, 1:]
