@@ -179,6 +179,12 @@ class StrategyConfig:
         "Seconds to wait for enough nodes to be connected (and to answer who they are) "
         "before the run stops with an error.",
     )
+    link_wait_s: float = _key(
+        "strategy.link-wait-s",
+        "Deployment engine: seconds the ServerApp keeps retrying a SuperLink that does not "
+        "answer before the run stops (status failed, resumable); Flower's own default is to "
+        "retry forever.",
+    )
     fedavgm_server_learning_rate: float = _key(
         "strategy.fedavgm.server-learning-rate", "FedAvgM: server learning rate."
     )
@@ -457,6 +463,7 @@ DEFAULTS: dict[str, Any] = {
     "strategy.min-clients": 1,
     "strategy.max-retries": 2,
     "strategy.node-wait-s": 300.0,
+    "strategy.link-wait-s": 600.0,
     "strategy.fedavgm.server-learning-rate": 1.0,
     "strategy.fedavgm.server-momentum": 0.9,
     "strategy.fedadam.eta": 1e-3,
@@ -924,6 +931,7 @@ def _validate_strategy(config: RunConfig) -> None:
     )
     _require(s.max_retries >= 0, "strategy.max-retries", "must be >= 0")
     _require(s.node_wait_s > 0, "strategy.node-wait-s", "must be > 0")
+    _require(s.link_wait_s > 0, "strategy.link-wait-s", "must be > 0")
     _require(
         s.fedavgm_server_learning_rate > 0, "strategy.fedavgm.server-learning-rate", "must be > 0"
     )

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.federation.local import _alive, _group_alive, down, flower_env, restart_node, up
+from fedtune.federation.local import (
+    _alive,
+    _group_alive,
+    down,
+    flower_env,
+    restart_node,
+    restart_superlink,
+    up,
+)
 
 pytestmark = pytest.mark.integration  # real Flower processes; runs in CI
 
@@ -164,28 +172,28 @@ def test_node_killed_mid_round_survivors_finish_and_it_rejoins(tmp_path, tiny_mo
         assert len(lines) >= ROUNDS and lines[-1].endswith("model loaded 1 time(s)"), lines[-3:]
 
 
-@pytest.mark.slow
-def test_serverapp_killed_then_resumed_on_the_same_federation(tmp_path, tiny_model_dir):
-    """SIGKILL the ServerApp after round 2; `flwr run` with run.resume continues the same run
-    directory from its last resume point: every round once in every log, the resume recorded."""
+def _kill_after_round_2_then_resume(
+    tmp_path: Path, tiny_model_dir: Path, kill, *extra: str
+) -> dict:
+    """A 4-round run on 3 nodes (TLS + auth); after round 2 `kill(directory, state, run_dir)`;
+    then `flwr run` with run.resume continues the same run directory. Checks that every round is
+    in every log once; returns the summary and the clients' rows."""
     directory = tmp_path / "federation"
     state = up(directory, 3, tls=True, auth=True, timeout_s=60)
     out = tmp_path / "runs"
     run_dir = out / "deploy"
     log = tmp_path / "flwr-run.log"
     deadline = time.monotonic() + RUN_DEADLINE_S
-    config = _run_config(tiny_model_dir, out, 4, "train.save-every-round=1")
+    config = _run_config(tiny_model_dir, out, 4, "train.save-every-round=1", *extra)
     first = _flwr_run(state, config, tmp_path, log)
     try:
         _wait(lambda: len(_lines(run_dir / "metrics.jsonl")) >= 2, deadline, "round 2", first)
         # The ServerApp's process: the one the run directory's status names.
         pid = json.loads((run_dir / "status.json").read_text())["pid"]
         assert "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
-        os.kill(pid, signal.SIGKILL)
+        kill(directory, state, pid, run_dir)
         _wait(lambda: not _alive(pid), deadline, "the ServerApp to die", None)
         _stop(first)  # the stream of a run whose ServerApp is gone
-        status = json.loads((run_dir / "status.json").read_text())
-        assert status["state"] == "running"  # what it was when killed; the pid is dead now
 
         second = _flwr_run(state, f"{config} run.resume='{run_dir}'", tmp_path, log)
         try:
@@ -194,7 +202,8 @@ def test_serverapp_killed_then_resumed_on_the_same_federation(tmp_path, tiny_mod
             _stop(second)
     finally:
         _stop(first)
-        down(directory)
+        recorded = json.loads((directory / "federation.json").read_text())["processes"]
+        report = down(directory)
     text = log.read_text(errors="replace")
     assert code == 0, text[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -205,3 +214,59 @@ def test_serverapp_killed_then_resumed_on_the_same_federation(tmp_path, tiny_mod
         assert sorted(set(rounds)) == [1, 2, 3, 4], name
         assert rounds == sorted(rounds), name
     assert [m["round"] for m in _lines(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert all(line.endswith("stopped") for line in report), report
+    for process in recorded:
+        assert not _group_alive(process["pgid"]), process["name"]
+    return {"summary": summary, "clients": _lines(run_dir / "clients.jsonl"), "state": recorded}
+
+
+@pytest.mark.slow
+def test_serverapp_killed_then_resumed_on_the_same_federation(tmp_path, tiny_model_dir):
+    """SIGKILL the ServerApp after round 2; `flwr run` with run.resume continues the same run
+    directory from its last resume point: every round once in every log, the resume recorded."""
+
+    def kill_serverapp(directory: Path, state: dict, pid: int, run_dir: Path) -> None:
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: not _alive(pid), time.monotonic() + 30, "the ServerApp to die", None)
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "running"  # what it was when killed; the pid is dead now
+
+    _kill_after_round_2_then_resume(tmp_path, tiny_model_dir, kill_serverapp)
+
+
+@pytest.mark.slow
+def test_superlink_killed_restarted_and_the_run_resumed(tmp_path, tiny_model_dir):
+    """SIGKILL the SuperLink's process group (it and its SuperExec) after round 2. The
+    ServerApp, a process of its own, keeps retrying the SuperLink only for strategy.link-wait-s,
+    then records an honest failure and exits (Flower alone would retry forever). `fedtune
+    federation restart superlink` brings the SuperLink back on the same address and database —
+    the registered keys survive, the nodes reconnect by themselves — and run.resume finishes the
+    run with every node training again."""
+    link_wait_s = 20
+    restarted: dict = {}
+
+    def kill_superlink(directory: Path, state: dict, pid: int, run_dir: Path) -> None:
+        link = next(p for p in state["processes"] if p["role"] == "superlink")
+        os.killpg(link["pgid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _wait(
+            lambda: not _alive(pid),
+            killed_at + link_wait_s + 60,
+            "the ServerApp to give up on the SuperLink",
+            None,
+        )
+        gave_up_after = time.monotonic() - killed_at
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "failed" and status["resumable"], status
+        assert f"SuperLink did not answer for {link_wait_s} s" in status["error"], status
+        assert gave_up_after >= link_wait_s - 1
+        restarted.update(restart_superlink(directory, timeout_s=120))
+
+    result = _kill_after_round_2_then_resume(
+        tmp_path, tiny_model_dir, kill_superlink, f"strategy.link-wait-s={link_wait_s}"
+    )
+    assert restarted["restarts"] == 1 and restarted["rejoined_s"] < 120
+    link = next(p for p in result["state"] if p["role"] == "superlink")
+    assert link["pid"] == restarted["pid"]  # `down` stopped the restarted one
+    after = {c["partition_id"] for c in result["clients"] if c["round"] >= 3 and "problem" not in c}
+    assert after == {0, 1, 2}, result["clients"]

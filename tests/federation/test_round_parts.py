@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,47 @@ def test_simulation_workers_get_at_least_two_cores_on_cpu(
     assert backend["client_resources"]["num_cpus"] == expected
     assert backend["client_resources"]["num_gpus"] == 0.0
     assert backend["init_args"]["num_cpus"] == cores
+
+
+def test_the_deployment_grid_gives_up_on_a_dead_superlink_within_the_link_wait(
+    tmp_path, tiny_model_dir
+):
+    """Flower's HTTP grid retries a SuperLink that does not answer forever; fedtune bounds it
+    (strategy.link-wait-s) and the run fails with a message that names the SuperLink."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from fedtune.federation.local import free_port
+    from fedtune.federation.progress import Progress
+    from fedtune.federation.server_app import bound_link_wait, serve
+
+    grid = HttpGrid(f"127.0.0.1:{free_port()}", insecure=True, token="t")  # nothing listens
+    errors = bound_link_wait(grid, 2.0)
+    assert errors
+    started = time.monotonic()
+    with pytest.raises(errors):
+        grid.get_node_ids()
+    assert time.monotonic() - started < 10
+
+    config = build_config(
+        {
+            "model.name": str(tiny_model_dir),
+            "strategy.link-wait-s": 2.0,
+            "data.heldout-examples": 0,
+            "eval.probe-examples": 0,
+            "run.output-dir": str(tmp_path),
+        }
+    )
+    run_dir = RunDirectory.create(config, ["test"])
+
+    grid = HttpGrid(f"127.0.0.1:{free_port()}", insecure=True, token="t")
+    with pytest.raises(errors):
+        serve(grid, config, run_dir, Progress(config.federation.num_rounds, lambda line: None))
+    status = run_dir.status()
+    assert status["state"] == "failed" and status["resumable"]
+    assert "SuperLink did not answer for 2 s (strategy.link-wait-s)" in status["error"]
+
+
+def test_the_simulation_grid_has_nothing_to_bound():
+    from fedtune.federation.server_app import bound_link_wait
+
+    assert bound_link_wait(object(), 2.0) == ()

@@ -360,6 +360,65 @@ def restart_node(directory: Path, name: str, timeout_s: float = 180.0) -> dict:
     return process
 
 
+def restart_superlink(directory: Path, timeout_s: float = 180.0) -> dict:
+    """Start the recorded SuperLink again after it died (same address, certificates and
+    database, so the registered node keys and node ids survive); its updated record once it
+    answers and every running node is connected again.
+
+    SuperNodes keep retrying a lost SuperLink (with backoff, up to `--max-wait-time`) and
+    reconnect by themselves; a run whose ServerApp died with the SuperLink is continued with
+    `run.resume`. Every wait is bounded by `timeout_s`.
+
+    Raises:
+        FederationError: no SuperLink recorded, it is still running, or it or the nodes did not
+            come back in time.
+    """
+    directory = directory.resolve()
+    state = read_state(directory)
+    found = [p for p in state.get("processes", []) if p["role"] == "superlink"]
+    if not found:
+        raise FederationError(f"no SuperLink recorded in {directory}")
+    process = found[0]
+    if _group_alive(process["pgid"]):
+        raise FederationError(f"the SuperLink is still running (pid {process['pid']})")
+    env = flower_env(Path(state["flwr_home"]))
+    started = time.monotonic()
+    fresh = _start("superlink", "superlink", process["command"], Path(process["log"]), env)
+    process.update(pid=fresh["pid"], pgid=fresh["pgid"], restarts=process.get("restarts", 0) + 1)
+    _write_state(directory, state)
+    command = process["command"]
+    flag = "--ssl-ca-certfile"
+    ca = Path(command[command.index(flag) + 1]) if flag in command else None
+    _wait_health(state["address"], ca, process, timeout_s)
+    # The database still lists the nodes as it last saw them; what shows a node is back is its
+    # own log: after its last failed connection attempt, a successful one.
+    waiting = [
+        p for p in state["processes"] if p["role"] == "supernode" and _group_alive(p["pgid"])
+    ]
+    deadline = started + timeout_s
+    while waiting := [p for p in waiting if not _connected(p["log"])]:
+        if time.monotonic() > deadline:
+            names = ", ".join(p["name"] for p in waiting)
+            raise FederationError(
+                f"the SuperLink is back but {names} did not reconnect within {timeout_s:.0f} s"
+            )
+        time.sleep(0.5)
+    process["rejoined_s"] = round(time.monotonic() - started, 2)
+    _write_state(directory, state)
+    return process
+
+
+def _connected(path: str) -> bool:
+    """Whether a SuperNode's log shows it connected: no failed connection attempt, or a
+    successful one after the last failure (Flower's retry messages)."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError:
+        return False
+    failed = text.rfind(b"Connection attempt failed")
+    return failed < 0 or text.rfind(b"Connection successful") > failed
+
+
 def worker_socket(directory: Path, name: str) -> Path:
     """Where node `name`'s worker listens: in the federation's directory, or under the system's
     temporary directory when that path would pass the ~100-byte limit of Unix socket paths."""

@@ -38,9 +38,11 @@ def register(subparsers: Any) -> None:
     status = commands.add_parser("status", help="the recorded processes and the online nodes")
     status.set_defaults(handler=_status)
     restart = commands.add_parser(
-        "restart", help="start a node that died again (same key, data and log) and wait for it"
+        "restart",
+        help="start a node or the SuperLink that died again (same key, data, database and "
+        "log) and wait for it",
     )
-    restart.add_argument("node", help="the node's name, e.g. node-1 (see `status`)")
+    restart.add_argument("node", help="a node's name, e.g. node-1, or `superlink` (see `status`)")
     restart.add_argument(
         "--timeout", type=float, default=180.0, help="seconds to wait for it to be online (180)"
     )
@@ -134,11 +136,14 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _restart(args: argparse.Namespace) -> int:
-    from fedtune.federation.local import FederationError, restart_node
+    from fedtune.federation.local import FederationError, restart_node, restart_superlink
 
     print(f"restarting {args.node} (up to {args.timeout:.0f} s) …", file=sys.stderr, flush=True)
     try:
-        process = restart_node(Path(args.dir), args.node, timeout_s=args.timeout)
+        if args.node == "superlink":
+            process = restart_superlink(Path(args.dir), timeout_s=args.timeout)
+        else:
+            process = restart_node(Path(args.dir), args.node, timeout_s=args.timeout)
     except FederationError as exc:
         print(f"fedtune federation restart: error: {exc}", file=sys.stderr)
         return 2

@@ -523,14 +523,21 @@ def make_server_app(
 
 def serve(grid: Grid, config: RunConfig, run_dir: RunDirectory, progress: Progress) -> None:
     """Run the federation; whatever ends it is recorded in status.json before it propagates."""
+    link_errors = bound_link_wait(grid, config.strategy.link_wait_s)
     try:
         run_federation(grid, config, run_dir, progress)
     except BaseException as exc:
         rounds = _rounds_completed(run_dir)
+        error = f"{type(exc).__name__}: {exc}"
+        if link_errors and isinstance(exc, link_errors):
+            error = (
+                f"the SuperLink did not answer for {config.strategy.link_wait_s:.0f} s "
+                f"(strategy.link-wait-s): {error}"
+            )
         try:
             run_dir.set_status(
                 "failed",
-                error=f"{type(exc).__name__}: {exc}",
+                error=error,
                 rounds_completed=rounds,
                 resumable=True,
             )
@@ -541,6 +548,20 @@ def serve(grid: Grid, config: RunConfig, run_dir: RunDirectory, progress: Progre
             f"the run can continue from its last checkpoint: fedtune run --resume {run_dir.path}"
         )
         raise
+
+
+def bound_link_wait(grid: Any, seconds: float) -> tuple[type[BaseException], ...]:
+    """Bound how long the deployment engine's grid retries an unreachable SuperLink; the
+    exceptions it then gives up with. Flower 1.42's grid retries every call forever, so a
+    ServerApp whose SuperLink died would wait without end; with a limit, the call raises and
+    the run ends failed (resumable). The simulation's grid makes no network calls: nothing to
+    bound, no exceptions."""
+    invoker = getattr(grid, "_retry_invoker", None)
+    if invoker is None or not hasattr(invoker, "max_time"):
+        return ()
+    invoker.max_time = seconds
+    errors = invoker.recoverable_exceptions
+    return errors if isinstance(errors, tuple) else (errors,)
 
 
 def _rounds_completed(run_dir: RunDirectory) -> int:
