@@ -103,3 +103,56 @@ def test_restart_refuses_unknown_and_running_nodes(tmp_path):
         restart_node(directory, "node-0")
     with pytest.raises(FederationError, match="no federation recorded"):
         restart_node(tmp_path / "nowhere", "node-0")
+
+
+def test_down_also_stops_what_a_process_started_in_a_session_of_its_own(tmp_path):
+    """Flower's SuperExec starts a ServerApp with start_new_session: a signal to the SuperLink's
+    group misses it, so `down` finds such descendants first and stops them after their parent."""
+    import time
+
+    from fedtune.federation.local import STATE_FILE, _alive, _start
+
+    directory = tmp_path / "federation"
+    directory.mkdir()
+    child_pid = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+        " start_new_session=True)\n"
+        f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    link = _start("superlink", "superlink", [sys.executable, "-c", script],
+                  directory / "logs" / "superlink.log", dict(os.environ))  # fmt: skip
+    state = {"processes": [link], "flwr_home": str(tmp_path), "connection": "x", "nodes": 0}
+    (directory / STATE_FILE).write_text(json.dumps(state))
+    deadline = time.monotonic() + DEADLINE_S
+    while not (child_pid.exists() and child_pid.read_text()):
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.1)
+    child = int(child_pid.read_text())
+    assert os.getpgid(child) != link["pgid"]  # out of the group's reach
+    try:
+        report = down(directory, timeout_s=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child, signal.SIGKILL)
+    assert not _group_alive(link["pgid"]) and not _alive(child)
+    assert report == [
+        f"superlink (pid {link['pid']}): stopped; its detached python (pid {child}) stopped"
+    ], report
+
+
+def test_restart_superlink_refuses_when_none_is_recorded_or_it_still_runs(tmp_path):
+    from fedtune.federation.local import STATE_FILE, restart_superlink
+
+    directory = tmp_path / "federation"
+    directory.mkdir()
+    (directory / STATE_FILE).write_text(json.dumps({"processes": [], "flwr_home": str(tmp_path)}))
+    with pytest.raises(FederationError, match="no SuperLink recorded"):
+        restart_superlink(directory)
+    me = {"role": "superlink", "name": "superlink", "pid": os.getpid(), "pgid": os.getpgid(0),
+          "command": ["true"], "log": str(tmp_path / "l.log")}  # fmt: skip
+    (directory / STATE_FILE).write_text(json.dumps({"processes": [me], "flwr_home": str(tmp_path)}))
+    with pytest.raises(FederationError, match="the SuperLink is still running"):
+        restart_superlink(directory)

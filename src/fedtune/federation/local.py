@@ -15,6 +15,7 @@ process group it recorded (nodes first, then the SuperLink), waits, then SIGKILL
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -445,6 +446,65 @@ def _write_connection(flwr_home: Path, name: str, address: str, ca: Path | None)
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def _stop_group(pgid: int, timeout_s: float) -> str:
+    """SIGTERM a process group, SIGKILL it after `timeout_s`; how it ended."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not _group_alive(pgid):
+        return "stopped"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    while _group_alive(pgid) and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+    return f"killed after {timeout_s:.0f} s"
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, process group) of every live (non-zombie) process."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def _detached_descendants(pgid: int) -> list[int]:
+    """Descendants of a process group's members that live in another process group (a child
+    started with a session of its own), which a signal to the group would miss."""
+    table = _process_table()
+    members = {pid for pid, (_, group) in table.items() if group == pgid}
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found: list[int] = []
+    stack = list(members)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in members and child not in found:
+                found.append(child)
+                stack.append(child)
+    return [pid for pid in found if table[pid][1] != pgid]
+
+
+def _command_name(pid: int) -> str:
+    try:
+        words = [Path(w.decode(errors="replace")).name for w in
+                 Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if w]  # fmt: skip
+    except OSError:
+        return "process"
+    if len(words) > 1 and words[0].startswith("python") and not words[1].startswith("-"):
+        return words[1]
+    return words[0] if words else "process"
+
+
 def down(directory: Path, timeout_s: float = 20.0) -> list[str]:
     """Stop every process group the federation of `directory` recorded: nodes first, then the
     SuperLink; SIGTERM, then SIGKILL after `timeout_s`. Returns what was stopped, as text.
@@ -461,16 +521,16 @@ def down(directory: Path, timeout_s: float = 20.0) -> list[str]:
         if not _group_alive(pgid):
             report.append(f"{process['name']} (pid {process['pid']}): not running")
             continue
-        os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        how = "stopped"
-        if _group_alive(pgid):
-            os.killpg(pgid, signal.SIGKILL)
-            how = f"killed after {timeout_s:.0f} s"
-            while _group_alive(pgid) and time.monotonic() < deadline + 10:
-                time.sleep(0.1)
+        # Flower starts a ServerApp in a session of its own: found now, stopped after its parent.
+        detached = _detached_descendants(pgid)
+        how = _stop_group(pgid, timeout_s)
+        for pid in detached:
+            try:
+                group = os.getpgid(pid)
+            except ProcessLookupError:
+                continue  # it ended with its parent
+            name = _command_name(pid)
+            how += f"; its detached {name} (pid {pid}) {_stop_group(group, timeout_s)}"
         report.append(f"{process['name']} (pid {process['pid']}): {how}")
     state["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     state["processes"] = []
