@@ -19,37 +19,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main() -> None:
-    from fedtune.config import build_config, parse_assignment
-    from fedtune.federation.client_app import get_partition, get_worker
-    from fedtune.training.local import train_local
+    import torch
+
+    from fedtune.config import parse_assignment
+    from worker_layout import train_clients
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE")
     args = parser.parse_args()
-    config = build_config(dict(parse_assignment(item) for item in args.set))
     started = time.perf_counter()
-    worker = get_worker(config)
-    examples, _ = get_partition(worker, config, 0, config.federation.num_clients)
-    train = config.train
-    result = train_local(
-        worker.model,
-        examples,
-        steps=train.local_steps,
-        batch_size=train.batch_size,
-        grad_accumulation=train.gradient_accumulation_steps,
-        learning_rate=train.learning_rate_max,
-        seed=train.seed,
-        pad_id=worker.tokenizer.pad_token_id,
-        max_grad_norm=train.max_grad_norm,
-        weight_decay=train.weight_decay,
-        device=worker.device,
-    )
+    settings = dict(parse_assignment(item) for item in args.set)
+    (row,) = train_clients([0], torch.get_num_threads(), settings)
     print(
-        f"one client: {result.examples} examples, {result.tokens} tokens, loss "
-        f"{result.train_loss:.4f}, {time.perf_counter() - started:.1f} s"
+        f"one client: {row['tokens']} tokens, loss {row['loss']:.4f}, "
+        f"{time.perf_counter() - started:.1f} s"
     )
 
 
