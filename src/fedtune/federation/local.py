@@ -309,6 +309,13 @@ def up(
     return state
 
 
+def _relaunch(directory: Path, state: dict, process: dict, env: dict[str, str]) -> None:
+    """Start a recorded process again with its own command and log; its record updated."""
+    fresh = _start(process["role"], process["name"], process["command"], Path(process["log"]), env)
+    process.update(pid=fresh["pid"], pgid=fresh["pgid"], restarts=process.get("restarts", 0) + 1)
+    _write_state(directory, state)
+
+
 def restart_node(directory: Path, name: str, timeout_s: float = 180.0) -> dict:
     """Start a recorded SuperNode again that is no longer running (same command, key, data and
     log) and wait until it is online; its updated record.
@@ -344,9 +351,7 @@ def restart_node(directory: Path, name: str, timeout_s: float = 180.0) -> dict:
                 )
             time.sleep(1.0)
     before = set(online_nodes(state, env))
-    fresh = _start("supernode", name, process["command"], Path(process["log"]), env)
-    process.update(pid=fresh["pid"], pgid=fresh["pgid"], restarts=process.get("restarts", 0) + 1)
-    _write_state(directory, state)
+    _relaunch(directory, state, process, env)
     while True:
         online = set(online_nodes(state, env))
         if (node_id in online) if node_id is not None else bool(online - before):
@@ -384,9 +389,7 @@ def restart_superlink(directory: Path, timeout_s: float = 180.0) -> dict:
         raise FederationError(f"the SuperLink is still running (pid {process['pid']})")
     env = flower_env(Path(state["flwr_home"]))
     started = time.monotonic()
-    fresh = _start("superlink", "superlink", process["command"], Path(process["log"]), env)
-    process.update(pid=fresh["pid"], pgid=fresh["pgid"], restarts=process.get("restarts", 0) + 1)
-    _write_state(directory, state)
+    _relaunch(directory, state, process, env)
     command = process["command"]
     flag = "--ssl-ca-certfile"
     ca = Path(command[command.index(flag) + 1]) if flag in command else None
