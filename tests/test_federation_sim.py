@@ -132,6 +132,8 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
         "fedtune",
         "run",
     ]
+    # Filled in by the engine's process, which trains; `fedtune run` never imports torch.
+    assert environment["device"] == "cpu" and environment["torch_threads"] >= 1
 
 
 @pytest.mark.slow

@@ -307,6 +307,7 @@ def run_federation(
     """
     started = time.perf_counter()
     fed, train = config.federation, config.train
+    run_dir.record_device()
     progress.note("building the initial global adapter")
     adapter, evaluator = init_global_adapter(config)
     strategy = build_strategy(config, {k: v.numpy() for k, v in adapter.state.items()})
