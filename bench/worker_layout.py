@@ -38,14 +38,17 @@ def train_clients(partitions: list[int], threads: int, settings: dict | None = N
     sys.path.insert(0, str(ROOT / "src"))
     from fedtune.config import build_config
     from fedtune.federation.client_app import get_partition, get_worker
+    from fedtune.model.adapters import adapter_state, load_adapter_state
     from fedtune.training.local import train_local
 
     torch.set_num_threads(threads)
     config = build_config(settings or {})
     worker = get_worker(config)
     train = config.train
+    initial = {k: v.clone() for k, v in adapter_state(worker.model).items()}
     rows = []
     for partition in partitions:
+        load_adapter_state(worker.model, initial)  # every client starts from the same global
         examples, _ = get_partition(worker, config, partition, config.federation.num_clients)
         started = time.perf_counter()
         result = train_local(
