@@ -160,15 +160,39 @@ def write_report(args, rows, partitions, started) -> list[dict]:
     return table
 
 
+def _mean_std(values: list[float], digits: int) -> tuple[float | None, float]:
+    if not values:
+        return None, 0.0
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return round(statistics.fmean(values), digits), round(std, digits)
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """mean ± std over seeds per (strategy, partitioning)."""
+    """mean ± std over seeds per (strategy, partitioning), and the paired difference from FedAvg
+    on the same partitioning and seed (the seed also draws the held-out rows, so a loss varies
+    more between seeds than between strategies on one seed: the pairing removes that)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["strategy"], row["partition"]), []).append(row)
+    fedavg = {(r["partition"], r["seed"]): r for r in rows if r["strategy"] == "fedavg"}
     table = []
     for (strategy, partition), members in groups.items():
         losses = [m["final_heldout_loss"] for m in members]
         scores = [m["mmlu"] for m in members if m["mmlu"] is not None]
+        paired = [
+            (m, fedavg[(partition, m["seed"])]) for m in members if (partition, m["seed"]) in fedavg
+        ]
+        delta, delta_std = _mean_std(
+            [m["final_heldout_loss"] - f["final_heldout_loss"] for m, f in paired], 4
+        )
+        mmlu_delta, mmlu_delta_std = _mean_std(
+            [
+                m["mmlu"] - f["mmlu"]
+                for m, f in paired
+                if m["mmlu"] is not None and f["mmlu"] is not None
+            ],
+            2,
+        )
         table.append(
             {
                 "strategy": strategy,
@@ -178,6 +202,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "heldout_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else 0.0,
                 "mmlu_mean": round(statistics.fmean(scores), 2) if scores else None,
                 "mmlu_std": round(statistics.stdev(scores), 2) if len(scores) > 1 else 0.0,
+                "heldout_vs_fedavg_mean": delta,
+                "heldout_vs_fedavg_std": delta_std,
+                "mmlu_vs_fedavg_mean": mmlu_delta,
+                "mmlu_vs_fedavg_std": mmlu_delta_std,
+                "paired_seeds": len(paired),
                 "total_bytes": members[0]["total_bytes"],
                 "seconds_mean": round(statistics.fmean(m["seconds"] for m in members), 1),
             }
@@ -186,15 +215,23 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def markdown(table: list[dict], partitions: list[str]) -> str:
-    head = "| strategy | " + " | ".join(f"held-out loss, {p}" for p in partitions)
+    head = "| strategy | " + " | ".join(
+        f"held-out loss, {p} | vs FedAvg, same seed, {p}" for p in partitions
+    )
     head += " | MMLU 5-shot (IID) | bytes per run | seeds |"
-    lines = [head, "|---" * (len(partitions) + 4) + "|"]
+    lines = [head, "|---" * (2 * len(partitions) + 4) + "|"]
     by_key = {(r["strategy"], r["partition"]): r for r in table}
     for strategy in dict.fromkeys(r["strategy"] for r in table):
         cells = []
         for partition in partitions:
             row = by_key.get((strategy, partition))
             cells.append(f"{row['heldout_mean']:.4f} ± {row['heldout_std']:.4f}" if row else "—")
+            paired = row and row.get("heldout_vs_fedavg_mean") is not None and strategy != "fedavg"
+            cells.append(
+                f"{row['heldout_vs_fedavg_mean']:+.4f} ± {row['heldout_vs_fedavg_std']:.4f}"
+                if paired
+                else "—"
+            )
         first = by_key.get((strategy, partitions[0])) or {}
         mmlu = (
             f"{first['mmlu_mean']:.2f} ± {first['mmlu_std']:.2f}"
