@@ -66,7 +66,9 @@ class Run:
         self.dir = self.out / name
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="ft-ray-", dir="/tmp"))
         self.pidfile = tmp / f"{name}.pid"
-        args = [sys.executable, "-m", "fedtune.cli", "run"]
+        # One core per client, so a round's clients train in parallel workers (two on a 2-core
+        # machine): the fault runs need a hung or crashing client to hold up only its own worker.
+        args = [sys.executable, "-m", "fedtune.cli", "run", "--client-cpus", "1"]
         if resume:
             args += ["--resume", str(self.dir)]
         else:

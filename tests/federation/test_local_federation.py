@@ -139,7 +139,8 @@ def test_down_also_stops_what_a_process_started_in_a_session_of_its_own(tmp_path
             os.killpg(child, signal.SIGKILL)
     assert not _group_alive(link["pgid"]) and not _alive(child)
     assert report == [
-        f"superlink (pid {link['pid']}): stopped; its detached python (pid {child}) stopped"
+        f"superlink (pid {link['pid']}): stopped; "
+        f"its detached {Path(sys.executable).name} (pid {child}) stopped"
     ], report
 
 
