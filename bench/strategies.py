@@ -75,7 +75,9 @@ def one_run(
     if args.collect and (not finished or (args.mmlu and not scored)):
         return None
     if not finished:
-        command = [sys.executable, "-m", "fedtune.cli", "run"]
+        # One simulation worker per core, the layout the grid's first seeds were trained with
+        # (the thread count changes a run's last bits).
+        command = [sys.executable, "-m", "fedtune.cli", "run", "--client-cpus", "1"]
         if run_dir.exists():
             command += ["--resume", str(run_dir)]
         else:
