@@ -80,16 +80,7 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(entry.name)
-    return bool(members)
+    return any(group == pgid for _, group in _process_table().values())
 
 
 def _start(role: str, name: str, command: list[str], log: Path, env: dict[str, str]) -> dict:
