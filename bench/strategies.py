@@ -145,7 +145,15 @@ def earlier_rows(args: argparse.Namespace) -> dict:
     return {(r["strategy"], r["partition"], r["seed"]): r for r in report.get("runs", [])}
 
 
-def write_report(args, rows, partitions, started) -> list[dict]:
+def write_report(args, rows, done, started) -> tuple[list[dict], list[str]]:
+    """Write the JSON and the PNG: this invocation's rows and, kept as they were, the earlier
+    rows (same settings) it did not cover, so a grid can be widened one strategy at a time."""
+    covered = {(r["strategy"], r["partition"], r["seed"]) for r in rows}
+    rows = rows + [row for key, row in done.items() if key not in covered]
+    order = {name: i for i, name in enumerate([*PARTITIONS, *STRATEGIES])}
+    rows.sort(key=lambda r: (r["seed"], order[r["partition"]], order[r["strategy"]]))
+    present = {r["partition"] for r in rows}
+    partitions = [p for p in PARTITIONS if p in present]
     table = aggregate(rows)
     report = {
         "machine": f"{os.cpu_count()} CPU cores",
@@ -159,7 +167,7 @@ def write_report(args, rows, partitions, started) -> list[dict]:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     draw(table, partitions, Path(args.json).with_suffix(".png"))
-    return table
+    return table, partitions
 
 
 def _mean_std(values: list[float], digits: int) -> tuple[float | None, float]:
@@ -320,11 +328,11 @@ def main() -> None:
                 if row is not None:
                     rows.append(row)
                     # Written after every run: an interrupted grid keeps what it finished.
-                    write_report(args, rows, partitions, started)
+                    write_report(args, rows, done, started)
     if not rows:
         raise SystemExit("no finished run to report")
-    table = write_report(args, rows, partitions, started)
-    print(markdown(table, partitions))
+    table, shown = write_report(args, rows, done, started)
+    print(markdown(table, shown))
 
 
 if __name__ == "__main__":
