@@ -159,7 +159,7 @@ def write_report(args, rows, done, started) -> tuple[list[dict], list[str]]:
         "machine": f"{os.cpu_count()} CPU cores",
         "settings": settings_of(args),
         "extra_settings": args.set,
-        "seeds": args.seeds,
+        "seeds": sorted({r["seed"] for r in rows}),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "table": table,
         "runs": rows,
@@ -224,6 +224,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return table
 
 
+def _spread(mean: float, std: float, n: int, spec: str) -> str:
+    """'mean ± std' over n seeds; one seed has no spread to show (not '± 0'): just its value."""
+    return f"{mean:{spec}} ± {std:.{spec[-2]}f}" if n > 1 else f"{mean:{spec}}"
+
+
 def markdown(table: list[dict], partitions: list[str]) -> str:
     head = "| strategy | " + " | ".join(
         f"held-out loss, {p} | vs FedAvg, same seed, {p}" for p in partitions
@@ -235,16 +240,25 @@ def markdown(table: list[dict], partitions: list[str]) -> str:
         cells = []
         for partition in partitions:
             row = by_key.get((strategy, partition))
-            cells.append(f"{row['heldout_mean']:.4f} ± {row['heldout_std']:.4f}" if row else "—")
+            cells.append(
+                _spread(row["heldout_mean"], row["heldout_std"], row["seeds"], ".4f")
+                if row
+                else "—"
+            )
             paired = row and row.get("heldout_vs_fedavg_mean") is not None and strategy != "fedavg"
             cells.append(
-                f"{row['heldout_vs_fedavg_mean']:+.4f} ± {row['heldout_vs_fedavg_std']:.4f}"
+                _spread(
+                    row["heldout_vs_fedavg_mean"],
+                    row["heldout_vs_fedavg_std"],
+                    row["paired_seeds"],
+                    "+.4f",
+                )
                 if paired
                 else "—"
             )
         first = by_key.get((strategy, partitions[0])) or {}
         mmlu = (
-            f"{first['mmlu_mean']:.2f} ± {first['mmlu_std']:.2f}"
+            _spread(first["mmlu_mean"], first["mmlu_std"], first["seeds"], ".2f")
             if first.get("mmlu_mean") is not None
             else "—"
         )
@@ -309,6 +323,11 @@ def main() -> None:
         help="train and score nothing: report the runs already finished (and those in --json)",
     )
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "strategies.json"))
+    parser.add_argument(
+        "--table-seeds",
+        default="",
+        help="print the table over these seeds only, e.g. 1 (the JSON keeps every run)",
+    )
     args = parser.parse_args()
     strategies = [s for s in args.strategies.split(",") if s]
     partitions = [p for p in args.partitions.split(",") if p]
@@ -332,6 +351,11 @@ def main() -> None:
     if not rows:
         raise SystemExit("no finished run to report")
     table, shown = write_report(args, rows, done, started)
+    if args.table_seeds:
+        # Strategies run on fewer seeds than FedAvg compare with it on those seeds alone.
+        kept = {int(seed) for seed in args.table_seeds.split(",")}
+        runs = json.loads(Path(args.json).read_text())["runs"]
+        table = aggregate([r for r in runs if r["seed"] in kept])
     print(markdown(table, shown))
 
 
