@@ -166,7 +166,7 @@ def write_report(args, rows, done, started) -> tuple[list[dict], list[str]]:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    draw(table, partitions, Path(args.json).with_suffix(".png"))
+    draw(rows, partitions, Path(args.json).with_suffix(".png"))
     return table, partitions
 
 
@@ -233,8 +233,8 @@ def markdown(table: list[dict], partitions: list[str]) -> str:
     head = "| strategy | " + " | ".join(
         f"held-out loss, {p} | vs FedAvg, same seed, {p}" for p in partitions
     )
-    head += " | MMLU 5-shot (IID) | bytes per run | seeds |"
-    lines = [head, "|---" * (2 * len(partitions) + 4) + "|"]
+    head += " | MMLU 5-shot (IID) | MMLU vs FedAvg, same seed (IID) | bytes per run | seeds |"
+    lines = [head, "|---" * (2 * len(partitions) + 5) + "|"]
     by_key = {(r["strategy"], r["partition"]): r for r in table}
     for strategy in dict.fromkeys(r["strategy"] for r in table):
         cells = []
@@ -262,10 +262,20 @@ def markdown(table: list[dict], partitions: list[str]) -> str:
             if first.get("mmlu_mean") is not None
             else "—"
         )
+        mmlu_delta = (
+            _spread(
+                first["mmlu_vs_fedavg_mean"],
+                first["mmlu_vs_fedavg_std"],
+                first["paired_seeds"],
+                "+.2f",
+            )
+            if first.get("mmlu_vs_fedavg_mean") is not None and strategy != "fedavg"
+            else "—"
+        )
         lines.append(
             f"| {strategy} | "
             + " | ".join(cells)
-            + f" | {mmlu} | {first.get('total_bytes', 0):,} | "
+            + f" | {mmlu} | {mmlu_delta} | {first.get('total_bytes', 0):,} | "
             + "/".join(
                 str(by_key[(strategy, p)]["seeds"]) if (strategy, p) in by_key else "0"
                 for p in partitions
@@ -275,32 +285,54 @@ def markdown(table: list[dict], partitions: list[str]) -> str:
     return "\n".join(lines)
 
 
-def draw(table: list[dict], partitions: list[str], path: Path) -> None:
+def _paired_deltas(rows: list[dict], key: str) -> dict[tuple[str, str], list[float]]:
+    """Per (strategy, partitioning): each seed's `key` minus FedAvg's on the same partitioning and seed."""
+    fedavg = {(r["partition"], r["seed"]): r for r in rows if r["strategy"] == "fedavg"}
+    deltas: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        base = fedavg.get((row["partition"], row["seed"]))
+        if row["strategy"] != "fedavg" and base and row[key] is not None and base[key] is not None:
+            deltas.setdefault((row["strategy"], row["partition"]), []).append(row[key] - base[key])
+    return deltas
+
+
+def draw(rows: list[dict], partitions: list[str], path: Path) -> None:
+    """Two panels, each run paired with FedAvg on its partitioning and seed (so strategies with
+    one seed and with three are on the same footing): the held-out loss difference and the MMLU
+    difference; a bar is the mean over seeds, a dot is one seed."""
     from matplotlib.figure import Figure
 
-    strategies = list(dict.fromkeys(r["strategy"] for r in table))
-    by_key = {(r["strategy"], r["partition"]): r for r in table}
+    order = {name: i for i, name in enumerate(STRATEGIES)}
+    strategies = sorted({r["strategy"] for r in rows} - {"fedavg"}, key=order.__getitem__)
+    if not strategies:
+        return
     figure = Figure(
-        figsize=(max(7.0, 0.8 * len(strategies) + 2), 4.5), dpi=110, layout="constrained"
+        figsize=(max(7.0, 0.8 * len(strategies) + 2), 7.0), dpi=110, layout="constrained"
     )
-    axis = figure.subplots()
+    axes = figure.subplots(2, 1, sharex=True)
     width = 0.8 / len(partitions)
-    for j, partition in enumerate(partitions):
-        xs, ys, errors = [], [], []
-        for i, strategy in enumerate(strategies):
-            row = by_key.get((strategy, partition))
-            if row:
-                xs.append(i + (j - (len(partitions) - 1) / 2) * width)
-                ys.append(row["heldout_mean"])
-                errors.append(row["heldout_std"])
-        axis.bar(xs, ys, width, yerr=errors, capsize=2, label=partition, color=f"C{j}")
-    low = min(r["heldout_mean"] - r["heldout_std"] for r in table)
-    high = max(r["heldout_mean"] + r["heldout_std"] for r in table)
-    axis.set_ylim(low - 0.1 * (high - low + 1e-6), high + 0.1 * (high - low + 1e-6))
-    axis.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
-    axis.set(ylabel="final held-out loss (mean ± std over seeds)", title="Strategies on Dolly-15k")
-    axis.legend(fontsize="small")
-    axis.grid(axis="y", alpha=0.3)
+    panels = [
+        ("final_heldout_loss", "held-out loss − FedAvg's (lower is better)"),
+        ("mmlu", "MMLU 5-shot − FedAvg's, points (higher is better)"),
+    ]
+    for axis, (key, label) in zip(axes, panels, strict=True):
+        deltas = _paired_deltas(rows, key)
+        for j, partition in enumerate(partitions):
+            offset = (j - (len(partitions) - 1) / 2) * width
+            xs, means = [], []
+            for i, strategy in enumerate(strategies):
+                values = deltas.get((strategy, partition))
+                if values:
+                    xs.append(i + offset)
+                    means.append(statistics.fmean(values))
+                    axis.plot([i + offset] * len(values), values, "k.", markersize=3)
+            axis.bar(xs, means, width, label=partition, color=f"C{j}", alpha=0.8)
+        axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.set_ylabel(label, fontsize="small")
+        axis.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
+    axes[0].set_title("Strategies on Dolly-15k, each run against FedAvg on the same data and seed")
+    axes[0].legend(fontsize="small")
     figure.savefig(path)
 
 
