@@ -7,9 +7,11 @@ steps and sequence length. A seed sets `train.seed` and `data.seed` together: th
 initialisation, the clients sampled, the data order, the Dirichlet draw and the 200 held-out rows
 (which the partitioning does not touch, so every strategy and partitioning of one seed is scored
 on the same rows). For each run: the final held-out loss, total bytes (SCAFFOLD pays twice: its
-control variates travel too), wall time, and MMLU log-likelihood on a fixed stratified subset;
-then mean ± std over seeds per strategy and partitioning. Writes JSON, a PNG (held-out loss by
-strategy, one bar per partitioning, error bars = std over seeds) and a Markdown table.
+control variates travel too), wall time, MMLU log-likelihood on a fixed stratified subset, and
+‖ΔW‖ (how far the final adapter moves the model); then mean ± std over seeds per strategy and
+partitioning, and each run paired with FedAvg's on the same partitioning and seed. Writes JSON, a
+PNG (the paired held-out loss and MMLU differences: a bar per partitioning, a dot per seed) and a
+Markdown table.
 
     .venv/bin/python bench/strategies.py                          # the full grid
     .venv/bin/python bench/strategies.py --strategies fedavg,fedprox --partitions iid --seeds 1
@@ -63,9 +65,12 @@ def one_run(
     trained or scored and a run not finished yet gives None."""
     out = Path(args.out)
     name = f"{strategy}-{partition}-s{seed}"
-    if (strategy, partition, seed) in done:
-        return done[(strategy, partition, seed)]
     run_dir = out / name
+    if (strategy, partition, seed) in done:
+        row = done[(strategy, partition, seed)]
+        if row.get("delta_w_norm") is None:  # a row from before ‖ΔW‖ was recorded
+            row["delta_w_norm"] = adapter_delta_norm(run_dir)
+        return row
     finished = (run_dir / "summary.json").exists()
     scored = (
         bool(sorted((run_dir / "eval").glob("mmlu_loglik_5shot_*.json")))
@@ -123,7 +128,32 @@ def one_run(
         "dropped_replies": summary.get("dropped_replies", 0),
         "mmlu": round(100 * mmlu["average"], 2) if mmlu else None,
         "mmlu_se": round(100 * mmlu["average_stderr"], 2) if mmlu else None,
+        "delta_w_norm": adapter_delta_norm(run_dir),
     }
+
+
+def adapter_delta_norm(run_dir: Path) -> float | None:
+    """‖ΔW‖: the Frobenius norm, over every LoRA module, of the weight change the final adapter
+    applies, scaling·B·A (scaling = lora_alpha / r, or / √r with rsLoRA). B starts at 0, so this
+    is how far the federation moved the model; None for an adapter that is not plain LoRA."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_model.safetensors").exists():
+        return None
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if config.get("use_dora") or config.get("peft_type") != "LORA":
+        return None
+    rank, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    total = 0.0
+    for key, b in tensors.items():
+        if key.endswith("lora_B.weight"):
+            a = tensors[key.replace("lora_B.weight", "lora_A.weight")].astype(np.float64)
+            total += float((((scaling * b.astype(np.float64)) @ a) ** 2).sum())
+    return round(total**0.5, 4)
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -203,6 +233,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
             ],
             2,
         )
+        ratios = [
+            m["delta_w_norm"] / f["delta_w_norm"]
+            for m, f in paired
+            if m.get("delta_w_norm") and f.get("delta_w_norm")
+        ]
         table.append(
             {
                 "strategy": strategy,
@@ -216,6 +251,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "heldout_vs_fedavg_std": delta_std,
                 "mmlu_vs_fedavg_mean": mmlu_delta,
                 "mmlu_vs_fedavg_std": mmlu_delta_std,
+                "delta_w_vs_fedavg_mean": round(statistics.fmean(ratios), 2) if ratios else None,
+                "delta_w_vs_fedavg_std": round(statistics.stdev(ratios), 2)
+                if len(ratios) > 1
+                else 0.0,
                 "paired_seeds": len(paired),
                 "total_bytes": members[0]["total_bytes"],
                 "seconds_mean": round(statistics.fmean(m["seconds"] for m in members), 1),
@@ -233,8 +272,9 @@ def markdown(table: list[dict], partitions: list[str]) -> str:
     head = "| strategy | " + " | ".join(
         f"held-out loss, {p} | vs FedAvg, same seed, {p}" for p in partitions
     )
-    head += " | MMLU 5-shot (IID) | MMLU vs FedAvg, same seed (IID) | bytes per run | seeds |"
-    lines = [head, "|---" * (2 * len(partitions) + 5) + "|"]
+    head += " | MMLU 5-shot (IID) | MMLU vs FedAvg, same seed (IID)"
+    head += " | ‖ΔW‖ ÷ FedAvg's, same seed (IID) | bytes per run | seeds |"
+    lines = [head, "|---" * (2 * len(partitions) + 6) + "|"]
     by_key = {(r["strategy"], r["partition"]): r for r in table}
     for strategy in dict.fromkeys(r["strategy"] for r in table):
         cells = []
@@ -272,10 +312,20 @@ def markdown(table: list[dict], partitions: list[str]) -> str:
             if first.get("mmlu_vs_fedavg_mean") is not None and strategy != "fedavg"
             else "—"
         )
+        step = (
+            _spread(
+                first["delta_w_vs_fedavg_mean"],
+                first["delta_w_vs_fedavg_std"],
+                first["paired_seeds"],
+                ".2f",
+            )
+            if first.get("delta_w_vs_fedavg_mean") is not None and strategy != "fedavg"
+            else "—"
+        )
         lines.append(
             f"| {strategy} | "
             + " | ".join(cells)
-            + f" | {mmlu} | {mmlu_delta} | {first.get('total_bytes', 0):,} | "
+            + f" | {mmlu} | {mmlu_delta} | {step} | {first.get('total_bytes', 0):,} | "
             + "/".join(
                 str(by_key[(strategy, p)]["seeds"]) if (strategy, p) in by_key else "0"
                 for p in partitions
