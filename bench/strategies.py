@@ -233,11 +233,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
             ],
             2,
         )
-        ratios = [
-            m["delta_w_norm"] / f["delta_w_norm"]
-            for m, f in paired
-            if m.get("delta_w_norm") and f.get("delta_w_norm")
-        ]
+        step, step_std = _mean_std(
+            [
+                m["delta_w_norm"] / f["delta_w_norm"]
+                for m, f in paired
+                if m.get("delta_w_norm") and f.get("delta_w_norm")
+            ],
+            2,
+        )
         table.append(
             {
                 "strategy": strategy,
@@ -251,10 +254,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "heldout_vs_fedavg_std": delta_std,
                 "mmlu_vs_fedavg_mean": mmlu_delta,
                 "mmlu_vs_fedavg_std": mmlu_delta_std,
-                "delta_w_vs_fedavg_mean": round(statistics.fmean(ratios), 2) if ratios else None,
-                "delta_w_vs_fedavg_std": round(statistics.stdev(ratios), 2)
-                if len(ratios) > 1
-                else 0.0,
+                "delta_w_vs_fedavg_mean": step,
+                "delta_w_vs_fedavg_std": step_std,
                 "paired_seeds": len(paired),
                 "total_bytes": members[0]["total_bytes"],
                 "seconds_mean": round(statistics.fmean(m["seconds"] for m in members), 1),
@@ -266,6 +267,13 @@ def aggregate(rows: list[dict]) -> list[dict]:
 def _spread(mean: float, std: float, n: int, spec: str) -> str:
     """'mean ± std' over n seeds; one seed has no spread to show (not '± 0'): just its value."""
     return f"{mean:{spec}} ± {std:.{spec[-2]}f}" if n > 1 else f"{mean:{spec}}"
+
+
+def _paired_cell(row: dict, key: str, spec: str) -> str:
+    """A 'vs FedAvg' cell: the paired mean ± std of `key`, or '—' (FedAvg itself, or unpaired)."""
+    if row.get(f"{key}_mean") is None or row["strategy"] == "fedavg":
+        return "—"
+    return _spread(row[f"{key}_mean"], row[f"{key}_std"], row["paired_seeds"], spec)
 
 
 def markdown(table: list[dict], partitions: list[str]) -> str:
@@ -285,43 +293,15 @@ def markdown(table: list[dict], partitions: list[str]) -> str:
                 if row
                 else "—"
             )
-            paired = row and row.get("heldout_vs_fedavg_mean") is not None and strategy != "fedavg"
-            cells.append(
-                _spread(
-                    row["heldout_vs_fedavg_mean"],
-                    row["heldout_vs_fedavg_std"],
-                    row["paired_seeds"],
-                    "+.4f",
-                )
-                if paired
-                else "—"
-            )
+            cells.append(_paired_cell(row or {}, "heldout_vs_fedavg", "+.4f"))
         first = by_key.get((strategy, partitions[0])) or {}
         mmlu = (
             _spread(first["mmlu_mean"], first["mmlu_std"], first["seeds"], ".2f")
             if first.get("mmlu_mean") is not None
             else "—"
         )
-        mmlu_delta = (
-            _spread(
-                first["mmlu_vs_fedavg_mean"],
-                first["mmlu_vs_fedavg_std"],
-                first["paired_seeds"],
-                "+.2f",
-            )
-            if first.get("mmlu_vs_fedavg_mean") is not None and strategy != "fedavg"
-            else "—"
-        )
-        step = (
-            _spread(
-                first["delta_w_vs_fedavg_mean"],
-                first["delta_w_vs_fedavg_std"],
-                first["paired_seeds"],
-                ".2f",
-            )
-            if first.get("delta_w_vs_fedavg_mean") is not None and strategy != "fedavg"
-            else "—"
-        )
+        mmlu_delta = _paired_cell(first, "mmlu_vs_fedavg", "+.2f")
+        step = _paired_cell(first, "delta_w_vs_fedavg", ".2f")
         lines.append(
             f"| {strategy} | "
             + " | ".join(cells)
