@@ -175,6 +175,17 @@ def earlier_rows(args: argparse.Namespace) -> dict:
     return {(r["strategy"], r["partition"], r["seed"]): r for r in report.get("runs", [])}
 
 
+def baseline_rows(args: argparse.Namespace) -> list[dict]:
+    """FedAvg's rows from --baseline, a grid's JSON with the same settings (its --set may differ),
+    to pair a variant grid (one strategy under other keys) with FedAvg without training it again."""
+    if not args.baseline:
+        return []
+    report = json.loads(Path(args.baseline).read_text())
+    if report.get("settings") != settings_of(args):
+        raise SystemExit(f"--baseline {args.baseline} was run with other settings")
+    return [r for r in report["runs"] if r["strategy"] == "fedavg"]
+
+
 def write_report(args, rows, done, started) -> tuple[list[dict], list[str]]:
     """Write the JSON and the PNG: this invocation's rows and, kept as they were, the earlier
     rows (same settings) it did not cover, so a grid can be widened one strategy at a time."""
@@ -184,11 +195,13 @@ def write_report(args, rows, done, started) -> tuple[list[dict], list[str]]:
     rows.sort(key=lambda r: (r["seed"], order[r["partition"]], order[r["strategy"]]))
     present = {r["partition"] for r in rows}
     partitions = [p for p in PARTITIONS if p in present]
-    table = aggregate(rows)
+    baseline = baseline_rows(args)
+    table = aggregate(rows, baseline)
     report = {
         "machine": f"{os.cpu_count()} CPU cores",
         "settings": settings_of(args),
         "extra_settings": args.set,
+        "baseline": args.baseline or None,
         "seeds": sorted({r["seed"] for r in rows}),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "table": table,
@@ -196,7 +209,7 @@ def write_report(args, rows, done, started) -> tuple[list[dict], list[str]]:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    draw(rows, partitions, Path(args.json).with_suffix(".png"))
+    draw([*baseline, *rows], partitions, Path(args.json).with_suffix(".png"))
     return table, partitions
 
 
@@ -207,14 +220,18 @@ def _mean_std(values: list[float], digits: int) -> tuple[float | None, float]:
     return round(statistics.fmean(values), digits), round(std, digits)
 
 
-def aggregate(rows: list[dict]) -> list[dict]:
+def aggregate(rows: list[dict], baseline: list[dict] | None = None) -> list[dict]:
     """mean ± std over seeds per (strategy, partitioning), and the paired difference from FedAvg
     on the same partitioning and seed (the seed also draws the held-out rows, so a loss varies
     more between seeds than between strategies on one seed: the pairing removes that)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["strategy"], row["partition"]), []).append(row)
-    fedavg = {(r["partition"], r["seed"]): r for r in rows if r["strategy"] == "fedavg"}
+    fedavg = {
+        (r["partition"], r["seed"]): r
+        for r in [*(baseline or []), *rows]
+        if r["strategy"] == "fedavg"
+    }
     table = []
     for (strategy, partition), members in groups.items():
         losses = [m["final_heldout_loss"] for m in members]
@@ -390,6 +407,11 @@ def main() -> None:
         default="",
         help="print the table over these seeds only, e.g. 1 (the JSON keeps every run)",
     )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="pair with FedAvg's runs in this JSON (same settings; --set may differ)",
+    )
     args = parser.parse_args()
     strategies = [s for s in args.strategies.split(",") if s]
     partitions = [p for p in args.partitions.split(",") if p]
@@ -417,7 +439,7 @@ def main() -> None:
         # Strategies run on fewer seeds than FedAvg compare with it on those seeds alone.
         kept = {int(seed) for seed in args.table_seeds.split(",")}
         runs = json.loads(Path(args.json).read_text())["runs"]
-        table = aggregate([r for r in runs if r["seed"] in kept])
+        table = aggregate([r for r in runs if r["seed"] in kept], baseline_rows(args))
     print(markdown(table, shown))
 
 
