@@ -19,13 +19,16 @@ OPEN = "open"
 TRACKS: tuple[str, ...] = (GENERAL_NLP, OPEN)
 TRACK_TITLES = {GENERAL_NLP: "General NLP", OPEN: "Open"}
 
-# Where an entry's scores come from, and so whether the board ranks it:
+# Where an entry's scores come from, and so whether the board ranks it. The board ranks only what
+# a model reproducibly produced, checked from artefacts it holds (README, "Trust model"):
 PUBLISHED = "published"  # quoted from the FlowerTune board, which ran the official evaluation
-SUBMITTED = "submitted"  # self-reported: shown, never ranked
-RESCORED = "re-scored"  # computed by this board from the generation files it holds
-VERIFIED = "verified"  # an operator re-evaluated the adapter with `fedtune eval`
-STATUSES: tuple[str, ...] = (PUBLISHED, SUBMITTED, RESCORED, VERIFIED)
-RANKED_STATUSES = frozenset({PUBLISHED, RESCORED, VERIFIED})
+REPRODUCED = "reproduced"  # re-scored from its outputs, and a verifier re-generated a secret sample
+PENDING = "pending"  # re-scored, adapter held, base model loadable: waiting for a verifier
+HELD = "held for review"  # reproduced, but above the track's plausibility ceiling
+FAILED = "failed verification"  # the sample's letters disagree with the submitted ones
+SUBMITTED = "submitted"  # self-reported, or evidence the board cannot check: shown, never ranked
+STATUSES: tuple[str, ...] = (PUBLISHED, REPRODUCED, PENDING, HELD, FAILED, SUBMITTED)
+RANKED_STATUSES = frozenset({PUBLISHED, REPRODUCED})
 
 # What an operator has decided about an entry: shown (ranked), hidden (off every page), or
 # rejected (off the ranking; its page says why).
@@ -78,7 +81,7 @@ class Entry:
 
     @property
     def ranked(self) -> bool:
-        """True when the board checked the scores (published, re-scored or verified)."""
+        """True when the board checked the scores (published, or reproduced by a verifier)."""
         return self.status in RANKED_STATUSES
 
     @property

@@ -9,38 +9,47 @@ and the file is in WAL mode (readers never block the writer). A busy file is wai
 The schema version is SQLite's `PRAGMA user_version`; `MIGRATIONS[i]` takes the file from version
 i to i + 1. Migration 2 imports the published board, so a fresh store already holds those rows;
 migration 3 adds moderation, revocable tokens and the audit log; migration 4 the generation files
-of re-scored entries.
+of re-scored entries; migration 5 verification: held adapters, the base models a verifier can
+load, the policy, the board's secret, the verification queue and operator tokens (entries that were
+"re-scored" or "verified" before become "submitted": the board holds no adapter of theirs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import os
 import secrets
 import sqlite3
+import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedtune.leaderboard import verification
 from fedtune.leaderboard.entry import (
+    HELD,
     HIDDEN,
     MODERATIONS,
+    PENDING,
     PUBLISHED,
     REJECTED,
-    RESCORED,
+    REPRODUCED,
     SHOWN,
-    STATUSES,
     SUBMITTED,
-    VERIFIED,
     Entry,
 )
+from fedtune.leaderboard.policy import Policy, build, parse_value
 from fedtune.leaderboard.published import published_entries
 
 DATA_DIR_ENV = "FEDTUNE_LEADERBOARD_DIR"
+SUBMITTER = "submitter"
+OPERATOR = "operator"
+ROLES = (SUBMITTER, OPERATOR)
 DB_NAME = "leaderboard.sqlite3"
 
 
@@ -82,6 +91,11 @@ def team_collision(team: str, existing: Iterable[str]) -> str | None:
         if folded_other == folded or confusables.is_confusable(folded_other, folded):
             return other
     return None
+
+
+class LeaseLost(StoreError):
+    """A verifier reports on a verification it no longer holds (its lease expired and another
+    worker took it, or it is done)."""
 
 
 class DuplicateEntry(StoreError):
@@ -199,11 +213,69 @@ def _generation_files(db: sqlite3.Connection) -> None:
     )
 
 
+# The embedded model's board name → where a verifier loads it; operators add their own.
+DEFAULT_BASE_MODELS = {"SmolLM2-135M-Instruct": "embedded:smollm2-135m-instruct"}
+LEGACY_REASON = (
+    "stored before the board verified entries: it holds no adapter to re-generate the answers from"
+)
+
+
+def _verification_tables(db: sqlite3.Connection) -> None:
+    """Held adapters, loadable base models, the policy, the board's secret, the queue."""
+    db.execute(
+        """CREATE TABLE adapters (
+            sha256 TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            content BLOB NOT NULL,
+            uploaded_at TEXT NOT NULL,
+            uploaded_by TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE base_models (
+            name TEXT PRIMARY KEY,
+            location TEXT NOT NULL,
+            added_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("CREATE TABLE secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+    db.execute(
+        """CREATE TABLE verifications (
+            entry_id INTEGER PRIMARY KEY REFERENCES entries (id) ON DELETE CASCADE,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done')),
+            seed TEXT NOT NULL,
+            sample TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            lease TEXT,
+            lease_expires REAL,
+            worker TEXT,
+            progress TEXT,
+            created_at TEXT NOT NULL,
+            finished_at TEXT,
+            result TEXT
+        )"""
+    )
+    db.execute("ALTER TABLE tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'submitter'")
+    db.execute("INSERT INTO secrets (name, value) VALUES ('sample', ?)", (secrets.token_bytes(32),))
+    for name, location in DEFAULT_BASE_MODELS.items():
+        db.execute(
+            "INSERT INTO base_models (name, location, added_at) VALUES (?, ?, ?)",
+            (name, location, _now()),
+        )
+    db.execute(
+        "UPDATE entries SET status = ?, details = json_set(details, '$.verification', "
+        "json_object('reason', ?)) WHERE status IN ('re-scored', 'verified')",
+        (SUBMITTED, LEGACY_REASON),
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _create_tables,
     _import_published,
     _operators,
     _generation_files,
+    _verification_tables,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -297,6 +369,11 @@ class Store:
         `generations` (category → gzip of a generation file) are kept with a re-scored entry, in
         the same transaction; their sha256 is taken from the entry's evaluation.
 
+        A "pending" entry stays pending only when the store holds its adapter's weights and its
+        base model is on the board's list; then its verification is queued, with a sample drawn
+        from its id under the board's secret, in the same transaction. Otherwise it is stored as
+        "submitted", saying why.
+
         With `token` (an API submission: the token itself): the team must be the token's bound
         team (a token is bound at creation, else to the team of its first entry), must not be
         another submitter's team, and must not look like any other team's name.
@@ -312,6 +389,11 @@ class Store:
                 raise DuplicateEntry(int(row[0]))
             if token is not None:
                 _check_team(db, entry.team, _sha256(token))
+            if entry.status == PENDING:
+                reason = _unverifiable(db, entry)
+                if reason:
+                    details = {**entry.details, "verification": {"reason": reason}}
+                    entry = dataclasses.replace(entry, status=SUBMITTED, details=details)
             new_id = _insert(db, entry, key)
             rescored = entry.details.get("evaluation", {}).get("rescored", {})
             for category, content in (generations or {}).items():
@@ -320,7 +402,12 @@ class Store:
                     "VALUES (?, ?, ?, ?)",
                     (new_id, category, rescored[category]["sha256"], content),
                 )
-            _audit(db, actor, "submit", new_id, {"team": entry.team, "track": entry.track})
+            if entry.status == PENDING:
+                _queue(db, new_id, _policy(db))
+            _audit(
+                db, actor, "submit", new_id,
+                {"team": entry.team, "track": entry.track, "status": entry.status},
+            )  # fmt: skip
             return new_id
 
     def generations(self, entry_id: int) -> dict[str, bytes]:
@@ -369,33 +456,6 @@ class Store:
         """The number of stored entries."""
         with self.connect() as db:
             return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
-
-    def set_status(self, entry_id: int, status: str, actor: str = "operator") -> None:
-        """Mark an entry verified, or take the mark back (published rows stay published); audited
-        as `verify` / `unverify`.
-
-        `submitted` and `re-scored` both mean "not verified": the entry returns to what its
-        evidence supports, re-scored when the store holds its generation files, else submitted.
-
-        Raises:
-            StoreError: unknown id or status, or a published row.
-        """
-        if status not in STATUSES or status == PUBLISHED:
-            raise StoreError(f"status must be submitted, re-scored or verified, got {status!r}")
-        with self.write() as db:
-            row = db.execute("SELECT status FROM entries WHERE id = ?", (entry_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"no entry {entry_id}")
-            if row[0] == PUBLISHED:
-                raise StoreError(f"entry {entry_id} is a published row; its status is fixed")
-            if status != VERIFIED:
-                held = db.execute(
-                    "SELECT COUNT(*) FROM generations WHERE entry_id = ?", (entry_id,)
-                ).fetchone()[0]
-                status = RESCORED if held else SUBMITTED
-            db.execute("UPDATE entries SET status = ? WHERE id = ?", (status, entry_id))
-            action = "verify" if status == "verified" else "unverify"
-            _audit(db, actor, action, entry_id, {"from": row[0], "to": status})
 
     def moderate(self, entry_id: int, moderation: str, reason: str, actor: str) -> None:
         """Show, hide or reject an entry; audited with the reason.
@@ -513,25 +573,344 @@ class Store:
                     )
             _audit(db, actor, "restore", None, {"file": str(source), "schema_version": version})
 
+    # --- evidence: adapters and the base models a verifier can load
+
+    def put_adapter(self, source: str | Path | bytes, sha256: str, uploaded_by: str) -> bool:
+        """Keep an adapter's weights file (PEFT safetensors), by its sha256; False when it is
+        held already. Written in chunks, so a large file is never in memory whole.
+
+        Raises:
+            StoreError: the content's sha256 is not `sha256`, or it is over the policy's size cap.
+        """
+        path = None if isinstance(source, bytes) else Path(source)
+        size = len(source) if isinstance(source, bytes) else path.stat().st_size  # type: ignore[union-attr]
+        cap = self.policy().max_adapter_bytes
+        if size > cap:
+            raise StoreError(f"adapter of {size:,} bytes; the board takes at most {cap:,}")
+        digest = hashlib.sha256()
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM adapters WHERE sha256 = ?", (sha256,)).fetchone():
+                return False
+            cursor = db.execute(
+                "INSERT INTO adapters (sha256, size, content, uploaded_at, uploaded_by) "
+                "VALUES (?, ?, zeroblob(?), ?, ?)",
+                (sha256, size, size, _now(), uploaded_by),
+            )
+            with db.blobopen("adapters", "content", int(cursor.lastrowid or 0)) as blob:
+                for chunk in _chunks(source):
+                    digest.update(chunk)
+                    blob.write(chunk)
+            if digest.hexdigest() != sha256:
+                raise StoreError(f"the adapter's sha256 is {digest.hexdigest()}, not {sha256}")
+            _audit(db, uploaded_by, "adapter", None, {"sha256": sha256, "size": size})
+        return True
+
+    def adapter_size(self, sha256: str) -> int | None:
+        """The held adapter's size in bytes, or None when it is not held."""
+        with self.connect() as db:
+            row = db.execute("SELECT size FROM adapters WHERE sha256 = ?", (sha256,)).fetchone()
+        return int(row[0]) if row else None
+
+    def read_adapter(self, sha256: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The held adapter's bytes, in chunks (nothing when it is not held)."""
+        with self.connect() as db:
+            row = db.execute("SELECT rowid FROM adapters WHERE sha256 = ?", (sha256,)).fetchone()
+            if row is None:
+                return
+            with db.blobopen("adapters", "content", int(row[0]), readonly=True) as blob:
+                while chunk := blob.read(chunk_bytes):
+                    yield chunk
+
+    def base_models(self) -> dict[str, str]:
+        """The base models a verifier can load: board name → location (embedded:…, a local path
+        on the verifier's machine, or a hub id)."""
+        with self.connect() as db:
+            rows = db.execute("SELECT name, location FROM base_models ORDER BY name").fetchall()
+        return {str(name): str(location) for name, location in rows}
+
+    def set_base_model(self, name: str, location: str | None, actor: str = "operator") -> int:
+        """Add (or move) a base model, or remove it (`location` None). Entries on a newly added
+        model that were unverifiable only for want of it are queued for verification.
+
+        Returns:
+            How many entries were queued.
+        Raises:
+            StoreError: removing a model that is not listed.
+        """
+        with self.write() as db:
+            if location is None:
+                if not db.execute("DELETE FROM base_models WHERE name = ?", (name,)).rowcount:
+                    raise StoreError(f"no base model {name!r} on the list")
+                _audit(db, actor, "base-model-remove", None, {"name": name})
+                return 0
+            db.execute(
+                "INSERT INTO base_models (name, location, added_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET location = excluded.location",
+                (name, location, _now()),
+            )
+            queued = _requeue_unverifiable(db, name)
+            _audit(db, actor, "base-model", None, {"name": name, "location": location,
+                                                    "queued": queued})  # fmt: skip
+            return len(queued)
+
+    # --- the policy
+
+    def policy(self) -> Policy:
+        """The verification policy: the operator's settings over the defaults."""
+        with self.connect() as db:
+            return _policy(db)
+
+    def set_policy(self, key: str, value: str | None, actor: str = "operator") -> Policy:
+        """Set one policy key (`value` as typed: JSON or text), or reset it to its default (None).
+
+        Raises:
+            PolicyError: an unknown key or a value out of range (nothing is changed).
+        """
+        with self.write() as db:
+            current = _settings(db)
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = parse_value(value)
+            build(current)  # refuses before anything is written
+            db.execute("DELETE FROM settings WHERE key = ?", (key,))
+            if value is not None:
+                db.execute(
+                    "INSERT INTO settings (key, value) VALUES (?, ?)",
+                    (key, json.dumps(current[key])),
+                )
+            _audit(db, actor, "policy", None, {"key": key, "value": current.get(key)})
+            return build(current)
+
+    # --- the verification queue
+
+    def claim_verification(self, worker: str) -> dict[str, Any] | None:
+        """Hand the oldest waiting verification to `worker`: one that is queued, or whose
+        worker's lease expired (that worker died or was cut off). None when there is none.
+
+        Returns:
+            The job: entry id, lease (quote it when reporting), the protocol and shots, the base
+            model and where to load it, the adapter (sha256, size, config), and the questions.
+        """
+        now = time.time()
+        with self.write() as db:
+            row = db.execute(
+                "SELECT v.entry_id, v.sample, v.attempts FROM verifications v "
+                "JOIN entries e ON e.id = v.entry_id WHERE e.status = ? AND "
+                "(v.state = 'queued' OR (v.state = 'running' AND v.lease_expires < ?)) "
+                "ORDER BY v.entry_id LIMIT 1",
+                (PENDING, now),
+            ).fetchone()
+            if row is None:
+                return None
+            entry_id, sample, attempts = int(row[0]), json.loads(row[1]), int(row[2]) + 1
+            policy = _policy(db)
+            lease = secrets.token_hex(16)
+            db.execute(
+                "UPDATE verifications SET state = 'running', lease = ?, lease_expires = ?, "
+                "worker = ?, attempts = ?, progress = NULL WHERE entry_id = ?",
+                (lease, now + policy.lease_s, worker, attempts, entry_id),
+            )
+            entry = _entry(db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?",
+                                      (entry_id,)).fetchone())  # fmt: skip
+            adapter = entry.details.get("adapter", {})
+            models = dict(db.execute("SELECT name, location FROM base_models").fetchall())
+            _audit(db, f"worker:{worker}", "claim", entry_id, {"attempt": attempts})
+        evaluation = entry.details.get("evaluation", {})
+        return {
+            "entry_id": entry_id,
+            "lease": lease,
+            "lease_s": policy.lease_s,
+            "attempt": attempts,
+            "protocol": evaluation.get("protocol"),
+            "shots": int(evaluation.get("shots", 0)),
+            "base_model": entry.base_model,
+            "model_location": models.get(entry.base_model),
+            "adapter": {
+                "sha256": adapter.get("sha256"),
+                "size": self.adapter_size(str(adapter.get("sha256"))),
+                "config": adapter.get("config"),
+            },
+            "questions": [list(q) for q in sample],
+        }
+
+    def verification_progress(self, entry_id: int, lease: str, done: int, total: int) -> float:
+        """A worker's sign of life: records its progress and renews its lease.
+
+        Returns:
+            The lease's new expiry (Unix seconds).
+        Raises:
+            LeaseLost: the worker no longer holds this verification.
+        """
+        with self.write() as db:
+            _held(db, entry_id, lease)
+            expires = time.time() + _policy(db).lease_s
+            db.execute(
+                "UPDATE verifications SET lease_expires = ?, progress = ? WHERE entry_id = ?",
+                (expires, json.dumps({"done": done, "total": total}), entry_id),
+            )
+        return expires
+
+    def finish_verification(
+        self, entry_id: int, lease: str, answers: Any, worker: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Record a worker's re-generated answers: compare them with the held files' letters on
+        the sample and set the entry's status (reproduced, held for review, failed verification).
+        Exactly once: the lease is checked and the verification closed in one transaction.
+
+        Returns:
+            The verdict as stored with the entry (`details["verification"]`).
+        Raises:
+            LeaseLost: the worker no longer holds this verification.
+            VerificationError: the answers are not one per sampled question.
+        """
+        with self.write() as db:
+            sample_json = _held(db, entry_id, lease)
+            sample = [(str(s), int(i)) for s, i in json.loads(sample_json)]
+            entry = _entry(db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?",
+                                      (entry_id,)).fetchone())  # fmt: skip
+            evaluation = entry.details.get("evaluation", {})
+            formats = {c: str(v.get("format", "generations"))
+                       for c, v in evaluation.get("rescored", {}).items()}  # fmt: skip
+            files = {
+                str(c): bytes(content)
+                for c, content in db.execute(
+                    "SELECT category, content FROM generations WHERE entry_id = ?", (entry_id,)
+                )
+            }
+            regenerated = verification.regenerated_letters(
+                str(evaluation.get("protocol")), answers, sample
+            )
+            submitted = verification.submitted_letters(files, formats, sample)
+            comparison = verification.compare(submitted, regenerated, sample)
+            policy = _policy(db)
+            ceiling = policy.ceiling(entry.track, _best_published(db))
+            status = verification.verdict(
+                comparison, policy.agreement_threshold, entry.average, ceiling
+            )
+            seed, attempts = db.execute(
+                "SELECT seed, attempts FROM verifications WHERE entry_id = ?", (entry_id,)
+            ).fetchone()
+            record = {
+                "status": status,
+                "threshold": policy.agreement_threshold,
+                "ceiling": ceiling,
+                "seed": seed,
+                "sample": [list(q) for q in sample],
+                "attempts": attempts,
+                "worker": dict(worker),
+                "finished_at": _now(),
+                **comparison.to_json(),
+            }
+            _set_status(db, entry_id, status, {**entry.details, "verification": record})
+            db.execute(
+                "UPDATE verifications SET state = 'done', lease = NULL, finished_at = ?, "
+                "result = ? WHERE entry_id = ?",
+                (record["finished_at"], json.dumps(record), entry_id),
+            )
+            _audit(db, f"worker:{worker.get('name', '?')}", "verification", entry_id,
+                   {"status": status, "agreed": comparison.agreed, "sampled": comparison.sampled})  # fmt: skip
+        return record
+
+    def verification(self, entry_id: int) -> dict[str, Any] | None:
+        """An entry's place in the queue (state, attempts, worker, progress; operators only:
+        the sample stays secret until the verdict), or None."""
+        with self.connect() as db:
+            row = db.execute(
+                "SELECT state, attempts, worker, progress, lease_expires, created_at, finished_at "
+                "FROM verifications WHERE entry_id = ?",
+                (entry_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        state, attempts, worker, progress, expires, created, finished = row
+        return {"state": state, "attempts": attempts, "worker": worker,
+                "progress": json.loads(progress) if progress else None,
+                "lease_expires": expires, "created_at": created, "finished_at": finished}  # fmt: skip
+
+    def approve(self, entry_id: int, actor: str, reason: str = "") -> None:
+        """Rank an entry held for review (it was reproduced; an operator looked at it).
+
+        Raises:
+            StoreError: unknown id, or not held for review.
+        """
+        with self.write() as db:
+            row = db.execute(
+                "SELECT status, details FROM entries WHERE id = ?", (entry_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no entry {entry_id}")
+            if row[0] != HELD:
+                raise StoreError(f"entry {entry_id} is {row[0]!r}, not held for review")
+            details = json.loads(row[1])
+            details.setdefault("verification", {})["approved"] = {"by": actor, "at": _now(),
+                                                                  "reason": reason}  # fmt: skip
+            _set_status(db, entry_id, REPRODUCED, details)
+            _audit(db, actor, "approve", entry_id, {"reason": reason})
+
+    def requeue(self, entry_id: int, actor: str, reason: str) -> None:
+        """Verify an entry again (same sample): after a failure an operator traces to the
+        verifier, or for a reproduced entry under doubt. It is unranked until the new verdict.
+
+        Raises:
+            StoreError: unknown id, or an entry with no verification (nothing to re-run).
+        """
+        with self.write() as db:
+            row = db.execute(
+                "SELECT status, details FROM entries WHERE id = ?", (entry_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no entry {entry_id}")
+            if not db.execute(
+                "SELECT 1 FROM verifications WHERE entry_id = ?", (entry_id,)
+            ).fetchone():
+                raise StoreError(f"entry {entry_id} has no verification to run again")
+            details = json.loads(row[1])
+            details["verification"] = {"previous": details.get("verification"), "reason": reason}
+            _set_status(db, entry_id, PENDING, details)
+            db.execute(
+                "UPDATE verifications SET state = 'queued', lease = NULL, lease_expires = NULL, "
+                "progress = NULL, finished_at = NULL, result = NULL WHERE entry_id = ?",
+                (entry_id,),
+            )
+            _audit(db, actor, "requeue", entry_id, {"from": row[0], "reason": reason})
+
     # --- API tokens (only their sha256 is stored)
 
-    def new_token(self, name: str, actor: str = "operator", team: str | None = None) -> str:
-        """Create an API token for `name` and return it (it is shown once, stored hashed);
-        `team`: the only team it may submit for (else: the team of its first entry)."""
+    def new_token(
+        self,
+        name: str,
+        actor: str = "operator",
+        team: str | None = None,
+        role: str = SUBMITTER,
+    ) -> str:
+        """Create an API token for `name` and return it (it is shown once, stored hashed).
+
+        Args:
+            team: the only team a submitter's token may submit for (else: its first entry's).
+            role: "submitter" (submits entries, uploads adapters) or "operator" (runs verifiers).
+        """
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         token = secrets.token_urlsafe(32)
         with self.write() as db:
             db.execute(
-                "INSERT INTO tokens (token_sha256, name, created_at, team) VALUES (?, ?, ?, ?)",
-                (_sha256(token), name, _now(), team),
+                "INSERT INTO tokens (token_sha256, name, created_at, team, role) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (_sha256(token), name, _now(), team, role),
             )
-            _audit(
-                db,
-                actor,
-                "token",
-                None,
-                {"name": name, "team": team, "sha256_prefix": _sha256(token)[:12]},
-            )
+            _audit(db, actor, "token", None, {"name": name, "team": team, "role": role,
+                                              "sha256_prefix": _sha256(token)[:12]})  # fmt: skip
         return token
+
+    def token_role(self, token: str) -> str | None:
+        """A live token's role ("submitter" or "operator"), or None (unknown or revoked)."""
+        with self.connect() as db:
+            row = db.execute(
+                "SELECT role FROM tokens WHERE token_sha256 = ? AND revoked_at IS NULL",
+                (_sha256(token),),
+            ).fetchone()
+        return str(row[0]) if row else None
 
     def token_owner(self, token: str) -> str | None:
         """The key under which a live token submits — `sha256:<first 12 hex>` of its hash, so
@@ -547,12 +926,12 @@ class Store:
         """Every token: name, its hash's first 12 hex digits, created, revoked (or None)."""
         with self.connect() as db:
             rows = db.execute(
-                "SELECT name, token_sha256, created_at, revoked_at, team FROM tokens "
+                "SELECT name, token_sha256, created_at, revoked_at, team, role FROM tokens "
                 "ORDER BY created_at"
             ).fetchall()
         return [
             {"name": r[0], "sha256_prefix": r[1][:12], "created_at": r[2], "revoked_at": r[3],
-             "team": r[4]}
+             "team": r[4], "role": r[5]}
             for r in rows
         ]  # fmt: skip
 
@@ -624,6 +1003,99 @@ def _entry(row: Sequence[Any]) -> Entry:
         details=json.loads(details),
         moderation=moderation,
         moderation_reason=reason,
+    )
+
+
+def _chunks(source: str | Path | bytes, size: int = 1 << 20) -> Iterator[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, len(source), size):
+            yield source[start : start + size]
+        return
+    with open(source, "rb") as handle:
+        while chunk := handle.read(size):
+            yield chunk
+
+
+def _settings(db: sqlite3.Connection) -> dict[str, Any]:
+    return {str(k): json.loads(v) for k, v in db.execute("SELECT key, value FROM settings")}
+
+
+def _policy(db: sqlite3.Connection) -> Policy:
+    return build(_settings(db))
+
+
+def _best_published(db: sqlite3.Connection) -> float:
+    row = db.execute("SELECT MAX(average) FROM entries WHERE status = ?", (PUBLISHED,)).fetchone()
+    return float(row[0] or 0.0)
+
+
+def _unverifiable(db: sqlite3.Connection, entry: Entry) -> str:
+    """Why the store cannot verify an entry that carries its evidence ("" when it can)."""
+    sha = entry.details.get("adapter", {}).get("sha256")
+    if not db.execute("SELECT 1 FROM adapters WHERE sha256 = ?", (sha,)).fetchone():
+        return f"the board does not hold the adapter {sha}: upload it before submitting"
+    if not db.execute("SELECT 1 FROM base_models WHERE name = ?", (entry.base_model,)).fetchone():
+        return (
+            f"the board cannot load the base model {entry.base_model!r} "
+            "(not on its list of base models)"
+        )
+    return ""
+
+
+def _queue(db: sqlite3.Connection, entry_id: int, policy: Policy) -> None:
+    """Queue an entry's verification with its secret sample, drawn now."""
+    secret = db.execute("SELECT value FROM secrets WHERE name = 'sample'").fetchone()[0]
+    seed = verification.sample_seed(bytes(secret), entry_id)
+    sample = verification.draw_sample(seed, policy.sample_per_category)
+    db.execute(
+        "INSERT INTO verifications (entry_id, state, seed, sample, created_at) "
+        "VALUES (?, 'queued', ?, ?, ?)",
+        (entry_id, seed, json.dumps(sample), _now()),
+    )
+
+
+def _requeue_unverifiable(db: sqlite3.Connection, base_model: str) -> list[int]:
+    """Queue the entries on `base_model` that were unverifiable only because it was not listed."""
+    queued = []
+    rows = db.execute(
+        "SELECT id, details FROM entries WHERE status = ? AND base_model = ?",
+        (SUBMITTED, base_model),
+    ).fetchall()
+    policy = _policy(db)
+    for entry_id, details_json in rows:
+        details = json.loads(details_json)
+        reason = details.get("verification", {}).get("reason", "")
+        if not reason.startswith("the board cannot load the base model"):
+            continue
+        details.pop("verification")
+        _set_status(db, int(entry_id), PENDING, details)
+        if not db.execute("SELECT 1 FROM verifications WHERE entry_id = ?", (entry_id,)).fetchone():
+            _queue(db, int(entry_id), policy)
+        queued.append(int(entry_id))
+    return queued
+
+
+def _held(db: sqlite3.Connection, entry_id: int, lease: str) -> str:
+    """The sample of a verification `lease` still holds.
+
+    Raises:
+        LeaseLost: it does not (another worker took it after the lease expired, or it is done).
+    """
+    row = db.execute(
+        "SELECT sample FROM verifications WHERE entry_id = ? AND state = 'running' AND lease = ?",
+        (entry_id, lease),
+    ).fetchone()
+    if row is None:
+        raise LeaseLost(f"entry {entry_id}: this worker no longer holds its verification")
+    return str(row[0])
+
+
+def _set_status(
+    db: sqlite3.Connection, entry_id: int, status: str, details: dict[str, Any]
+) -> None:
+    db.execute(
+        "UPDATE entries SET status = ?, details = ? WHERE id = ?",
+        (status, json.dumps(details, sort_keys=True), entry_id),
     )
 
 

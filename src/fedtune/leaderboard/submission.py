@@ -46,10 +46,13 @@ class Communication(TypedDict, total=False):
 
 
 class Adapter(TypedDict, total=False):
-    """Where the adapter is, and its sha256."""
+    """The adapter that produced the outputs: where it came from, the sha256 of its weights file
+    (PEFT's `adapter_model.safetensors`, uploaded to the board beside the submission) and its PEFT
+    `adapter_config.json`. With both, and a base model the board can load, the entry is verified."""
 
     location: str
     sha256: str
+    config: dict[str, Any]
 
 
 class Privacy(TypedDict, total=False):

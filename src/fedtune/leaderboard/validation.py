@@ -18,7 +18,7 @@ every key below the top level is optional unless stated):
      "evaluation": {"protocol": str, "protocol_version": str, "split": "test",
                     "subjects": {subject: {"correct": int, "total": int}},        # required
                     "answer_distribution": {letter: int}, "extra": {name: number}},
-     "adapter": {"location": str, "sha256": hex64},
+     "adapter": {"location": str, "sha256": hex64, "config": {PEFT adapter_config.json}},
      "setup": {"dataset": str, "num_clients": int, "rounds": int, "clients_per_round": int,
                "strategy": str, "adapter": str, "codec_downlink": str, "codec_uplink": str},
      "provenance": {...}, "config": {key: scalar},
@@ -41,6 +41,12 @@ eval --protocol loglik` writes (JSON Lines of `{"subset", "index", "gold", "pred
 gzip or not). Every scored test question must appear once, by subject and row, with the split's
 gold letter; the board counts predicted == gold. The rows of the "other" category are read and
 left out.
+
+Re-scoring proves the arithmetic of the files, not that a model wrote them. An entry with files,
+an adapter (`adapter.sha256` of the weights the submitter uploads, `adapter.config` its PEFT
+config) and a base model on the board's list is stored "pending" and ranked only once a verifier
+has re-generated a secret sample of its answers from that model and adapter
+(`fedtune.leaderboard.verification`); anything less is "submitted": listed, never ranked.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ from fedtune.evaluation.subjects import (
     SCORED_CATEGORIES,
     SUBJECT_CATEGORY,
 )
-from fedtune.leaderboard.entry import GENERAL_NLP, RESCORED, SUBMITTED, TRACKS, Entry, today_utc
+from fedtune.leaderboard.entry import GENERAL_NLP, PENDING, SUBMITTED, TRACKS, Entry, today_utc
 from fedtune.leaderboard.submission import (
     Adapter,
     Communication,
@@ -139,7 +145,8 @@ class Submission:
     """A checked submission: its entry, and the generation files it was re-scored from.
 
     Attributes:
-        entry: the entry to store ("re-scored" with files, else "submitted").
+        entry: the entry to store: "pending" with files and an adapter (the store may still
+            find it unverifiable), else "submitted" with `details["verification"]["reason"]`.
         generations: category → the file as the store keeps it (gzip), empty without files.
     """
 
@@ -200,6 +207,9 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
     }
     if track == GENERAL_NLP:
         check_general_nlp_rules(details)
+    unverifiable = _unverifiable(rescored is not None, details["adapter"])
+    if unverifiable:
+        details["verification"] = {"reason": unverifiable}
     entry = Entry(
         team=_name(obj, "team"),
         code_url=_url(obj.get("code_url")),
@@ -211,10 +221,19 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
         social_sciences=scores["social_sciences"],
         humanities=scores["humanities"],
         date=_date(obj.get("date"), today or today_utc()),
-        status=RESCORED if rescored else SUBMITTED,
+        status=SUBMITTED if unverifiable else PENDING,
         details=details,
     )
     return Submission(entry, {c: r.stored for c, r in (rescored or {}).items()})
+
+
+def _unverifiable(rescored: bool, adapter: Mapping[str, Any]) -> str:
+    """Why an entry cannot be verified from what it carries ("" when it can be)."""
+    if not rescored:
+        return "self-reported: no generation files or predictions for the board to re-score"
+    if "sha256" not in adapter or "config" not in adapter:
+        return "no adapter (weights sha256 and PEFT config) to re-generate its answers from"
+    return ""
 
 
 def check_general_nlp_rules(details: Mapping[str, Any]) -> None:
@@ -681,10 +700,13 @@ def _rounds(value: Any, total_bytes: int) -> list[dict[str, Any]]:
     return rounds
 
 
-def _adapter(value: Any) -> dict[str, str]:
+MAX_ADAPTER_CONFIG_KEYS = 200
+
+
+def _adapter(value: Any) -> dict[str, Any]:
     obj = _mapping(value, "adapter", required=False)
     _no_unknown(obj, "adapter", keys(Adapter))
-    adapter = {}
+    adapter: dict[str, Any] = {}
     location = _text(obj, "location", "adapter", MAX_URL_CHARS, required=False)
     if location:
         adapter["location"] = location
@@ -693,6 +715,16 @@ def _adapter(value: Any) -> dict[str, str]:
         if not _SHA256.match(digest):
             raise SubmissionError("adapter.sha256", "must be 64 lower-case hex digits")
         adapter["sha256"] = digest
+    if "config" in obj:
+        config = _mapping(obj["config"], "adapter.config", required=True)
+        if len(config) > MAX_ADAPTER_CONFIG_KEYS:
+            raise SubmissionError("adapter.config", f"more than {MAX_ADAPTER_CONFIG_KEYS} keys")
+        peft_type = config.get("peft_type")
+        if not isinstance(peft_type, str) or not peft_type:
+            raise SubmissionError("adapter.config.peft_type", "PEFT's adapter_config.json names it")
+        adapter["config"] = _plain(config, "adapter.config", depth=3)
+        if "sha256" not in adapter:
+            raise SubmissionError("adapter.sha256", "a config needs the weights' sha256 beside it")
     return adapter
 
 
