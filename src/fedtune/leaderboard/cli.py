@@ -4,7 +4,9 @@
                                        [--dry-run [--allow-partial]]
     fedtune leaderboard show [--track all|general-nlp|open] [--format table|markdown|csv|json]
     fedtune leaderboard serve [--host 127.0.0.1] [--port 8000]
-    fedtune leaderboard get ID | token NAME | verify ID
+    fedtune leaderboard get ID | token NAME [--operator]
+    fedtune leaderboard verify --server URL --token T [--once]     (a verifier worker)
+    fedtune leaderboard approve ID | requeue ID | models | policy    (operators)
 
 Every command takes `--data-dir` (default $FEDTUNE_LEADERBOARD_DIR or
 ~/.local/share/fedtune/leaderboard); `submit --server URL --token T` sends to a running server
@@ -86,6 +88,11 @@ def register(subparsers: Any) -> None:
     token.add_argument(
         "--team", help="the only team it may submit for (default: its first entry's team)"
     )
+    token.add_argument(
+        "--operator",
+        action="store_true",
+        help="an operator's token: runs verifiers, submits nothing",
+    )
     token.add_argument("--data-dir", help=_DATA_DIR_HELP)
     token.set_defaults(handler=_token)
 
@@ -98,16 +105,55 @@ def register(subparsers: Any) -> None:
         help="who makes the change, for the audit log (default: $USER)",
     )
     verify = commands.add_parser(
-        "verify", help="mark an entry verified (after re-evaluating it)", parents=[operator]
+        "verify",
+        help="run a verifier: re-generate pending entries' secret samples and post the answers",
     )
-    verify.add_argument("entry_id", type=int, metavar="ID")
+    verify.add_argument("--server", required=True, help="the leaderboard's URL")
+    verify.add_argument(
+        "--token",
+        default=os.environ.get("FEDTUNE_OPERATOR_TOKEN"),
+        help="an operator token (default: $FEDTUNE_OPERATOR_TOKEN)",
+    )
+    verify.add_argument("--once", action="store_true", help="stop when no entry is pending")
+    verify.add_argument("--max-jobs", type=int, help="stop after this many entries")
+    verify.add_argument("--poll-s", type=float, default=10.0, help="wait between empty polls")
+    verify.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=LOCATION",
+        help="load the board's base model NAME from LOCATION on this machine (repeatable)",
+    )
+    verify.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    verify.add_argument("--cache-dir", help="where downloaded adapters are kept")
+    verify.add_argument("--name", help="how this worker is recorded (default host:pid)")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(handler=_verify)
+    approve = commands.add_parser(
+        "approve", help="rank an entry held for review", parents=[operator]
+    )
+    approve.add_argument("entry_id", type=int, metavar="ID")
+    approve.add_argument("--reason", default="", help="why (kept in the audit log)")
+    approve.set_defaults(handler=_approve)
+    requeue = commands.add_parser(
+        "requeue", help="verify an entry again (unranked until the new verdict)", parents=[operator]
+    )
+    requeue.add_argument("entry_id", type=int, metavar="ID")
+    requeue.add_argument("--reason", required=True, help="why (shown on the entry)")
+    requeue.set_defaults(handler=_requeue)
+    models = commands.add_parser(
+        "models", help="the base models a verifier can load: list, add, remove", parents=[operator]
+    )
+    models.add_argument("change", nargs="*", metavar="add NAME LOCATION | remove NAME")
+    models.set_defaults(handler=_models)
+    policy = commands.add_parser(
+        "policy", help="the verification policy: show, set KEY VALUE, reset KEY", parents=[operator]
+    )
+    policy.add_argument("change", nargs="*", metavar="set KEY VALUE | reset KEY")
+    policy.set_defaults(handler=_policy)
     for name, help_text, reason in (
-        (
-            "unverify",
-            "take back the verified mark (re-scored if the board holds its generation files)",
-            False,
-        ),
         ("hide", "take an entry off every page and the ranking", False),
         ("unhide", "show a hidden or rejected entry again", False),
         ("reject", "take an entry off the ranking; its page shows the reason", True),
@@ -205,26 +251,34 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     if args.server:
         return _submit_remote(args.server, args.token, payload)
+    from fedtune.leaderboard.runs import adapter_weights
+    from fedtune.leaderboard.store import StoreError
+
     store = _store(args)
     entry = checked.entry
+    weights = adapter_weights(payload)
     try:
+        if weights is not None and "sha256" in payload.get("adapter", {}):
+            store.put_adapter(weights, payload["adapter"]["sha256"], uploaded_by="local")
         new_id = store.add(entry, generations=checked.generations)
-    except DuplicateEntry as exc:
+    except (DuplicateEntry, StoreError) as exc:
         return _fail(str(exc))
-    from fedtune.leaderboard.ranking import rank
-
-    ranked = rank(store.entries(entry.track, details=False))
-    position = next((p for p, e in ranked if e.id == new_id), None)
-    where = (
-        f"rank {position} in {entry.track}"
-        if position is not None
-        else "not ranked: self-reported (no generation files of the official protocol)"
-    )
+    stored = store.get(new_id)
+    assert stored is not None
     print(
-        f"entry {new_id} ({entry.status}): {entry.team} · {entry.base_model} · "
-        f"Average {entry.average:.2f} · {entry.board_gb} · {where} ({store.path})"
+        f"entry {new_id} ({stored.status}): {entry.team} · {entry.base_model} · "
+        f"Average {entry.average:.2f} · {entry.board_gb} · {_standing(stored.status, stored.details)}"
+        f" ({store.path})"
     )
     return 0
+
+
+def _standing(status: str, details: dict[str, Any]) -> str:
+    """What a new entry's status means for its rank."""
+    if status == "pending":
+        return "not ranked until a verifier reproduces it (fedtune leaderboard verify)"
+    reason = details.get("verification", {}).get("reason", "")
+    return f"not ranked: {reason}" if reason else f"status {status}"
 
 
 def _abbreviated(payload: SubmissionPayload) -> dict[str, Any]:
@@ -286,9 +340,29 @@ def _build_despite_partial(run_dir: Path, options: dict[str, Any]) -> Submission
 def _submit_remote(server: str, token: str | None, payload: SubmissionPayload) -> int:
     import httpx
 
+    from fedtune.leaderboard.runs import adapter_weights
+
     if not token:
         return _fail("--server needs --token (create one with `fedtune leaderboard token NAME`)")
+    weights = adapter_weights(payload)
+    sha256 = payload.get("adapter", {}).get("sha256")
     try:
+        if weights is not None and sha256:
+            with open(weights, "rb") as handle:
+                uploaded = httpx.put(
+                    f"{server.rstrip('/')}/api/adapters/{sha256}",
+                    content=handle,
+                    headers={
+                        "Authorization": f"Bearer {token}",
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(weights.stat().st_size),
+                    },
+                    timeout=600,
+                )
+            if uploaded.status_code not in (200, 201):
+                return _fail(
+                    f"adapter refused by {server} ({uploaded.status_code}): {uploaded.text}"
+                )
         reply = httpx.post(
             server.rstrip("/") + "/api/entries",
             json=payload,
@@ -305,7 +379,9 @@ def _submit_remote(server: str, token: str | None, payload: SubmissionPayload) -
     where = (
         f"rank {body['rank']} in {body['track']}"
         if body.get("rank") is not None
-        else "not ranked (self-reported)"
+        else _standing(
+            str(body.get("status")), {"verification": {"reason": body.get("reason", "")}}
+        )
     )
     print(f"entry {body['id']} ({body.get('status')}): {where} · {server.rstrip('/')}{body['url']}")
     return 0
@@ -345,7 +421,10 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    print(_store(args).new_token(args.name, team=args.team))
+    if args.operator and args.team:
+        return _fail("an operator token submits for no team: leave out --team")
+    role = "operator" if args.operator else "submitter"
+    print(_store(args).new_token(args.name, team=args.team, role=role))
     return 0
 
 
@@ -355,10 +434,7 @@ def _moderate(args: argparse.Namespace) -> int:
 
     store = _store(args)
     try:
-        if args.action == "unverify":
-            # Back to what its evidence supports: re-scored with generation files, else submitted.
-            store.set_status(args.entry_id, "submitted", actor=args.actor)
-        elif args.action == "delete":
+        if args.action == "delete":
             store.delete(args.entry_id, args.reason, actor=args.actor)
         else:
             decision = {"hide": HIDDEN, "unhide": SHOWN, "reject": REJECTED}[args.action]
@@ -448,11 +524,92 @@ def _rescore(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.worker import Worker
+
+    if not args.token:
+        return _fail("verify needs an operator token: --token or $FEDTUNE_OPERATOR_TOKEN")
+    models = {}
+    for item in args.model:
+        name, sep, location = item.partition("=")
+        if not sep or not name or not location:
+            return _fail(f"--model takes NAME=LOCATION, got {item!r}")
+        models[name] = location
+    worker = Worker(
+        args.server,
+        args.token,
+        name=args.name,
+        models=models,
+        cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        show_progress=not args.no_progress,
+    )
+    try:
+        done = worker.run(once=args.once, max_jobs=args.max_jobs, poll_s=args.poll_s)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the entry stays pending: its lease runs out, another worker takes it
+        return _fail(f"verify: {exc}")
+    print(f"verified {done} entr{'y' if done == 1 else 'ies'}")
+    return 0
+
+
+def _approve(args: argparse.Namespace) -> int:
     from fedtune.leaderboard.store import StoreError
 
     try:
-        _store(args).set_status(args.entry_id, "verified", actor=args.actor)
+        _store(args).approve(args.entry_id, args.actor, args.reason)
     except StoreError as exc:
         return _fail(str(exc))
-    print(f"entry {args.entry_id} verified")
+    print(f"entry {args.entry_id} approved: reproduced, ranked")
+    return 0
+
+
+def _requeue(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.store import StoreError
+
+    try:
+        _store(args).requeue(args.entry_id, args.actor, args.reason)
+    except StoreError as exc:
+        return _fail(str(exc))
+    print(f"entry {args.entry_id} queued for verification")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.store import StoreError
+
+    store = _store(args)
+    change = args.change
+    try:
+        if change[:1] == ["add"] and len(change) == 3:
+            queued = store.set_base_model(change[1], change[2], actor=args.actor)
+            print(f"{change[1]} → {change[2]} ({queued} entries queued for verification)")
+        elif change[:1] == ["remove"] and len(change) == 2:
+            store.set_base_model(change[1], None, actor=args.actor)
+        elif change:
+            return _fail("models takes: add NAME LOCATION | remove NAME")
+    except StoreError as exc:
+        return _fail(str(exc))
+    for name, location in store.base_models().items():
+        print(f"{name}\t{location}")
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from fedtune.leaderboard.policy import PolicyError, describe
+
+    store = _store(args)
+    change = args.change
+    try:
+        if change[:1] == ["set"] and len(change) == 3:
+            store.set_policy(change[1], change[2], actor=args.actor)
+        elif change[:1] == ["reset"] and len(change) == 2:
+            store.set_policy(change[1], None, actor=args.actor)
+        elif change:
+            return _fail("policy takes: set KEY VALUE | reset KEY")
+    except PolicyError as exc:
+        return _fail(str(exc))
+    values = store.policy().flat()
+    for key, default, description in describe():
+        print(f"{key} = {json.dumps(values[key])}\t(default {json.dumps(default)}: {description})")
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import shlex
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,20 @@ def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) 
         raise RunDirError(
             f"{results.path.name} does not say which adapter was evaluated (adapter sha256 or path)"
         )
-    return Adapter(location=str(run_dir / str(relative)), sha256=recorded)
+    config_path = run_dir / str(relative) / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"cannot read the adapter's PEFT config {config_path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise RunDirError(f"{config_path} is not a JSON object")
+    return Adapter(location=str(run_dir / str(relative)), sha256=recorded, config=config)
+
+
+def adapter_weights(payload: SubmissionPayload) -> Path | None:
+    """The weights file of a submission's adapter (uploaded beside it), or None."""
+    location = payload.get("adapter", {}).get("location")
+    return Path(location) / "adapter_model.safetensors" if location else None
 
 
 def display_model_name(name: str) -> str:

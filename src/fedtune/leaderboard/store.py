@@ -32,6 +32,7 @@ from typing import Any
 
 from fedtune.leaderboard import verification
 from fedtune.leaderboard.entry import (
+    FAILED,
     HELD,
     HIDDEN,
     MODERATIONS,
@@ -752,10 +753,16 @@ class Store:
         return expires
 
     def finish_verification(
-        self, entry_id: int, lease: str, answers: Any, worker: Mapping[str, Any]
+        self,
+        entry_id: int,
+        lease: str,
+        answers: Any,
+        worker: Mapping[str, Any],
+        error: str | None = None,
     ) -> dict[str, Any]:
         """Record a worker's re-generated answers: compare them with the held files' letters on
         the sample and set the entry's status (reproduced, held for review, failed verification).
+        `error` instead of answers: the adapter does not load on the base model (failed).
         Exactly once: the lease is checked and the verification closed in one transaction.
 
         Returns:
@@ -765,34 +772,16 @@ class Store:
             VerificationError: the answers are not one per sampled question.
         """
         with self.write() as db:
-            sample_json = _held(db, entry_id, lease)
-            sample = [(str(s), int(i)) for s, i in json.loads(sample_json)]
-            entry = _entry(db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?",
-                                      (entry_id,)).fetchone())  # fmt: skip
-            evaluation = entry.details.get("evaluation", {})
-            formats = {c: str(v.get("format", "generations"))
-                       for c, v in evaluation.get("rescored", {}).items()}  # fmt: skip
-            files = {
-                str(c): bytes(content)
-                for c, content in db.execute(
-                    "SELECT category, content FROM generations WHERE entry_id = ?", (entry_id,)
-                )
-            }
-            regenerated = verification.regenerated_letters(
-                str(evaluation.get("protocol")), answers, sample
+            sample = [(str(s), int(i)) for s, i in json.loads(_held(db, entry_id, lease))]
+            entry = _entry(
+                db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
             )
-            submitted = verification.submitted_letters(files, formats, sample)
-            comparison = verification.compare(submitted, regenerated, sample)
             policy = _policy(db)
             ceiling = policy.ceiling(entry.track, _best_published(db))
-            status = verification.verdict(
-                comparison, policy.agreement_threshold, entry.average, ceiling
-            )
             seed, attempts = db.execute(
                 "SELECT seed, attempts FROM verifications WHERE entry_id = ?", (entry_id,)
             ).fetchone()
-            record = {
-                "status": status,
+            record: dict[str, Any] = {
                 "threshold": policy.agreement_threshold,
                 "ceiling": ceiling,
                 "seed": seed,
@@ -800,16 +789,27 @@ class Store:
                 "attempts": attempts,
                 "worker": dict(worker),
                 "finished_at": _now(),
-                **comparison.to_json(),
             }
-            _set_status(db, entry_id, status, {**entry.details, "verification": record})
+            if error is not None:
+                record.update(status=FAILED, error=error[:2000], sampled=len(sample), agreed=0,
+                              agreement=0.0)  # fmt: skip
+            else:
+                comparison = _compare(db, entry, sample, answers)
+                status = verification.verdict(
+                    comparison, policy.agreement_threshold, entry.average, ceiling
+                )
+                record.update(status=status, **comparison.to_json())
+            _set_status(db, entry_id, record["status"], {**entry.details, "verification": record})
             db.execute(
                 "UPDATE verifications SET state = 'done', lease = NULL, finished_at = ?, "
                 "result = ? WHERE entry_id = ?",
                 (record["finished_at"], json.dumps(record), entry_id),
             )
-            _audit(db, f"worker:{worker.get('name', '?')}", "verification", entry_id,
-                   {"status": status, "agreed": comparison.agreed, "sampled": comparison.sampled})  # fmt: skip
+            _audit(
+                db, f"worker:{worker.get('name', '?')}", "verification", entry_id,
+                {"status": record["status"], "agreed": record["agreed"],
+                 "sampled": record["sampled"], "error": error},
+            )  # fmt: skip
         return record
 
     def verification(self, entry_id: int) -> dict[str, Any] | None:
@@ -1073,6 +1073,25 @@ def _requeue_unverifiable(db: sqlite3.Connection, base_model: str) -> list[int]:
             _queue(db, int(entry_id), policy)
         queued.append(int(entry_id))
     return queued
+
+
+def _compare(
+    db: sqlite3.Connection, entry: Entry, sample: list[tuple[str, int]], answers: Any
+) -> verification.Comparison:
+    """The entry's held letters on the sample against a verifier's answers."""
+    evaluation = entry.details.get("evaluation", {})
+    formats = {
+        c: str(v.get("format", "generations")) for c, v in evaluation.get("rescored", {}).items()
+    }
+    files = {
+        str(c): bytes(content)
+        for c, content in db.execute(
+            "SELECT category, content FROM generations WHERE entry_id = ?", (entry.id,)
+        )
+    }
+    regenerated = verification.regenerated_letters(str(evaluation.get("protocol")), answers, sample)
+    submitted = verification.submitted_letters(files, formats, sample)
+    return verification.compare(submitted, regenerated, sample)
 
 
 def _held(db: sqlite3.Connection, entry_id: int, lease: str) -> str:

@@ -219,3 +219,24 @@ def verdict(comparison: Comparison, threshold: float, average: float, ceiling: f
     if comparison.agreement < threshold:
         return FAILED
     return HELD if average > ceiling else REPRODUCED
+
+
+def check_adapter_file(path: str) -> int:
+    """Check that a file is a safetensors file (header and data sizes consistent) and return its
+    tensor count; only the header is read.
+
+    Raises:
+        VerificationError: not a safetensors file, or one without tensors.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as handle:
+            names = list(handle.keys())  # noqa: SIM118 (a safe_open handle is not a dict)
+            for name in names:
+                handle.get_slice(name).get_shape()
+    except Exception as exc:  # safetensors raises its own error types, and OSError
+        raise VerificationError(f"not a safetensors file ({exc})") from None
+    if not names:
+        raise VerificationError("the adapter file holds no tensors")
+    return len(names)

@@ -5,6 +5,11 @@
     GET  /api/entries            ranked rows of a view (same query), constant-answer rows included
     GET  /api/entries/{id}       one entry with all details and its rank in its track
     POST /api/entries            submit (Authorization: Bearer <token>; JSON, see validation.py)
+    PUT  /api/adapters/{sha256}  upload an adapter's weights file before submitting (a token)
+    GET  /api/adapters/{sha256}  a held adapter (a shown entry's, or any to an operator)
+    POST /api/verifications/claim                 a verifier takes the next job (operator)
+    POST /api/verifications/{id}/progress         its sign of life (renews the lease)
+    POST /api/verifications/{id}/result           its re-generated answers → the verdict
     GET  /api/reference          the constant-answer reference rows
     GET  /healthz                liveness
 
@@ -20,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +35,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,8 +44,16 @@ from fedtune.leaderboard.entry import HIDDEN, REJECTED, TRACKS, Entry
 from fedtune.leaderboard.ranking import ALL_TRACKS, board_rows, pareto_front, rank
 from fedtune.leaderboard.reference import constant_answer_rows
 from fedtune.leaderboard.render import row_record
-from fedtune.leaderboard.store import DuplicateEntry, Store, TeamRefused
+from fedtune.leaderboard.store import (
+    OPERATOR,
+    DuplicateEntry,
+    LeaseLost,
+    Store,
+    StoreError,
+    TeamRefused,
+)
 from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError, check_submission
+from fedtune.leaderboard.verification import VerificationError, check_adapter_file
 from fedtune.leaderboard.web.charts import score_vs_cost
 from fedtune.leaderboard.web.pages import board_page, entry_page, not_found_page
 
@@ -94,6 +109,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise _TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _spool_body(request: Request, limit: int, target: Any) -> None:
+    """Stream a request body into a file, refusing it past `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        target.write(chunk)
+    target.flush()
+
+
+def _adapter_is_shown(store: Store, sha256: str) -> bool:
+    """Whether a shown entry names this adapter (only those are served to everyone)."""
+    return any(
+        e.details.get("adapter", {}).get("sha256") == sha256 for e in store.entries(details=True)
+    )
 
 
 class RateLimit:
@@ -293,16 +329,139 @@ def create_app(
             return _error(exc.status, str(exc), field="team")
         found = await run_in_threadpool(_ranked_entry, store, new_id)
         position = found[1] if found else None
+        stored = found[0] if found else submitted
         return JSONResponse(
             {
                 "id": new_id,
-                "status": submitted.status,
+                "status": stored.status,
+                "reason": stored.details.get("verification", {}).get("reason", ""),
                 "rank": position,
                 "track": submitted.track,
                 "url": f"/entry/{new_id}",
             },
             status_code=201,
         )
+
+    def _token(request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+
+    async def _operator(request: Request) -> str | None:
+        """The operator token's owner, or None (not a live operator token)."""
+        token = _token(request)
+        if not token or await run_in_threadpool(store.token_role, token) != OPERATOR:
+            return None
+        return await run_in_threadpool(store.token_owner, token)
+
+    def _unauthorized(what: str) -> Response:
+        return JSONResponse(
+            {"error": f"{what} (Authorization: Bearer <token>)"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    async def api_put_adapter(request: Request) -> Response:
+        sha256 = request.path_params["sha256"]
+        token = _token(request)
+        owner = await run_in_threadpool(store.token_owner, token) if token else None
+        if owner is None:
+            return _unauthorized("a valid API token is required")
+        if not _SHA256_PATH.match(sha256):
+            return _error(400, "the address names the weights' sha256: 64 lower-case hex digits")
+        if await run_in_threadpool(store.adapter_size, sha256) is not None:
+            return JSONResponse({"sha256": sha256, "held": True}, status_code=200)
+        cap = (await run_in_threadpool(store.policy)).max_adapter_bytes
+        with tempfile.NamedTemporaryFile(dir=store.path.parent, prefix="upload-") as scratch:
+            try:
+                await _spool_body(request, cap, scratch)
+            except _TooLarge:
+                return _error(413, f"adapter larger than {cap:,} bytes")
+            try:
+                await run_in_threadpool(check_adapter_file, scratch.name)
+                await run_in_threadpool(store.put_adapter, scratch.name, sha256, f"token:{owner}")
+            except (VerificationError, StoreError) as exc:
+                return _error(422, str(exc), field="adapter")
+        return JSONResponse({"sha256": sha256, "held": True}, status_code=201)
+
+    async def api_get_adapter(request: Request) -> Response:
+        sha256 = request.path_params["sha256"]
+        size = await run_in_threadpool(store.adapter_size, sha256)
+        shown = size is not None and (
+            await _operator(request) is not None
+            or await run_in_threadpool(_adapter_is_shown, store, sha256)
+        )
+        if not shown:
+            return _error(404, f"no adapter {sha256[:64]}")
+        return StreamingResponse(
+            store.read_adapter(sha256),
+            media_type="application/octet-stream",
+            headers={"Content-Length": str(size),
+                     "Content-Disposition": f'attachment; filename="{sha256}.safetensors"'},
+        )  # fmt: skip
+
+    async def _json_body(request: Request) -> Any:
+        try:
+            body = await _read_body(request, MAX_VERIFIER_BODY_BYTES)
+            return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except (_TooLarge, UnicodeDecodeError, ValueError, RecursionError):
+            return None
+
+    async def api_claim(request: Request) -> Response:
+        worker = await _operator(request)
+        if worker is None:
+            return _unauthorized("an operator token is required")
+        job = await run_in_threadpool(store.claim_verification, worker)
+        if job is None:
+            return Response(status_code=204)
+        return JSONResponse(job)
+
+    async def api_progress(request: Request) -> Response:
+        if await _operator(request) is None:
+            return _unauthorized("an operator token is required")
+        body = await _json_body(request)
+        if not (isinstance(body, dict) and isinstance(body.get("lease"), str)):
+            return _error(400, "send {lease, done, total}")
+        done, total = body.get("done"), body.get("total")
+        try:
+            expires = await run_in_threadpool(
+                store.verification_progress,
+                int(request.path_params["entry_id"]),
+                body["lease"],
+                done if isinstance(done, int) else 0,
+                total if isinstance(total, int) else 0,
+            )
+        except LeaseLost as exc:
+            return _error(409, str(exc))
+        return JSONResponse({"lease_expires": expires})
+
+    async def api_result(request: Request) -> Response:
+        worker = await _operator(request)
+        if worker is None:
+            return _unauthorized("an operator token is required")
+        body = await _json_body(request)
+        if not (isinstance(body, dict) and isinstance(body.get("lease"), str)):
+            return _error(400, "send {lease, answers, worker} (or {lease, error, worker})")
+        about = body.get("worker")
+        info: dict[str, Any] = {}
+        if isinstance(about, dict):
+            info = {str(k)[:40]: v for k, v in about.items() if isinstance(v, str | int | float)}
+        info = {k: v[:200] if isinstance(v, str) else v for k, v in info.items()}
+        info["name"] = worker
+        error = body.get("error")
+        try:
+            record = await run_in_threadpool(
+                store.finish_verification,
+                int(request.path_params["entry_id"]),
+                body["lease"],
+                body.get("answers"),
+                info,
+                error if isinstance(error, str) else None,
+            )
+        except LeaseLost as exc:
+            return _error(409, str(exc))
+        except VerificationError as exc:
+            return _error(422, str(exc), field="answers")
+        return JSONResponse({k: record[k] for k in ("status", "agreed", "sampled", "agreement")})
 
     def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True, "entries": store.count()})
@@ -320,6 +479,11 @@ def create_app(
             Route("/api/entries", api_submit, methods=["POST"]),
             Route("/api/entries/{entry_id:int}", api_get),
             Route("/api/entries/{entry_id:int}/generations/{category}", api_generations),
+            Route("/api/adapters/{sha256}", api_put_adapter, methods=["PUT"]),
+            Route("/api/adapters/{sha256}", api_get_adapter, methods=["GET"]),
+            Route("/api/verifications/claim", api_claim, methods=["POST"]),
+            Route("/api/verifications/{entry_id:int}/progress", api_progress, methods=["POST"]),
+            Route("/api/verifications/{entry_id:int}/result", api_result, methods=["POST"]),
             Route("/api/reference", api_reference),
             Route("/healthz", healthz),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
@@ -331,6 +495,9 @@ def create_app(
 
 
 MAX_DEPTH = 32  # a submission is about 5 levels deep
+# A verifier's answers: 300 questions × ~60 bytes; 5,000 a category at most (the policy's cap).
+MAX_VERIFIER_BODY_BYTES = 4 * 1024 * 1024
+_SHA256_PATH = re.compile(r"^[0-9a-f]{64}$")
 ROWS_PER_PAGE = 200  # rows of the board's table per page
 MAX_API_ROWS = 1000  # rows per /api/entries answer (offset and limit page through the rest)
 

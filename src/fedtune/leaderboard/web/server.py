@@ -5,7 +5,8 @@ may take to send a request, nor the size of a request head that arrives complete
 hold connections open forever by sending a request a byte at a time, or send megabytes of
 headers. `GuardedH11Protocol` adds both limits:
 - a request (head and body) must arrive within `REQUEST_TIMEOUT_S` of its first byte (or of the
-  connection opening): otherwise 408 and the connection is closed;
+  connection opening), plus one second per `MIN_UPLOAD_BYTES_PER_S` its Content-Length declares
+  (an adapter upload of 100 MiB gets 115 s): otherwise 408 and the connection is closed;
 - its head must end within `MAX_HEAD_BYTES`: otherwise 431 and the connection is closed.
 Bodies are limited by the app (413 above its `max_body_bytes`).
 """
@@ -19,6 +20,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 REQUEST_TIMEOUT_S = 15.0
+MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
 MAX_HEAD_BYTES = 16 * 1024
 KEEP_ALIVE_S = 5
 LINGER_S = 1.0
@@ -41,12 +43,26 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._head = bytearray()
         self._refused = False
+        self._extended = False
         super().connection_made(transport)
         self._arm()
 
     def _arm(self) -> None:
         if self._deadline is None:
             self._deadline = self.loop.call_later(self.request_timeout_s, self._too_slow)
+
+    def _extend_for_body(self) -> None:
+        """Give a large declared body the time a slow but steady client needs to send it."""
+        self._extended = True
+        headers = dict(getattr(self, "scope", {}).get("headers", ()))
+        declared = headers.get(b"content-length", b"")
+        if self._deadline is None or not (declared.isascii() and declared.isdigit()):
+            return
+        extra = int(declared) / MIN_UPLOAD_BYTES_PER_S
+        if extra > 0:
+            when = self._deadline.when() + extra
+            self._deadline.cancel()
+            self._deadline = self.loop.call_at(when, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -74,12 +90,15 @@ class GuardedH11Protocol(H11Protocol):
         if self._refused:
             return  # lingering before the close: read and drop
         if self.conn.their_state is h11.IDLE:
+            self._extended = False
             self._arm()  # the first bytes of a request start its clock
             self._head += data[: self.max_head_bytes + 4 - len(self._head)]
             if self._head.find(b"\r\n\r\n") < 0 and len(self._head) > self.max_head_bytes:
                 self._refuse(431, "Request Header Fields Too Large")
                 return
         super().data_received(data)
+        if self.conn.their_state is h11.SEND_BODY and not self._extended:
+            self._extend_for_body()
         if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
             self._head.clear()
         if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
