@@ -135,7 +135,13 @@ def make_run_dir(
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in metrics))
     weights = run / "adapter" / "adapter_model.safetensors"
     weights.parent.mkdir(parents=True)
-    weights.write_bytes(rng.randbytes(4096))
+    # A real safetensors file (the board checks uploads), with the seed's bytes in it.
+    from safetensors.numpy import save
+
+    import numpy as np
+
+    noise = np.frombuffer(rng.randbytes(4096), dtype=np.float32).reshape(32, 32).copy()
+    weights.write_bytes(save({"base_model.model.lora_A.weight": noise}))
     _write(run / "adapter" / "adapter_config.json", {"peft_type": "LORA", "r": 8})
     sha = file_sha256(weights)
     down = up = rounds * clients_per_round * message_bytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import gzip
+import hashlib
 import json
 from typing import Any
 
@@ -13,6 +14,22 @@ from fedtune.evaluation.subjects import (
     EXPECTED_TEST_QUESTIONS,
     SCORED_CATEGORIES,
 )
+
+
+
+
+def _adapter_bytes() -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({"base_model.model.lora_A.weight": np.arange(64, dtype=np.float32).reshape(8, 8)})
+
+
+# The adapter a built submission names: a small safetensors file (as the API requires of uploads)
+# and a PEFT config.
+ADAPTER_BYTES = _adapter_bytes()
+ADAPTER_SHA256 = hashlib.sha256(ADAPTER_BYTES).hexdigest()
+ADAPTER_CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
 
 
 def spread(total: int, parts: int) -> list[int]:
@@ -122,7 +139,7 @@ def make_submission(
             "subjects": subjects_for(by_category),
             "answer_distribution": {"A": 10935 - 300, "B": 100, "C": 100, "D": 100},
         },
-        "adapter": {"location": "runs/demo/adapter", "sha256": "ab" * 32},
+        "adapter": {"location": "runs/demo/adapter", "sha256": ADAPTER_SHA256, "config": ADAPTER_CONFIG},
         "setup": {"dataset": "flwrlabs/alpaca-gpt4", "num_clients": 20, "rounds": rounds},
         "provenance": {
             "commit": "0123abc",
@@ -149,3 +166,39 @@ def make_submission(
         payload["evaluation"] = {"protocol": "loglik", "protocol_version": "1", "shots": 5}
     payload.update(overrides)
     return payload
+
+
+def admit(store: Any, checked: Any, *, reproduce: bool = True) -> int:
+    """Store a checked submission as the API does (its adapter held first) and, with
+    `reproduce`, run its verification with a scripted verifier that re-generates exactly the
+    submitted letters — so an entry with files ends reproduced (ranked), as an honest one would."""
+    store.put_adapter(ADAPTER_BYTES, ADAPTER_SHA256, "tests")
+    entry_id = int(store.add(checked.entry, generations=checked.generations))
+    if reproduce and store.get(entry_id).status == "pending":
+        job = store.claim_verification("scripted")
+        assert job is not None and job["entry_id"] == entry_id
+        store.finish_verification(entry_id, job["lease"], honest_answers(store, job), {})
+    return entry_id
+
+
+def honest_answers(store: Any, job: dict[str, Any], flip: int = 0) -> list[dict[str, Any]]:
+    """A verifier's answers equal to the letters the entry's held files give for its sample
+    (`flip` of them changed to another letter)."""
+    from fedtune.leaderboard.verification import submitted_letters
+
+    entry = store.get(job["entry_id"])
+    formats = {c: v.get("format", "generations")
+               for c, v in entry.details["evaluation"]["rescored"].items()}  # fmt: skip
+    sample = [(s, i) for s, i in job["questions"]]
+    letters = submitted_letters(store.generations(job["entry_id"]), formats, sample)
+    answers = []
+    for number, (subject, index) in enumerate(sample):
+        letter = letters[(subject, index)]
+        if number < flip:
+            letter = "B" if letter == "A" else "A"
+        if job["protocol"] == "flowertune":
+            answers.append({"subset": subject, "index": index,
+                            "output": "" if letter == "none" else letter})  # fmt: skip
+        else:
+            answers.append({"subset": subject, "index": index, "predicted": letter})
+    return answers

@@ -8,6 +8,8 @@ import re
 import httpx
 import pytest
 
+from .lb_submissions import ADAPTER_BYTES, honest_answers
+
 
 @pytest.fixture
 def client(live_server):
@@ -42,15 +44,47 @@ def test_not_found_and_bad_queries(client):
 
 
 def test_submit_then_see_it_ranked(client, live_server, submission):
-    reply = client.post(
-        "/api/entries",
-        json=submission("API Team", correct=(1900, 2000, 2600), generations=True),
-        headers=_auth(live_server),
-    )
+    payload = submission("API Team", correct=(1900, 2000, 2600), generations=True)
+    # Without its adapter on the board the entry cannot be verified: listed, never ranked.
+    reply = client.post("/api/entries", json=payload, headers=_auth(live_server))
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["status"] == "submitted" and reply.json()["rank"] is None
+    assert "upload it before submitting" in reply.json()["reason"]
+    live_server.store.delete(reply.json()["id"], "test", "tests")
+    # The adapter first (checked to be safetensors, by its sha256), then the submission.
+    sha = payload["adapter"]["sha256"]
+    put = client.put(f"/api/adapters/{sha}", content=b"not safetensors", headers=_auth(live_server))
+    assert put.status_code == 422 and "safetensors" in put.json()["error"]
+    put = client.put(f"/api/adapters/{'0' * 64}", content=ADAPTER_BYTES, headers=_auth(live_server))
+    assert put.status_code == 422 and "sha256" in put.json()["error"]
+    assert client.put(f"/api/adapters/{sha}", content=ADAPTER_BYTES).status_code == 401
+    put = client.put(f"/api/adapters/{sha}", content=ADAPTER_BYTES, headers=_auth(live_server))
+    assert put.status_code == 201, put.text
+    assert client.get(f"/api/adapters/{sha}").status_code == 404  # no shown entry names it yet
+    reply = client.post("/api/entries", json=payload, headers=_auth(live_server))
     assert reply.status_code == 201, reply.text
     created = reply.json()
-    assert created["rank"] == 1 and created["track"] == "open"
-    assert created["status"] == "re-scored"
+    assert created["status"] == "pending" and created["rank"] is None
+    assert created["track"] == "open"
+    # A verifier (operator token) takes the job over the API and re-generates the same letters.
+    operator = {"Authorization": f"Bearer {live_server.store.new_token('ops', role='operator')}"}
+    assert client.post("/api/verifications/claim", headers=_auth(live_server)).status_code == 401
+    job = client.post("/api/verifications/claim", headers=operator).json()
+    assert job["entry_id"] == created["id"] and len(job["questions"]) == 300
+    assert job["model_location"] == "embedded:smollm2-135m-instruct"
+    assert client.get(f"/api/adapters/{sha}").content == ADAPTER_BYTES  # named by a shown entry
+    answers = honest_answers(live_server.store, job)
+    beat = {"lease": job["lease"], "done": 100, "total": 300}
+    assert client.post(f"/api/verifications/{created['id']}/progress", json=beat,
+                       headers=operator).status_code == 200  # fmt: skip
+    stale = {"lease": "0" * 32, "answers": answers}
+    assert client.post(f"/api/verifications/{created['id']}/result", json=stale,
+                       headers=operator).status_code == 409  # fmt: skip
+    result = client.post(f"/api/verifications/{created['id']}/result",
+                         json={"lease": job["lease"], "answers": answers}, headers=operator)  # fmt: skip
+    assert result.status_code == 200 and result.json()["status"] == "reproduced"
+    assert result.json()["agreed"] == 300
+    assert client.post("/api/verifications/claim", headers=operator).status_code == 204
     everything = client.get("/api/entries?reference=0").json()["rows"]
     ours = next(r for r in everything if r["id"] == created["id"])
     # 60.26 STEM / 65.00 / 55.26 → Average 60.17: between Phi-4 (55.64) and ZJUDAI Qwen-7B (64.04).
@@ -60,10 +94,10 @@ def test_submit_then_see_it_ranked(client, live_server, submission):
     assert stored["details"]["submitted_by"].startswith(
         "tests ("
     )  # the token's name and hash prefix
-    assert stored["status"] == "re-scored"
+    assert stored["status"] == "reproduced" and stored["rank"] == 1  # first of the open track
+    assert stored["details"]["verification"]["agreed"] == 300
     page = client.get(created["url"])
     assert page.status_code == 200 and "API Team" in page.text and 'id="subjects"' in page.text
-    assert "re-scored by the board" in page.text
     # Anyone can fetch the files the numbers come from and score them again.
     from fedtune.evaluation.rescore import parse_generations, rescore_rows
 

@@ -1,4 +1,4 @@
-"""Operators' tools: hide, reject, delete, un-verify, tokens, the append-only audit log, backups."""
+"""Operators' tools: hide, reject, delete, approve and requeue, policy, base models, tokens, the append-only audit log, backups."""
 
 from __future__ import annotations
 
@@ -57,13 +57,38 @@ def test_delete_keeps_a_copy_in_the_append_only_audit_log(store):
                 db.execute(statement)
 
 
-def test_verify_and_unverify(store):
-    entry_id = _add(store, "Checked")
-    store.set_status(entry_id, "verified", actor="ana")
-    store.set_status(entry_id, "submitted", actor="ana")
-    assert store.get(entry_id).status == "submitted"
-    assert [r["action"] for r in store.audit_log(2)] == ["unverify", "verify"]
+def test_held_for_review_until_an_operator_approves(store):
+    from .lb_submissions import admit, honest_answers, make_submission
 
+    # A ceiling below this entry's Average: reproduced, but held for an operator.
+    store.set_policy("ceiling.open", "40", actor="ana")
+    checked = validate_submission_checked(make_submission("High", correct=(2000, 2000, 3000),
+                                                          generations=True))  # fmt: skip
+    entry_id = admit(store, checked)
+    entry = store.get(entry_id)
+    assert entry.status == "held for review" and not entry.ranked
+    assert entry.details["verification"]["ceiling"] == 40.0
+    with pytest.raises(StoreError, match="not held for review"):
+        store.approve(1, actor="ana")
+    store.approve(entry_id, actor="ana", reason="looked at the code")
+    assert store.get(entry_id).status == "reproduced" and store.get(entry_id).ranked
+    # Verified again on an operator's doubt: unranked until the new verdict, same sample.
+    store.requeue(entry_id, actor="ana", reason="second look")
+    assert store.get(entry_id).status == "pending"
+    job = store.claim_verification("w2")
+    assert job["entry_id"] == entry_id and job["attempt"] == 2
+    store.finish_verification(entry_id, job["lease"], honest_answers(store, job, flip=30), {})
+    failed = store.get(entry_id)
+    assert failed.status == "failed verification" and not failed.ranked
+    assert failed.details["verification"]["agreed"] == 270
+    actions = [r["action"] for r in store.audit_log(6)]
+    assert actions[:4] == ["verification", "claim", "requeue", "approve"]
+
+
+def validate_submission_checked(payload):
+    from fedtune.leaderboard.validation import check_submission
+
+    return check_submission(payload)
 
 def test_tokens_are_listed_and_revoked(store):
     token = store.new_token("team-x", actor="ana")
@@ -132,8 +157,13 @@ def test_operator_commands(tmp_path, capsys):
     assert main(["leaderboard", "reject", str(entry_id), "--reason", "no code", *data]) == 0
     assert main(["leaderboard", "unhide", str(entry_id), *data]) == 0
     assert main(["leaderboard", "hide", str(entry_id), *data]) == 0
-    assert main(["leaderboard", "verify", str(entry_id), *data]) == 0
-    assert main(["leaderboard", "unverify", str(entry_id), *data]) == 0
+    assert main(["leaderboard", "approve", str(entry_id), *data]) == 2  # not held for review
+    assert main(["leaderboard", "requeue", str(entry_id), "--reason", "x", *data]) == 2
+    assert main(["leaderboard", "policy", "set", "sample-per-category", "50", *data]) == 0
+    assert main(["leaderboard", "policy", "set", "sample-per-category", "0", *data]) == 2
+    assert main(["leaderboard", "policy", "set", "no-such-key", "1", *data]) == 2
+    assert main(["leaderboard", "models", "add", "Tiny", "/models/tiny", *data]) == 0
+    assert main(["leaderboard", "models", "remove", "Nope", *data]) == 2
     assert main(["leaderboard", "token", "someone", "--data-dir", str(tmp_path / "lb")]) == 0
     assert main(["leaderboard", "revoke", "someone", *data]) == 0
     assert main(["leaderboard", "revoke", "nobody", *data]) == 2
@@ -146,7 +176,7 @@ def test_operator_commands(tmp_path, capsys):
     assert main(["leaderboard", "audit", "--limit", "20", *data]) == 0
     actions = [json.loads(line)["action"] for line in capsys.readouterr().out.splitlines()]
     assert actions[:3] == ["restore", "delete", "backup"]  # a restore does not rewind the log
-    assert {"reject", "show", "hide", "verify", "unverify", "token", "revoke"} <= set(actions)
+    assert {"reject", "show", "hide", "policy", "base-model", "token", "revoke"} <= set(actions)
     assert store.get(entry_id).moderation == "hidden"  # restored as it was at the backup
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fedtune.leaderboard.entry import RESCORED, Entry
+from fedtune.leaderboard.entry import REPRODUCED, Entry
 from fedtune.leaderboard.published import PUBLISHED_ROWS, published_entries
 from fedtune.leaderboard.ranking import board_rows, pareto_front, rank
 from fedtune.leaderboard.reference import constant_answer_rows
@@ -25,7 +25,7 @@ def _entry(id_: int, average: float, comm_bytes: int = 10**9, date: str = "2026-
         social_sciences=average,
         humanities=average,
         date=date,
-        status=kw.get("status", RESCORED),  # scores the board checked: ranked
+        status=kw.get("status", REPRODUCED),  # scores the board checked: ranked
     )
 
 

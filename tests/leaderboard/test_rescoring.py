@@ -15,7 +15,7 @@ import pytest
 
 from fedtune.cli import main
 from fedtune.evaluation.rescore import GenerationFileError, decompress, read_generations
-from fedtune.leaderboard.entry import PUBLISHED, RESCORED, SUBMITTED, VERIFIED
+from fedtune.leaderboard.entry import PENDING, PUBLISHED, REPRODUCED, SUBMITTED
 from fedtune.leaderboard.ranking import board_rows
 from fedtune.leaderboard.validation import (
     SubmissionError,
@@ -24,7 +24,7 @@ from fedtune.leaderboard.validation import (
     rescore_generations,
 )
 
-from .lb_submissions import generation_files, make_submission, predictions_file
+from .lb_submissions import admit, generation_files, make_submission, predictions_file
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +49,8 @@ def test_the_entry_is_scored_from_its_files_not_from_its_claims():
     payload["scores"] = {k: round(v, 2) for k, v in payload["scores"].items()}
     checked = check_submission(payload)
     entry = checked.entry
-    assert entry.status == RESCORED and entry.ranked
+    # Re-scored, with an adapter to re-generate from: it waits for a verifier, unranked.
+    assert entry.status == PENDING and not entry.ranked
     assert entry.stem == 100 * 1500 / 3153 and entry.social_sciences == 100 * 1800 / 3077
     assert entry.humanities == 100 * 2500 / 4705
     assert entry.average == (entry.stem + entry.social_sciences + entry.humanities) / 3
@@ -192,20 +193,14 @@ def test_unranked_entries_follow_every_ranked_row(store):
     assert claims.status == SUBMITTED and not claims.ranked
     ids = {
         "claims": store.add(claims),
-        "files": store.add(rescored.entry, generations=rescored.generations),
+        "files": admit(store, rescored),
     }
     rows = [r for r in board_rows(store.entries(details=False)) if r.entry is not None]
     assert [r.rank for r in rows] == [*range(1, 21), None]
     assert rows[-1].entry.id == ids["claims"] and rows[-1].cells()["Rank"] == "—"
     assert any(r.entry.id == ids["files"] and r.rank is not None for r in rows)
-    # Verified by an operator: ranked; the mark taken back: what its evidence supports.
-    store.set_status(ids["claims"], VERIFIED)
-    assert store.get(ids["claims"]).ranked
-    store.set_status(ids["claims"], SUBMITTED)
-    store.set_status(ids["files"], VERIFIED)
-    store.set_status(ids["files"], SUBMITTED)
     assert store.get(ids["claims"]).status == SUBMITTED
-    assert store.get(ids["files"]).status == RESCORED
+    assert store.get(ids["files"]).status == REPRODUCED
     assert all(e.status == PUBLISHED for e in store.entries() if e.id not in ids.values())
 
 
@@ -252,7 +247,7 @@ def test_predictions_are_recounted_against_the_split(store):
     payload = make_submission(correct=CORRECT, predictions=True)
     checked = check_submission(payload)
     entry = checked.entry
-    assert entry.status == RESCORED and entry.ranked
+    assert entry.status == PENDING and not entry.ranked
     assert entry.stem == 100 * 1500 / 3153 and entry.humanities == 100 * 2500 / 4705
     evaluation = entry.details["evaluation"]
     assert evaluation["protocol"] == "loglik" and evaluation["shots"] == 5

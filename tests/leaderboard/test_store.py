@@ -21,7 +21,7 @@ from fedtune.leaderboard.validation import validate_submission
 
 
 def test_fresh_store_holds_the_published_board(store):
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 5
     entries = store.entries()
     assert len(entries) == 19
     assert all(e.status == "published" and e.track == "general-nlp" for e in entries)
@@ -51,7 +51,7 @@ def test_migration_from_version_1_keeps_data(tmp_path, submission):
         entry_id = _insert(db, validate_submission(submission("early bird")), "early")
         db.execute("INSERT INTO tokens VALUES ('abc', 'early', '2026-01-01T00:00:00Z')")
     upgraded = Store(path)
-    assert upgraded.schema_version() == 4
+    assert upgraded.schema_version() == 5
     assert upgraded.count() == 20
     early = upgraded.get(entry_id)
     assert early.team == "early bird" and early.moderation == "shown"
@@ -81,18 +81,6 @@ def test_round_trip_and_duplicates(store, submission):
     assert info.value.existing_id == entry_id
     assert store.count() == 20
     assert store.get(10_000) is None
-
-
-def test_status_changes(store, submission):
-    entry_id = store.add(validate_submission(submission("To Verify")))
-    store.set_status(entry_id, "verified")
-    assert store.get(entry_id).status == "verified"
-    with pytest.raises(StoreError, match="published"):
-        store.set_status(1, "verified")
-    with pytest.raises(StoreError, match="no entry"):
-        store.set_status(999, "verified")
-    with pytest.raises(StoreError, match="status must be"):
-        store.set_status(entry_id, "published")
 
 
 def test_tokens_are_stored_hashed(store):

@@ -10,6 +10,7 @@ from fedtune.cli import main
 from fedtune.leaderboard.store import Store
 
 from .lb_rundir import always, make_run_dir, write_evaluation
+from .lb_submissions import honest_answers
 
 CODE = "https://github.com/example/fedtune"
 
@@ -31,7 +32,8 @@ def test_open_track_run_is_ranked_among_the_published_rows(tmp_path, data_dir, c
     assert submit(run, data_dir, "--track", "open") == 0
     out = capsys.readouterr().out
     # The run's evaluation wrote the official generation files: the board re-scores them.
-    assert "entry 20 (re-scored): Demo · SmolLM2-135M-Instruct · Average 27.95" in out
+    assert "entry 20 (pending): Demo · SmolLM2-135M-Instruct · Average 27.95" in out
+    assert "not ranked until a verifier reproduces it" in out
 
     entry = Store.in_dir(data_dir).get(20)
     # An always-D evaluation scores exactly the always-D reference row.
@@ -49,6 +51,11 @@ def test_open_track_run_is_ranked_among_the_published_rows(tmp_path, data_dir, c
     assert entry.details["evaluation"]["answer_distribution"]["D"] == 3153 + 3077 + 4705
     assert entry.details["provenance"]["command"] == "fedtune run --set num-server-rounds=3"
     assert entry.details["provenance"]["config_digest"] == "0123456789abcdef"
+    # Ranked once a verifier re-generates the same letters on the secret sample (scripted here).
+    store = Store.in_dir(data_dir)
+    job = store.claim_verification("scripted")
+    store.finish_verification(20, job["lease"], honest_answers(store, job), {})
+    assert store.get(20).status == "reproduced"
 
     assert main(["leaderboard", "show", "--format", "json", "--data-dir", str(data_dir)]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -191,8 +198,12 @@ def test_submit_to_a_server_and_dry_run(tmp_path, live_server, capsys):
     assert payload["generations"]["stem"].endswith("base64 characters>")
     args = ["--track", "open", "--server", live_server.url, "--token", live_server.token]
     assert submit(run, tmp_path / "unused", *args) == 0
-    assert "rank 1 in open" in capsys.readouterr().out
-    assert live_server.store.get(20).team == "Demo"
+    assert "not ranked until a verifier reproduces it" in capsys.readouterr().out
+    stored = live_server.store.get(20)
+    assert stored.team == "Demo" and stored.status == "pending"
+    # The adapter went up first: the board holds the run's weights, byte for byte.
+    weights = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert b"".join(live_server.store.read_adapter(stored.details["adapter"]["sha256"])) == weights
     assert submit(run, tmp_path / "unused", *args) == 2  # the same run again
     assert "409" in capsys.readouterr().err
     bad = ["--track", "open", "--server", live_server.url, "--token", "wrong"]
@@ -200,24 +211,21 @@ def test_submit_to_a_server_and_dry_run(tmp_path, live_server, capsys):
     assert "401" in capsys.readouterr().err
 
 
-def test_cli_get_token_verify(tmp_path, data_dir, capsys):
+def test_cli_get_token(tmp_path, data_dir, capsys):
     run = make_run_dir(tmp_path)
     assert submit(run, data_dir, "--track", "open") == 0
     capsys.readouterr()
-    assert main(["leaderboard", "verify", "20", "--data-dir", str(data_dir)]) == 0
     assert main(["leaderboard", "get", "20", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{") :])["status"] == "verified"
-    assert main(["leaderboard", "verify", "1", "--data-dir", str(data_dir)]) == 2
+    assert json.loads(out[out.index("{") :])["status"] == "pending"
     assert main(["leaderboard", "get", "99", "--data-dir", str(data_dir)]) == 2
     assert main(["leaderboard", "token", "team-x", "--data-dir", str(data_dir)]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1]
     assert Store.in_dir(data_dir).token_owner(token).startswith("team-x (")
-    for fmt in ("markdown", "csv"):
-        assert main(["leaderboard", "show", "--format", fmt, "--data-dir", str(data_dir)]) == 0
-        assert "Demo" in capsys.readouterr().out
-
-
+    assert Store.in_dir(data_dir).token_role(token) == "submitter"
+    assert main(["leaderboard", "token", "ops", "--operator", "--data-dir", str(data_dir)]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Store.in_dir(data_dir).token_role(token) == "operator"
 def _files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -236,6 +244,7 @@ def test_dry_run_allow_partial_checks_everything_and_stores_nothing(tmp_path, da
     assert payload["adapter"] == {
         "location": str(run / "adapter"),
         "sha256": summary["adapter_sha256"],
+        "config": json.loads((run / "adapter" / "adapter_config.json").read_text()),
     }
     assert payload["communication"]["total_bytes"] == summary["communication"]["total_bytes"]
     assert payload["provenance"]["run"] == "partial"
@@ -312,9 +321,9 @@ def test_a_loglik_evaluation_is_submitted_with_its_predictions_and_recounted(
     written = sorted(p.name for p in (run / "eval").iterdir())
     assert "predictions_mmlu_loglik_5shot_loglik.jsonl" in written
     assert submit(run, data_dir, "--track", "open") == 0
-    assert "(re-scored)" in capsys.readouterr().out
+    assert "(pending)" in capsys.readouterr().out
     entry = Store.in_dir(data_dir).get(20)
-    assert entry.ranked and entry.details["evaluation"]["protocol"] == "loglik"
+    assert entry.status == "pending" and entry.details["evaluation"]["protocol"] == "loglik"
     # Always C scores exactly the always-C reference row.
     assert round(entry.average, 2) == 25.72
 
