@@ -1,7 +1,8 @@
 """Checking a submission (the JSON the API and `submit` exchange) and turning it into an entry.
 
 A submission is refused, with the field and the reason, when it is malformed (missing or unknown
-fields, wrong types, out-of-range numbers, over-long text, control characters), when it does not
+fields, wrong types, out-of-range numbers, over-long text, control characters,
+characters that show as nothing: `fedtune.leaderboard.invisible`), when it does not
 add up (category scores that disagree with the per-subject counts, an Average that is not the mean
 of the three categories, per-round bytes that do not sum to the total), when the evaluation is
 partial (a scored subject missing, or a category with fewer questions than the test split), or when
@@ -82,6 +83,7 @@ from fedtune.evaluation.subjects import (
     SUBJECT_CATEGORY,
 )
 from fedtune.leaderboard.entry import GENERAL_NLP, RESCORED, SUBMITTED, TRACKS, Entry, today_utc
+from fedtune.leaderboard.invisible import describe, first_invisible
 from fedtune.leaderboard.submission import (
     Adapter,
     Communication,
@@ -117,7 +119,6 @@ TOP_LEVEL_KEYS = keys(SubmissionPayload)
 GZIP_MAGIC = b"\x1f\x8b"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHORT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_ALLOWED_FORMAT_CHARS = {"\u200d"}  # zero-width joiner, used inside emoji
 
 
 class SubmissionError(ValueError):
@@ -812,8 +813,16 @@ def _clean(text: str, where: str, max_chars: int) -> str:
         raise SubmissionError(where, f"{len(text):,} characters; at most {max_chars:,}")
     for ch in text:
         # Control and bidi-override characters garble terminals and can disguise a name.
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co") and ch not in _ALLOWED_FORMAT_CHARS:
-            raise SubmissionError(where, f"contains the control character U+{ord(ch):04X}")
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
+            raise SubmissionError(where, f"contains the control character {describe(ch)}")
+    # Characters drawn as nothing (variation selectors, Hangul fillers, the braille blank, …)
+    # would let "ZeroOne.AI" plus one of them pass for ZeroOne.AI.
+    hidden = first_invisible(text)
+    if hidden is not None:
+        raise SubmissionError(
+            where,
+            f"contains the invisible character {describe(hidden)}, drawn as nothing or a blank",
+        )
     return text
 
 
