@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -283,6 +284,10 @@ def test_many_rows_are_paged(client, live_server, submission):
 HOSTILE_VALUES = [
     None, True, 0, -1, 10**30, 1e308, -1e-308, "", " ", "x" * 5000, "<script>alert(1)</script>",
     '=HYPERLINK("http://x")', "\u202etxt", [], [1, "a"], {}, {"nested": {"deeper": [[[]]]}},
+    # Digits that str.isdigit takes (int() refuses "²"); integers beyond a float's range.
+    "²", "١٢", "５", 10**400, -(10**400),
+    # Characters that show as nothing (default-ignorable, a blank), after a published name.
+    "ZeroOne.AI\ufe0f", "ZeroOne.AI\u3164", "\u2800", "a\U000e0001b",
 ]  # fmt: skip
 
 
@@ -331,7 +336,48 @@ def test_no_hostile_submission_gets_a_500(store, submission):
             "/api/entries", content=body, headers={**headers, "content-type": "application/json"}
         )
         assert 400 <= reply.status_code < 500, body[:20]
-    assert sum(statuses.values()) == 190 * len(HOSTILE_VALUES) and statuses.get(422, 0) > 1500
+    assert sum(statuses.values()) == 190 * len(HOSTILE_VALUES) and statuses.get(422, 0) > 2500
+
+
+QUERY_VALUES = [
+    "", " ", "-1", "0", "1e3", "0x10", "+5", " 5", "5 ", "1.5", "x" * 5000, "9" * 13,
+    str(10**400), str(-(10**400)), "²", "١٢", "５", "²³", "\u2800", "\ufe0f", "1\u200b",
+    "all\u3164", "<script>alert(1)</script>", "%00", "\x00", "\u202e",
+]  # fmt: skip
+
+
+def test_no_hostile_query_gets_a_500(store):
+    """Every query parameter of the board and the list API, and every path parameter, given each
+    hostile value: never a 5xx. Page, offset and limit read ASCII digits only; anything else
+    gives the default."""
+    from starlette.testclient import TestClient
+
+    from fedtune.leaderboard.web.app import create_app
+
+    client = TestClient(create_app(store))
+    params = ("page", "offset", "limit", "track", "model", "reference")
+    for value in QUERY_VALUES:
+        for path in ("/", "/api/entries"):
+            for name in params:
+                reply = client.get(path, params={name: value})
+                assert reply.status_code < 500, (path, name, value, reply.text[:200])
+                if name in ("page", "offset", "limit") and not value.isascii():
+                    assert reply.status_code == 200, (path, name, value)
+            reply = client.get(path, params=dict.fromkeys(params, value))
+            assert reply.status_code < 500, (path, value, reply.text[:200])
+        for path in ("/entry/{}", "/api/entries/{}", "/api/entries/1/generations/{}"):
+            reply = client.get(path.format(quote(value, safe="")))
+            assert reply.status_code < 500, (path, value, reply.text[:200])
+        declared = value[:20].encode() or b"x"  # a Content-Length such as "²" (bytes: any)
+        reply = client.post("/api/entries", content=b"{}", headers={"content-length": declared})
+        assert reply.status_code < 500, (value, reply.text[:200])
+    # Unreadable numbers give the default: offset 0, limit 1,000, the first page.
+    for value in ("²", "١٢", "５", "-1", str(10**400)):
+        listing = client.get("/api/entries", params={"offset": value, "limit": value}).json()
+        assert (listing["offset"], listing["limit"]) == (0, 1000), value
+        assert client.get("/", params={"page": value}).text == client.get("/").text
+    every = client.get("/api/entries").json()["rows"]
+    assert client.get("/api/entries?offset=5&limit=2").json()["rows"] == every[5:7]
 
 
 def test_no_hostile_generations_get_a_500(store, submission):

@@ -220,6 +220,70 @@ def test_team_folding():
     assert team_collision("Team B", ["Team A", "Team B"]) is None
     assert team_collision("T\u0435am A", ["Team A"]) == "Team A"
     assert team_collision("TNl", ["TNI"]) == "TNI"  # l and I are confusable
+    # NFKC turns both fillers into U+1160, itself default-ignorable: removed after NFKC too.
+    assert fold_team("A\uffa0") == fold_team("A\u3164") == "a"
+    # The combining grapheme joiner would keep é from composing: removed before NFKC.
+    assert fold_team("Caf\u00e9") == fold_team("Cafe\u034f\u0301") == "caf\u00e9"
+    # A stored name from before names were checked for invisible characters still collides.
+    assert team_collision("ZeroOne.AI", ["ZeroOne.AI\ufe0f"]) == "ZeroOne.AI\ufe0f"
+    assert team_collision("Zero One.AI", ["ZeroOne.AI"]) is None  # a visible space stays
+
+
+# Unicode's Default_Ignorable_Code_Point, as DerivedCoreProperties.txt lists it (unchanged from
+# Unicode 14 to 16; 4,174 code points), declared here apart from the code, which takes it from
+# the `regex` module.
+DEFAULT_IGNORABLE = [
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+]  # fmt: skip
+
+
+def test_every_invisible_code_point_is_refused_and_ignored_in_comparison(submission):
+    """Each default-ignorable code point, and each blank look-alike: refused in a team name and a
+    base model name (naming it), and removed when names are compared."""
+    from fedtune.leaderboard.invisible import BLANKS, is_invisible
+    from fedtune.leaderboard.store import fold_team, team_collision
+    from fedtune.leaderboard.validation import SubmissionError, validate_submission
+
+    declared = {cp for first, last in DEFAULT_IGNORABLE for cp in range(first, last + 1)}
+    assert len(declared) == 4174
+    invisible = {cp for cp in range(0x110000) if is_invisible(chr(cp))}
+    assert invisible == declared | {ord(ch) for ch in BLANKS}
+    assert {0x2800, 0x200D, 0xFE0F, 0x034F, 0x3164, 0x115F, 0xFFA0} <= invisible
+    payload = submission("ZeroOne.AI")
+    published = fold_team("ZeroOne.AI")
+    for cp in sorted(invisible):
+        ch = chr(cp)
+        for field, name in (("team", "ZeroOne.AI"), ("base_model", "Qwen2.5-7B")):
+            payload[field] = name + ch
+            with pytest.raises(SubmissionError) as info:
+                validate_submission(payload)
+            assert info.value.field == field and f"U+{cp:04X}" in info.value.reason, hex(cp)
+            payload[field] = name
+        for look_alike in ("ZeroOne.AI" + ch, "Zero" + ch + "One.AI", ch + "ZeroOne.AI"):
+            assert fold_team(look_alike) == published, hex(cp)
+        assert team_collision("Zero" + ch + "One.AI", ["Other", "ZeroOne.AI"]) == "ZeroOne.AI"
+    assert validate_submission(payload).team == "ZeroOne.AI"  # the payload itself is fine
+
+
+def test_the_published_team_with_an_invisible_character_is_refused(live_server, submission):
+    """ZeroOne.AI followed by a character that shows as nothing looks exactly like the published
+    ZeroOne.AI (and was ranked right above it): 422, naming the character; nothing stored."""
+    before = live_server.store.count()
+    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+        for ch in ("\ufe0f", "\u034f", "\u3164", "\u2800", "\u115f", "\uffa0"):
+            reply = client.post(
+                "/api/entries",
+                json=submission("ZeroOne.AI" + ch),
+                headers={"Authorization": f"Bearer {live_server.store.new_token('mallory')}"},
+            )
+            assert reply.status_code == 422, (hex(ord(ch)), reply.text)
+            error = reply.json()["error"]
+            assert reply.json()["field"] == "team"
+            assert f"U+{ord(ch):04X}" in error and "invisible" in error, error
+    assert live_server.store.count() == before
 
 
 def test_submissions_are_rate_limited_per_token(monkeypatch, store, submission):

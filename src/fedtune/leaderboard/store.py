@@ -44,6 +44,7 @@ from fedtune.leaderboard.entry import (
     SUBMITTED,
     Entry,
 )
+from fedtune.leaderboard.invisible import without_invisible
 from fedtune.leaderboard.policy import Policy, build, parse_value
 from fedtune.leaderboard.published import published_entries
 
@@ -72,10 +73,17 @@ class TeamRefused(StoreError):
 
 
 def fold_team(name: str) -> str:
-    """A team name as compared with others: NFKC, case-folded, format characters (zero-width
-    joiners, bidi marks) removed, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", name)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf").casefold()
+    """A team name as compared with others: without the characters that show as nothing
+    (`fedtune.leaderboard.invisible`: every default-ignorable code point — variation selectors,
+    Hangul fillers, zero-width joiners, bidi marks — and the braille blank), and without any other
+    format character, NFKC-normalised, case-folded, whitespace collapsed.
+
+    Invisible characters are removed before NFKC (the combining grapheme joiner would keep a
+    letter and its accent from composing) and again after it (NFKC turns U+3164 and U+FFA0 into
+    the Hangul filler U+1160); NFKC once more after case folding, as Unicode's NFKC_Casefold."""
+    text = unicodedata.normalize("NFKC", without_invisible(name))
+    text = "".join(ch for ch in without_invisible(text) if unicodedata.category(ch) != "Cf")
+    text = unicodedata.normalize("NFKC", text.casefold())
     return " ".join(text.split())
 
 

@@ -1,7 +1,8 @@
 """Checking a submission (the JSON the API and `submit` exchange) and turning it into an entry.
 
 A submission is refused, with the field and the reason, when it is malformed (missing or unknown
-fields, wrong types, out-of-range numbers, over-long text, control characters), when it does not
+fields, wrong types, out-of-range numbers, integers beyond a float's range, over-long text, control
+characters, characters that show as nothing: `fedtune.leaderboard.invisible`), when it does not
 add up (category scores that disagree with the per-subject counts, an Average that is not the mean
 of the three categories, per-round bytes that do not sum to the total), when the evaluation is
 partial (a scored subject missing, or a category with fewer questions than the test split), or when
@@ -60,6 +61,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,6 +90,7 @@ from fedtune.evaluation.subjects import (
     SUBJECT_CATEGORY,
 )
 from fedtune.leaderboard.entry import GENERAL_NLP, PENDING, SUBMITTED, TRACKS, Entry, today_utc
+from fedtune.leaderboard.invisible import describe, first_invisible
 from fedtune.leaderboard.submission import (
     Adapter,
     Communication,
@@ -123,7 +126,7 @@ TOP_LEVEL_KEYS = keys(SubmissionPayload)
 GZIP_MAGIC = b"\x1f\x8b"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHORT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_ALLOWED_FORMAT_CHARS = {"\u200d"}  # zero-width joiner, used inside emoji
+_FLOAT_MAX = sys.float_info.max
 
 
 class SubmissionError(ValueError):
@@ -844,8 +847,16 @@ def _clean(text: str, where: str, max_chars: int) -> str:
         raise SubmissionError(where, f"{len(text):,} characters; at most {max_chars:,}")
     for ch in text:
         # Control and bidi-override characters garble terminals and can disguise a name.
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co") and ch not in _ALLOWED_FORMAT_CHARS:
-            raise SubmissionError(where, f"contains the control character U+{ord(ch):04X}")
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
+            raise SubmissionError(where, f"contains the control character {describe(ch)}")
+    # Characters drawn as nothing (variation selectors, Hangul fillers, the braille blank, …)
+    # would let "ZeroOne.AI" plus one of them pass for ZeroOne.AI.
+    hidden = first_invisible(text)
+    if hidden is not None:
+        raise SubmissionError(
+            where,
+            f"contains the invisible character {describe(hidden)}, drawn as nothing or a blank",
+        )
     return text
 
 
@@ -898,9 +909,20 @@ def _date(value: Any, today: str) -> str:
 def _finite(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SubmissionError(where, "must be a number")
+    _in_float_range(value, where)
     if not math.isfinite(value):
         raise SubmissionError(where, "must be a finite number")
     return float(value)
+
+
+def _in_float_range(value: int | float, where: str) -> None:
+    """JSON integers have no bound: one beyond ±1.8e308 cannot become a float (OverflowError)."""
+    if isinstance(value, int) and not -_FLOAT_MAX <= value <= _FLOAT_MAX:
+        digits = int(abs(value).bit_length() * math.log10(2)) + 1  # str() stops at 4,300 digits
+        raise SubmissionError(
+            where,
+            f"an integer of about {digits:,} digits, beyond ±{_FLOAT_MAX:.2g}, the range of a number",
+        )
 
 
 def _percent(value: Any, where: str, required: bool) -> float | None:
@@ -931,6 +953,7 @@ def _plain(value: Any, where: str, depth: int) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int | float):
+        _in_float_range(value, where)
         return _finite(value, where) if isinstance(value, float) else value
     if isinstance(value, str):
         return _clean(value, where, MAX_TEXT_CHARS)

@@ -100,7 +100,11 @@ def _reject_constant(name: str) -> Any:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if (
+        declared is not None
+        and _ASCII_DIGITS.fullmatch(declared)
+        and (len(declared) > 12 or int(declared) > limit)
+    ):
         raise _TooLarge
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -500,12 +504,16 @@ MAX_VERIFIER_BODY_BYTES = 4 * 1024 * 1024
 _SHA256_PATH = re.compile(r"^[0-9a-f]{64}$")
 ROWS_PER_PAGE = 200  # rows of the board's table per page
 MAX_API_ROWS = 1000  # rows per /api/entries answer (offset and limit page through the rest)
+# Not str.isdigit, which also takes "²" (that int() refuses: a 500) and "５" or "١" (that it reads).
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 def _int_param(request: Request, name: str, default: int, *, minimum: int) -> int:
-    """A whole-number query parameter; anything unreadable or too small gives the default."""
+    """A whole-number query parameter in ASCII digits (at most 12); anything else — a sign,
+    other digits such as "²", "١٢" or "５", which str.isdigit accepts — gives the default, and a
+    number below `minimum` gives `minimum`."""
     text = request.query_params.get(name, "")
-    if not text.isdigit() or len(text) > 12:
+    if not _ASCII_DIGITS.fullmatch(text) or len(text) > 12:
         return default
     return max(minimum, int(text))
 
