@@ -136,9 +136,8 @@ def make_run_dir(
     weights = run / "adapter" / "adapter_model.safetensors"
     weights.parent.mkdir(parents=True)
     # A real safetensors file (the board checks uploads), with the seed's bytes in it.
-    from safetensors.numpy import save
-
     import numpy as np
+    from safetensors.numpy import save
 
     noise = np.frombuffer(rng.randbytes(4096), dtype=np.float32).reshape(32, 32).copy()
     weights.write_bytes(save({"base_model.model.lora_A.weight": noise}))

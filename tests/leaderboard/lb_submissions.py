@@ -16,8 +16,6 @@ from fedtune.evaluation.subjects import (
 )
 
 
-
-
 def _adapter_bytes() -> bytes:
     import numpy as np
     from safetensors.numpy import save
@@ -139,7 +137,11 @@ def make_submission(
             "subjects": subjects_for(by_category),
             "answer_distribution": {"A": 10935 - 300, "B": 100, "C": 100, "D": 100},
         },
-        "adapter": {"location": "runs/demo/adapter", "sha256": ADAPTER_SHA256, "config": ADAPTER_CONFIG},
+        "adapter": {
+            "location": "runs/demo/adapter",
+            "sha256": ADAPTER_SHA256,
+            "config": ADAPTER_CONFIG,
+        },
         "setup": {"dataset": "flwrlabs/alpaca-gpt4", "num_clients": 20, "rounds": rounds},
         "provenance": {
             "commit": "0123abc",

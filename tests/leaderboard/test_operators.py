@@ -90,6 +90,7 @@ def validate_submission_checked(payload):
 
     return check_submission(payload)
 
+
 def test_tokens_are_listed_and_revoked(store):
     token = store.new_token("team-x", actor="ana")
     assert store.token_owner(token).startswith("team-x (")

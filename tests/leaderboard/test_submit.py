@@ -226,6 +226,8 @@ def test_cli_get_token(tmp_path, data_dir, capsys):
     assert main(["leaderboard", "token", "ops", "--operator", "--data-dir", str(data_dir)]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1]
     assert Store.in_dir(data_dir).token_role(token) == "operator"
+
+
 def _files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
