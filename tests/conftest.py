@@ -147,6 +147,12 @@ def tiny_llama():
     return build_tiny_llama
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_factory():
+    """`tiny_llama` for module- and session-scoped fixtures."""
+    return build_tiny_llama
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path, smollm2_tokenizer):
     """A local Hugging Face directory holding a tiny random Llama and SmolLM2's tokenizer."""
