@@ -352,10 +352,20 @@ def line_chart(
     x_label: str,
     y_label: str,
     bars: bool = False,
+    compact: bool = False,
+    css: str = "",
 ) -> str:
-    """A small chart of one or more series over rounds (lines, or stacked bars with `bars`)."""
-    width, height = 620, 260
-    left, right, top, bottom = 64, 16, 30, 44
+    """A small chart of one or more series over rounds (lines, or stacked bars with `bars`).
+
+    `compact`: the phone layout, 360 units wide so that it is drawn near 1:1 on a phone and its
+    text keeps its CSS size (the legend on a row of its own). `css`: more classes for the SVG.
+    """
+    if compact:
+        width, height = 360, 260
+        left, right, top, bottom = 50, 14, 58, 44
+    else:
+        width, height = 620, 260
+        left, right, top, bottom = 64, 16, 30, 44
     plot_w, plot_h = width - left - right, height - top - bottom
     if not xs:
         return f'<p class="empty" id="{esc(chart_id)}">No per-round data.</p>'
@@ -377,9 +387,10 @@ def line_chart(
         return top + (1 - value / y_max) * plot_h
 
     parts = [
-        f'<svg id="{esc(chart_id)}" class="chart small" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg id="{esc(chart_id)}" class="{_classes("chart small", compact, css)}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
-        f'<text class="chart-title" x="{left}" y="18">{esc(title)}</text>',
+        f'<text class="chart-title" x="{8 if compact else left}" y="18">{esc(title)}</text>',
     ]
     for i in range(5):
         value = y_max * i / 4
@@ -389,9 +400,9 @@ def line_chart(
         )
         parts.append(
             f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" '
-            f'text-anchor="end">{value:.3g}</text>'
+            f'text-anchor="end">{_fmt_tick(value)}</text>'
         )
-    for value in _x_ticks(x_lo, x_hi):
+    for value in _x_ticks(x_lo, x_hi, most=5 if compact else 7):
         parts.append(
             f'<text class="tick" x="{x_of(value):.1f}" y="{top + plot_h + 16}" '
             f'text-anchor="middle">{value:g}</text>'
@@ -432,17 +443,27 @@ def line_chart(
                         f"<title>round {x:g}: {v:.4g}</title></circle>"
                     )
     for k, (name, _) in enumerate(series):
-        x = left + plot_w - 110 * (len(series) - k)
-        parts.append(f'<rect class="bar s{k}" x="{x:.0f}" y="8" width="10" height="10"/>')
-        parts.append(f'<text class="legend" x="{x + 14:.0f}" y="17">{esc(name)}</text>')
+        x, y = (8 + 130 * k, 38) if compact else (left + plot_w - 110 * (len(series) - k), 17)
+        parts.append(f'<rect class="bar s{k}" x="{x:.0f}" y="{y - 9}" width="10" height="10"/>')
+        parts.append(f'<text class="legend" x="{x + 14:.0f}" y="{y}">{esc(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _x_ticks(lo: float, hi: float) -> list[float]:
+def _classes(base: str, compact: bool, css: str) -> str:
+    return " ".join(c for c in (base, "compact" if compact else "", css) if c)
+
+
+def _fmt_tick(value: float) -> str:
+    """An axis number that stays short: 1,500 rather than 1.5e+03."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _x_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
+    """Round numbers from `lo` to `hi`, at most `most` of them (rounds: whole numbers)."""
     if hi <= lo:
         return [lo]
-    step = max(1.0, _nice_max((hi - lo) / 6))  # rounds are whole numbers
+    step = max(1.0, _nice_max((hi - lo) / (most - 1)))
     first = math.ceil(lo / step) * step
     ticks = []
     value = first
@@ -452,21 +473,29 @@ def _x_ticks(lo: float, hi: float) -> list[float]:
     return ticks
 
 
-def letter_bars(predicted: dict[str, int], gold: dict[str, int]) -> str:
-    """Predicted answer letters against the gold letters, as horizontal bar pairs (percent)."""
+def letter_bars(
+    predicted: dict[str, int], gold: dict[str, int], *, compact: bool = False, css: str = ""
+) -> str:
+    """Predicted answer letters against the gold letters, as horizontal bar pairs (percent).
+
+    `compact`: the phone layout, 360 units wide (drawn near 1:1 on a phone); `css`: more classes.
+    """
     labels = list(dict.fromkeys([*gold, *predicted]))
     total_p = sum(predicted.values()) or 1
     total_g = sum(gold.values()) or 1
-    width, row_h, left = 620, 34, 70
+    width, row_h, left = (360, 34, 60) if compact else (620, 34, 70)
     height = 30 + row_h * len(labels)
-    scale = (width - left - 90) / 100.0
+    scale = (width - left - (56 if compact else 90)) / 100.0
+    gold_x = left + (140 if compact else 150)
     parts = [
-        f'<svg id="letter-chart" class="chart small" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg id="letter-chart{"-compact" if compact else ""}" '
+        f'class="{_classes("chart small letters", compact, css)}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
         'aria-label="Answer-letter distribution" xmlns="http://www.w3.org/2000/svg">',
-        '<rect class="bar s0" x="70" y="6" width="10" height="10"/>'
-        '<text class="legend" x="86" y="15">model\'s answers</text>'
-        '<rect class="bar gold" x="220" y="6" width="10" height="10"/>'
-        '<text class="legend" x="236" y="15">gold answers</text>',
+        f'<rect class="bar s0" x="{left}" y="6" width="10" height="10"/>'
+        f'<text class="legend" x="{left + 16}" y="15">model\'s answers</text>'
+        f'<rect class="bar gold" x="{gold_x}" y="6" width="10" height="10"/>'
+        f'<text class="legend" x="{gold_x + 16}" y="15">gold answers</text>',
     ]
     for i, label in enumerate(labels):
         y = 26 + i * row_h

@@ -406,7 +406,10 @@ def _letters(distribution: dict[str, int]) -> str:
         "gold answer. A model that piles onto one letter scores like that letter's constant-answer "
         "row.</p>"
     )
-    return f"<section>{title}{note}{letter_bars(distribution, gold)}</section>"
+    charts = letter_bars(distribution, gold, css="wide-only") + letter_bars(
+        distribution, gold, compact=True, css="narrow-only"
+    )
+    return f"<section>{title}{note}{charts}</section>"
 
 
 def _rounds(rounds: list[dict[str, Any]]) -> str:
@@ -415,22 +418,45 @@ def _rounds(rounds: list[dict[str, Any]]) -> str:
         return f'<section>{title}<p class="empty">No per-round data for this entry.</p></section>'
     xs = [float(r["round"]) for r in rounds]
     mib = 1024.0**2
-    comm = line_chart(
-        xs,
-        [("downlink MiB", [r["downlink_bytes"] / mib for r in rounds]),
-         ("uplink MiB", [r["uplink_bytes"] / mib for r in rounds])],  # fmt: skip
-        chart_id="comm-chart", title="Communication per round", x_label="round", y_label="MiB",
-        bars=True,
-    )  # fmt: skip
+    comm_series = [
+        ("downlink MiB", [r["downlink_bytes"] / mib for r in rounds]),
+        ("uplink MiB", [r["uplink_bytes"] / mib for r in rounds]),
+    ]
     losses = [r.get("train_loss") for r in rounds]
-    if any(v is not None for v in losses):
-        loss = line_chart(
-            xs, [("train loss", losses)], chart_id="loss-chart", title="Training loss per round",
-            x_label="round", y_label="loss",
-        )  # fmt: skip
-    else:
-        loss = '<p class="empty" id="loss-chart">No loss recorded.</p>'
-    return f'<section class="plots">{title}<div class="plot-row">{comm}{loss}</div></section>'
+    charts = []
+    # Each chart twice: the wide one, and a compact one whose text stays readable on a phone
+    # (the stylesheet shows one of them).
+    for compact, css in ((False, "wide-only"), (True, "narrow-only")):
+        suffix = "-compact" if compact else ""
+        charts.append(
+            line_chart(
+                xs,
+                comm_series,
+                chart_id=f"comm-chart{suffix}",
+                title="Communication per round",
+                x_label="round",
+                y_label="MiB",
+                bars=True,
+                compact=compact,
+                css=css,
+            )
+        )
+        if any(v is not None for v in losses):
+            charts.append(
+                line_chart(
+                    xs,
+                    [("train loss", losses)],
+                    chart_id=f"loss-chart{suffix}",
+                    title="Training loss per round",
+                    x_label="round",
+                    y_label="loss",
+                    compact=compact,
+                    css=css,
+                )
+            )
+    if not any(v is not None for v in losses):
+        charts.append('<p class="empty" id="loss-chart">No loss recorded.</p>')
+    return f'<section class="plots">{title}<div class="plot-row">{"".join(charts)}</div></section>'
 
 
 def _key_values(title: str, values: dict[str, Any], section_id: str) -> str:
