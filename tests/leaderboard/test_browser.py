@@ -1,12 +1,14 @@
 """The board in a real browser: Debian's headless Chromium driven by Playwright for Python.
 
 Skipped (with the reason) only where Chromium or Playwright is absent; CI installs both with
-scripts/install-browser. The screenshot is written to $FEDTUNE_SCREENSHOT_DIR (default: the test's
-tmp dir) so a person can look at it.
+scripts/install-browser. Screenshots (at 1360, 390 and 1280 px) and the hostile board's
+measurements (measured-390.json, measured-1280.json) are written to $FEDTUNE_SCREENSHOT_DIR
+(default: the test's tmp dir) so a person can look at them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -193,10 +195,185 @@ def test_board_on_a_phone(browser, live_server, submission, tmp_path):
     page.close()
 
 
-def _too_wide(page) -> list[str]:
-    """The first elements that reach past a 390 px screen (for the failure message)."""
+def _too_wide(page, width: int = 390) -> list[str]:
+    """The first elements that reach past a screen `width` px wide (for the failure message)."""
     return page.evaluate(
-        """() => [...document.querySelectorAll('body *')]
-            .filter(e => e.getBoundingClientRect().right > 391)
+        f"""() => [...document.querySelectorAll('body *')]
+            .filter(e => e.getBoundingClientRect().right > {width + 1})
             .map(e => e.tagName + '.' + e.className + '#' + e.id).slice(0, 8)"""
     )
+
+
+# A board with the hostile cases: unbroken 45- and 60-character team names with 60-character base
+# models, markup in a team name, and two costs far off every real one (1 byte, self-reported;
+# 10^18 bytes, re-scored and so ranked).
+LONG_TEAM = "Northwesternfederatedlanguagemodellingconsort"
+LONG_TEAM_60 = "Internationalfederatedlearningbenchmarkworkinggroupforlangua"
+LONG_MODEL = "Qwen2.5-7B-Instruct-federated-LoRA-r16-alpha32-merged-v2-fp8"
+UNBROKEN_MODEL = "Qwen25SevenBInstructFederatedLoRAr16Alpha32MergedEpoch03FP16"
+HOSTILE_TEAM = "<img src=x onerror=\"document.title='pwned'\">Evil & Co"
+
+# Rendered size of SVG text in CSS px: the computed font size times the scale of the text's
+# transform to the screen (viewBox scaling, rotation included); hidden SVGs are left out.
+_SVG_TEXT_SIZES = """sel => [...document.querySelectorAll(sel)]
+    .filter(t => t.getClientRects().length > 0 && t.getScreenCTM())
+    .map(t => {
+        const m = t.getScreenCTM();
+        return {px: parseFloat(getComputedStyle(t).fontSize) * Math.hypot(m.a, m.b),
+                text: t.textContent, cls: t.getAttribute('class') || '',
+                svg: t.ownerSVGElement.id};
+    })"""
+
+
+def _post_hostile_board(live_server, submission) -> dict[str, int]:
+    """Submits the hostile entries (`generations`: re-scored, so ranked); their ids by key."""
+    gb, small = 1024**3, "SmolLM2-135M-Instruct"
+    ids = {}
+    for key, team, model, comm_bytes, correct, generations in [
+        ("long45", LONG_TEAM, LONG_MODEL, 2 * gb, (1300, 1400, 1800), True),
+        ("long60", LONG_TEAM_60, UNBROKEN_MODEL, 3 * gb, (900, 900, 900), False),
+        ("markup", HOSTILE_TEAM, small, int(1.2 * gb), (500, 500, 500), False),
+        ("one-byte", "One Byte", small, 1, (900, 900, 900), False),
+        ("exabyte", "Exabyte", small, 10**18, (900, 900, 900), True),
+    ]:
+        payload = submission(
+            team,
+            correct=correct,
+            comm_bytes=comm_bytes,
+            generations=generations,
+            base_model=model,
+        )
+        reply = httpx.post(
+            f"{live_server.url}/api/entries",
+            json=payload,
+            headers={"Authorization": f"Bearer {live_server.store.new_token(team)}"},
+        )
+        assert reply.status_code == 201, reply.text
+        ids[key] = reply.json()["id"]
+    return ids
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_hostile_board_at_phone_and_desktop_widths(
+    browser, live_server, submission, tmp_path, width
+):
+    """Long unbroken names, markup and far-off costs at 390 and 1280 px: the page never scrolls
+    sideways; Average (and at 1280 every category and the Date) stays in view; long names wrap
+    or are cut with the whole name in a tooltip; the chart's scale comes from the real entries,
+    the far-off ones drawn at its edge; every chart text (board and entry page) is ≥ 11 CSS px."""
+    ids = _post_hostile_board(live_server, submission)
+    assert len(LONG_TEAM) == 45 and len(LONG_TEAM_60) == len(LONG_MODEL) == 60
+    assert len(UNBROKEN_MODEL) == 60
+    page = browser.new_page(viewport={"width": width, "height": 900}, device_scale_factor=2)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    measured: dict[str, object] = {"viewport": width}
+    page.goto(live_server.url + "/")
+
+    # The page and the table: no sideways scroll.
+    measured["page_width"] = page.evaluate("document.documentElement.scrollWidth")
+    wrap = page.eval_on_selector(
+        ".table-wrap",
+        "w => ({scroll: w.scrollWidth, client: w.clientWidth,"
+        " right: w.getBoundingClientRect().right})",
+    )
+    measured["table_width"] = page.eval_on_selector("#board", "t => t.scrollWidth")
+    assert measured["page_width"] <= width, _too_wide(page, width)
+    assert wrap["scroll"] <= wrap["client"], measured
+    shown = ["average"] if width < 640 else ["average", "stem", "social", "humanities", "date"]
+    for key in shown:
+        box = page.locator(f"#board th[data-key={key}]").bounding_box()
+        assert box is not None and box["x"] + box["width"] <= min(width, wrap["right"]), key
+    # Every row's Average cell is in view, the long-name rows' included.
+    average_index = page.eval_on_selector_all(
+        "#board thead th", "ths => ths.findIndex(th => th.dataset.key === 'average')"
+    )
+    rights = page.eval_on_selector_all(
+        "#board tbody tr",
+        f"rows => rows.map(r => r.cells[{average_index}].getBoundingClientRect().right)",
+    )
+    measured["average_right_max"] = max(rights)
+    assert max(rights) <= min(width, wrap["right"]), measured
+
+    # Long names: wrapped inside their cell or cut with an ellipsis, the whole name as a tooltip.
+    for key, team in (("long45", LONG_TEAM), ("long60", LONG_TEAM_60)):
+        name = page.locator(f"#board tr[data-id='{ids[key]}'] a.name")
+        assert name.get_attribute("title") == team and name.inner_text() == team
+        box = name.bounding_box()
+        assert box is not None and box["x"] + box["width"] <= width
+    markup = page.locator(f"#board tr[data-id='{ids['markup']}'] a.name")
+    assert markup.inner_text() == HOSTILE_TEAM and markup.get_attribute("title") == HOSTILE_TEAM
+    assert page.locator("#board img").count() == 0 and page.title() == "fedtune leaderboard"
+    clip = page.locator(f"#board tr[data-id='{ids['long45']}'] .clip")
+    assert clip.get_attribute("title") == LONG_MODEL
+    if width >= 640:  # the base model column: cut to one line; a click shows it whole
+        cut = "c => c.scrollWidth > c.clientWidth"
+        assert clip.evaluate(cut)
+        clip.click()
+        assert not clip.evaluate(cut) and clip.inner_text() == LONG_MODEL
+        assert page.eval_on_selector(".table-wrap", "w => w.scrollWidth <= w.clientWidth")
+        clip.click()
+    else:
+        assert clip.is_hidden()  # on a phone the base model is on the entry page
+
+    # The chart: its scale comes from the real entries, which spread over most of its width; the
+    # 1-byte and 10^18-byte entries sit at the frame's left and right edges, marked off-scale.
+    chart = "#score-chart-compact" if width < 640 else "#score-chart"
+    assert page.locator(chart).is_visible()
+    frame = page.locator(f"{chart} rect.plot-area").bounding_box()
+    points = page.eval_on_selector_all(
+        f"{chart} circle.pt[data-id]",
+        """cs => cs.map(c => { const b = c.getBoundingClientRect();
+            return {id: Number(c.dataset.id), x: b.x + b.width / 2, w: b.width,
+                    off: c.classList.contains('off-scale')}; })""",
+    )
+    assert len(points) == 19 + 5
+    far = {ids["one-byte"], ids["exabyte"]}
+    real = [p["x"] for p in points if p["id"] not in far]
+    measured["real_spread"] = round((max(real) - min(real)) / frame["width"], 3)
+    assert measured["real_spread"] >= 0.6, measured
+    edge = {p["id"]: p for p in points if p["id"] in far}
+    assert all(p["off"] for p in edge.values()) and not any(
+        p["off"] for p in points if p["id"] not in far
+    )
+    assert frame["x"] <= edge[ids["one-byte"]]["x"] <= frame["x"] + 0.05 * frame["width"]
+    right = frame["x"] + frame["width"]
+    assert right - 0.05 * frame["width"] <= edge[ids["exabyte"]]["x"] <= right
+    assert page.locator(f"{chart} path.off-mark").count() == 2
+    note = " ".join(
+        page.eval_on_selector_all(f"{chart} text.off-note", "ts => ts.map(t => t.textContent)")
+    )
+    assert "Off the scale" in note and "◀ 1 entry below" in note and "▶ 1 entry above" in note
+    measured["point_width_min"] = round(min(p["w"] for p in points), 2)
+    if width < 640:
+        assert measured["point_width_min"] >= 12  # big enough to tap
+
+    # Every chart text on the board as drawn: ≥ 11 CSS px.
+    sizes = page.evaluate(f"({_SVG_TEXT_SIZES})('svg.chart text')")
+    smallest = min(sizes, key=lambda s: s["px"])
+    measured["board_chart_text_min_px"] = round(smallest["px"], 2)
+    assert smallest["px"] >= 11, smallest
+    assert page.locator(f"{chart} text.pt-label").count() >= 3  # the front is named
+    page.screenshot(path=str(_shot_dir(tmp_path) / f"hostile-board-{width}.png"), full_page=True)
+
+    # The long-name entry's page: no sideways scroll, the whole name, readable charts.
+    page.goto(f"{live_server.url}/entry/{ids['long45']}")
+    page.wait_for_selector("#entry-title")
+    measured["entry_page_width"] = page.evaluate("document.documentElement.scrollWidth")
+    assert measured["entry_page_width"] <= width, _too_wide(page, width)
+    assert LONG_TEAM in page.inner_text("#entry-title")
+    suffix = "-compact" if width < 640 else ""
+    other = "" if suffix else "-compact"
+    for chart_id in ("comm-chart", "loss-chart", "letter-chart"):
+        assert page.locator(f"#{chart_id}{suffix}").is_visible(), chart_id
+        assert page.locator(f"#{chart_id}{other}").is_hidden(), chart_id  # one version shows
+    sizes = page.evaluate(f"({_SVG_TEXT_SIZES})('svg.chart text')")
+    assert len(sizes) > 20
+    smallest = min(sizes, key=lambda s: s["px"])
+    measured["entry_chart_text_min_px"] = round(smallest["px"], 2)
+    assert smallest["px"] >= 11, smallest
+    page.screenshot(path=str(_shot_dir(tmp_path) / f"hostile-entry-{width}.png"), full_page=True)
+    assert not errors
+    (_shot_dir(tmp_path) / f"measured-{width}.json").write_text(json.dumps(measured, indent=1))
+    page.close()

@@ -61,6 +61,15 @@ def csv_cell(value: object) -> object:
     return value
 
 
+def csv_rank(row: BoardRow) -> int | str:
+    """The CSV's Rank cell: the rank of a ranked entry, "ref" for a constant-answer reference row,
+    empty for an entry the board does not rank (whatever its status; `Entry.ranked` decides), so
+    that the column holds numbers and blanks."""
+    if row.is_reference:
+        return "ref"
+    return row.rank if row.rank is not None else ""
+
+
 def _csv(rows: Sequence[BoardRow], columns: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -68,7 +77,7 @@ def _csv(rows: Sequence[BoardRow], columns: Sequence[str]) -> str:
     for row in rows:
         r = row_record(row)
         writer.writerow([csv_cell(cell) for cell in [
-            r["rank"] if r["rank"] is not None else "ref",
+            csv_rank(row),
             r.get("team") or f"Reference: {r.get('label')}",
             r.get("code_url", ""), r.get("base_model", ""), r["comm_bytes"],
             f"{board_gb(r['comm_bytes']):.1f}", f"{r['average']:.2f}", f"{r['stem']:.2f}",

@@ -6,6 +6,8 @@ Every piece of text that reaches the SVG goes through `esc` (team names are user
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from collections.abc import Sequence
 from html import escape
 
@@ -33,6 +35,57 @@ def _fmt_gb_tick(gb: float) -> str:
     return f"{gb:g} GB"
 
 
+def css_name(text: str) -> str:
+    """`text` as part of a CSS class name: lower case, every run of other characters one hyphen
+    ("failed verification" → "failed-verification"), so any status or track gets a class."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "none"
+
+
+def status_classes(entry: Entry) -> str:
+    """The CSS classes of an entry's status: `status-<name>` and `ranked` or `unranked`
+    (`Entry.ranked` decides), so a status the stylesheet does not name still gets the look of its
+    kind."""
+    return f"status-{css_name(entry.status)} {'ranked' if entry.ranked else 'unranked'}"
+
+
+def _log_gb(entry: Entry) -> float:
+    return math.log10(entry.comm_bytes / BYTES_PER_GB) if entry.comm_bytes > 0 else -math.inf
+
+
+def cost_range(entries: Sequence[Entry]) -> tuple[float, float]:
+    """The chart's cost axis, (low, high) in log10 GB, spanned by the ranked entries' costs only,
+    less far outliers, and padded so the points sit inside the frame.
+
+    A far outlier lies more than 3 interquartile ranges (at least 3 decades) outside the middle
+    half of the ranked costs — of every shown cost where fewer than 4 entries are ranked, too few
+    to tell. Unranked entries never widen the axis; with no ranked entry inside it, the shown
+    ones span it. Entries outside it are drawn at the edge, marked as off the scale.
+    """
+    usable = [e for e in entries if e.comm_bytes > 0]
+    ranked = sorted(_log_gb(e) for e in usable if e.ranked)
+    shown = sorted(_log_gb(e) for e in usable)
+    if not shown:
+        return 0.0, 1.0
+    basis = ranked if len(ranked) >= 4 else shown
+    low, high = -math.inf, math.inf
+    if len(basis) >= 4:
+        q1, _, q3 = statistics.quantiles(basis, n=4, method="inclusive")
+        reach = 3 * max(q3 - q1, 1.0)
+        low, high = q1 - reach, q3 + reach
+    logs = [v for v in ranked if low <= v <= high] or [v for v in shown if low <= v <= high]
+    lo, hi = (logs[0], logs[-1]) if logs else (shown[0], shown[-1])
+    if hi - lo < 1.0:  # at least a decade, around the points
+        middle = (lo + hi) / 2
+        lo, hi = middle - 0.5, middle + 0.5
+    pad = 0.06 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def _fmt_gb_bound(log_gb: float) -> str:
+    gb = 10.0**log_gb
+    return f"{gb:,.0f}" if gb >= 10 else f"{gb:.2g}"
+
+
 def score_vs_cost(
     entries: Sequence[Entry],
     front: Sequence[Entry],
@@ -46,6 +99,11 @@ def score_vs_cost(
     the best of them, since they cost no communication and have no place on a log axis. The
     Pareto front's points are labelled with their team. `compact`: the phone layout — a narrow
     chart whose text stays readable at 390 px, bigger points to tap, the legend on two rows.
+
+    The scale comes from the ranked entries (`cost_range`; the Average axis from ranked entries
+    and the references): a self-reported or far-off cost cannot squash the others into a corner.
+    A point off the scale is drawn at the frame's edge with a triangle pointing the way it is off,
+    and a note under the chart counts them.
     """
     suffix = "-compact" if compact else ""
     if compact:
@@ -55,33 +113,58 @@ def score_vs_cost(
         width, height = 880, 380
         left, right, top, bottom = 60, 150, 34, 52
     plot_w, plot_h = width - left - right, height - top - bottom
-    points = [e for e in entries if e.comm_bytes > 0]
-    gbs = [e.comm_bytes / BYTES_PER_GB for e in points] or [1.0]
-    lo = math.floor(math.log10(min(gbs)))
-    hi = math.ceil(math.log10(max(gbs)))
-    if hi == lo:
-        hi += 1
-    y_max = _nice_max(max([e.average for e in points] + [r.average for r in references] + [10.0]))
+    radius = 8 if compact else 5.5
+    inset = 7 + radius  # an off-scale point's centre, from the frame: its triangle fits between
+    lo, hi = cost_range(entries)
+    scaled = [e for e in entries if e.ranked] or list(entries)
+    y_max = _nice_max(max([e.average for e in scaled] + [r.average for r in references] + [10.0]))
     y_max = min(100.0, math.ceil(y_max / 10) * 10)
 
-    def x_of_gb(gb: float) -> float:
-        return left + (math.log10(gb) - lo) / (hi - lo) * plot_w
-
-    def x_of(num_bytes: int) -> float:
-        return x_of_gb(num_bytes / BYTES_PER_GB)
-
-    # A decade label at most every ~70 px (bytes from 1 to 10^19 span 28 decades of GB).
-    label_every = max(1, math.ceil((hi - lo) * (90 if compact else 70) / plot_w))
+    def x_of_log(value: float) -> float:
+        return left + (value - lo) / (hi - lo) * plot_w
 
     def y_of(average: float) -> float:
         return top + (1 - average / y_max) * plot_h
 
+    def place(entry: Entry) -> tuple[float, float, str]:
+        """The point's x and y, and where it is off the scale ("", "left", "right", "up" or
+        "left up", "right up")."""
+        value, off = _log_gb(entry), []
+        if value < lo:
+            x, off = left + inset, ["left"]
+        elif value > hi:
+            x, off = left + plot_w - inset, ["right"]
+        else:
+            x = x_of_log(value)
+        if entry.average > y_max:
+            y = top + inset
+            off.append("up")
+        else:
+            y = y_of(entry.average)
+        return x, y, " ".join(off)
+
+    placed = {id(e): place(e) for e in entries}
+    off_counts = {
+        side: sum(side in p[2].split() for p in placed.values()) for side in ("left", "right", "up")
+    }
+    note_lines = _off_scale_note(off_counts, lo, hi, y_max, compact=compact)
+    full_height = height + 22 * len(note_lines) + (6 if note_lines else 0)
+
+    # A decade label at most every ~70 px (bytes from 1 to 10^19 span 28 decades of GB).
+    label_every = max(1, math.ceil((hi - lo) * (90 if compact else 70) / plot_w))
+    decades = list(range(math.ceil(lo), math.floor(hi) + 1))
+    # The 2 and 5 multiples get labels too where decades are wide (≥ 200 px) or fewer than two
+    # decades are on the axis.
+    wide_decades = plot_w / (hi - lo) >= 200
+    labelled = {1, 2, 5} if len(decades) < 2 or wide_decades else {1}
+
     parts = [
         f'<svg id="score-chart{suffix}" class="chart{" compact" if compact else ""}" '
-        f'viewBox="0 0 {width} {height}" role="img" '
+        f'viewBox="0 0 {width} {full_height}" role="img" '
         f'aria-labelledby="score-chart-title{suffix}" xmlns="http://www.w3.org/2000/svg">',
         f'<title id="score-chart-title{suffix}">Average against communication cost (log scale); '
         "the Pareto front is the staircase</title>",
+        f'<rect class="plot-area" x="{left}" y="{top}" width="{plot_w}" height="{plot_h}"/>',
     ]
     # Grid: every 10 points of Average, every decade (and its 2…9 multiples) of GB.
     for tick in range(0, int(y_max) + 1, 10):
@@ -92,22 +175,22 @@ def score_vs_cost(
         parts.append(
             f'<text class="tick" x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{tick}</text>'
         )
-    for decade in range(lo, hi + 1):
+    for decade in range(math.floor(lo), math.ceil(hi) + 1):
         for multiple in range(1, 10):
-            gb = multiple * 10.0**decade
-            if not 10.0**lo <= gb <= 10.0**hi:
+            value = decade + math.log10(multiple)
+            if not lo <= value <= hi:
                 continue
             if multiple > 1 and label_every > 1:
                 continue  # minor lines only while decades are wide enough to hold them
-            x = x_of_gb(gb)
+            x = x_of_log(value)
             css = "grid major" if multiple == 1 else "grid minor"
             parts.append(
                 f'<line class="{css}" x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}"/>'
             )
-            if multiple == 1 and (decade - lo) % label_every == 0:
+            if multiple in labelled and (decade - math.ceil(lo)) % label_every == 0:
                 parts.append(
                     f'<text class="tick" x="{x:.1f}" y="{top + plot_h + 18}" '
-                    f'text-anchor="middle">{esc(_fmt_gb_tick(gb))}</text>'
+                    f'text-anchor="middle">{esc(_fmt_gb_tick(multiple * 10.0**decade))}</text>'
                 )
     parts.append(
         f'<text class="axis-title" x="{left + plot_w / 2:.1f}" y="{height - 10}" '
@@ -117,6 +200,11 @@ def score_vs_cost(
         f'<text class="axis-title" transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" '
         'text-anchor="middle">Average (%)</text>'
     )
+    for i, line in enumerate(note_lines):
+        parts.append(
+            f'<text class="off-note" x="{8 if compact else left}" y="{height + 14 + 22 * i}">'
+            f"{esc(line)}</text>"
+        )
     if references:
         low = min(r.average for r in references)
         best = max(references, key=lambda r: r.average)
@@ -145,34 +233,41 @@ def score_vs_cost(
                 f"always A–D: {low:.2f}–{best.average:.2f}</text>"
             )
     front_ids = {e.id for e in front}
-    drawn = [e for e in front if e.comm_bytes > 0]
+    drawn = [e for e in front if id(e) in placed]
     if drawn:
-        path = [f"{x_of(drawn[0].comm_bytes):.1f},{y_of(drawn[0].average):.1f}"]
-        for prev, cur in zip(drawn, drawn[1:], strict=False):
-            path.append(f"{x_of(cur.comm_bytes):.1f},{y_of(prev.average):.1f}")
-            path.append(f"{x_of(cur.comm_bytes):.1f},{y_of(cur.average):.1f}")
-        path.append(f"{left + plot_w},{y_of(drawn[-1].average):.1f}")
+        xy = [placed[id(e)][:2] for e in drawn]
+        path = [f"{xy[0][0]:.1f},{xy[0][1]:.1f}"]
+        for (_, prev_y), (x, y) in zip(xy, xy[1:], strict=False):
+            path.append(f"{x:.1f},{prev_y:.1f}")
+            path.append(f"{x:.1f},{y:.1f}")
+        path.append(f"{left + plot_w},{xy[-1][1]:.1f}")
         parts.append(
             f'<polyline id="pareto-front{suffix}" class="front" points="{" ".join(path)}"/>'
         )
-    for entry in sorted(points, key=lambda e: e.id in front_ids):
-        css = f"pt track-{esc(entry.track)} status-{esc(entry.status)}"
+    for entry in sorted(entries, key=lambda e: e.id in front_ids):
+        x, y, off = placed[id(entry)]
+        css = f"pt track-{css_name(entry.track)} {status_classes(entry)}"
         if entry.id in front_ids:
             css += " on-front"
+        if off:
+            css += " off-scale"
         label = (
             f"{entry.team} · {entry.base_model} · {entry.average:.2f} · "
             f"{format_gb(entry.comm_bytes)}"
             + (" · on the Pareto front" if entry.id in front_ids else "")
+            + (" · off the scale, drawn at the edge" if off else "")
         )
         entry_id = int(entry.id or 0)
-        x, y = x_of(entry.comm_bytes), y_of(entry.average)
+        marks = "".join(
+            _off_mark(side, x, y, left, left + plot_w, top, radius) for side in off.split()
+        )
         parts.append(
             f'<a href="/entry/{entry_id}"><circle class="{css}" data-id="{entry_id}" '
-            f'cx="{x:.1f}" cy="{y:.1f}" r="{8 if compact else 5.5}">'
-            f"<title>{esc(label)}</title></circle></a>"
+            f'cx="{x:.1f}" cy="{y:.1f}" r="{radius}">'
+            f"<title>{esc(label)}</title></circle>{marks}</a>"
         )
     for entry in drawn:  # the front's points carry their team's name
-        x, y = x_of(entry.comm_bytes), y_of(entry.average)
+        x, y, _ = placed[id(entry)]
         anchor = "end" if x > left + plot_w * 0.6 else "start"
         shift = -10 if anchor == "end" else 10
         name = entry.team if len(entry.team) <= 22 else entry.team[:21] + "…"
@@ -185,15 +280,49 @@ def score_vs_cost(
     return "".join(parts)
 
 
+def _off_mark(side: str, x: float, y: float, x0: float, x1: float, y0: float, r: float) -> str:
+    """A triangle between an off-scale point and the frame, its tip on the frame."""
+    if side == "left":
+        d = f"M{x0 + 0.5:.1f},{y:.1f} L{x - r - 1:.1f},{y - 5:.1f} L{x - r - 1:.1f},{y + 5:.1f}Z"
+    elif side == "right":
+        d = f"M{x1 - 0.5:.1f},{y:.1f} L{x + r + 1:.1f},{y - 5:.1f} L{x + r + 1:.1f},{y + 5:.1f}Z"
+    else:
+        d = f"M{x:.1f},{y0 + 0.5:.1f} L{x - 5:.1f},{y - r - 1:.1f} L{x + 5:.1f},{y - r - 1:.1f}Z"
+    return f'<path class="off-mark" d="{d}"/>'
+
+
+def _off_scale_note(
+    counts: dict[str, int], lo: float, hi: float, y_max: float, *, compact: bool
+) -> list[str]:
+    """The lines under the chart that count the points drawn at its edges (none: no lines)."""
+
+    def entries(n: int) -> str:
+        return f"{n} {'entry' if n == 1 else 'entries'}"
+
+    parts = []
+    if counts["left"]:
+        parts.append(f"◀ {entries(counts['left'])} below {_fmt_gb_bound(lo)} GB")
+    if counts["right"]:
+        parts.append(f"▶ {entries(counts['right'])} above {_fmt_gb_bound(hi)} GB")
+    if counts["up"]:
+        parts.append(f"▲ {entries(counts['up'])} above Average {y_max:g}")
+    if not parts:
+        return []
+    lead = "Off the scale, drawn at the edge:"
+    if compact:
+        return [lead, *parts] if len(parts) > 2 else [lead, " · ".join(parts)]
+    return [f"{lead} {' · '.join(parts)}"]
+
+
 def _legend(x0: float, y: float, *, rows: int = 1, width: float = 0.0) -> str:
-    """Marks and their meaning: track fills; submitted, re-scored, verified and Pareto-front
-    rings."""
+    """Marks and their meaning: track fills; not-ranked (any unranked status), re-scored,
+    verified and Pareto-front rings."""
     items = [
-        ("pt track-general-nlp status-published", "General NLP"),
-        ("pt track-open status-published", "open track"),
-        ("pt track-general-nlp status-submitted", "submitted"),
-        ("pt track-general-nlp status-re-scored", "re-scored"),
-        ("pt track-general-nlp status-verified", "verified"),
+        ("pt track-general-nlp status-published ranked", "General NLP"),
+        ("pt track-open status-published ranked", "open track"),
+        ("pt track-general-nlp unranked", "not ranked"),
+        ("pt track-general-nlp status-re-scored ranked", "re-scored"),
+        ("pt track-general-nlp status-verified ranked", "verified"),
         ("front", "Pareto front"),
     ]
     out = []
@@ -223,10 +352,20 @@ def line_chart(
     x_label: str,
     y_label: str,
     bars: bool = False,
+    compact: bool = False,
+    css: str = "",
 ) -> str:
-    """A small chart of one or more series over rounds (lines, or stacked bars with `bars`)."""
-    width, height = 620, 260
-    left, right, top, bottom = 64, 16, 30, 44
+    """A small chart of one or more series over rounds (lines, or stacked bars with `bars`).
+
+    `compact`: the phone layout, 360 units wide so that it is drawn near 1:1 on a phone and its
+    text keeps its CSS size (the legend on a row of its own). `css`: more classes for the SVG.
+    """
+    if compact:
+        width, height = 360, 260
+        left, right, top, bottom = 50, 14, 58, 44
+    else:
+        width, height = 620, 260
+        left, right, top, bottom = 64, 16, 30, 44
     plot_w, plot_h = width - left - right, height - top - bottom
     if not xs:
         return f'<p class="empty" id="{esc(chart_id)}">No per-round data.</p>'
@@ -248,9 +387,10 @@ def line_chart(
         return top + (1 - value / y_max) * plot_h
 
     parts = [
-        f'<svg id="{esc(chart_id)}" class="chart small" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg id="{esc(chart_id)}" class="{_classes("chart small", compact, css)}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
-        f'<text class="chart-title" x="{left}" y="18">{esc(title)}</text>',
+        f'<text class="chart-title" x="{8 if compact else left}" y="18">{esc(title)}</text>',
     ]
     for i in range(5):
         value = y_max * i / 4
@@ -260,9 +400,9 @@ def line_chart(
         )
         parts.append(
             f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" '
-            f'text-anchor="end">{value:.3g}</text>'
+            f'text-anchor="end">{_fmt_tick(value)}</text>'
         )
-    for value in _x_ticks(x_lo, x_hi):
+    for value in _x_ticks(x_lo, x_hi, most=5 if compact else 7):
         parts.append(
             f'<text class="tick" x="{x_of(value):.1f}" y="{top + plot_h + 16}" '
             f'text-anchor="middle">{value:g}</text>'
@@ -303,17 +443,27 @@ def line_chart(
                         f"<title>round {x:g}: {v:.4g}</title></circle>"
                     )
     for k, (name, _) in enumerate(series):
-        x = left + plot_w - 110 * (len(series) - k)
-        parts.append(f'<rect class="bar s{k}" x="{x:.0f}" y="8" width="10" height="10"/>')
-        parts.append(f'<text class="legend" x="{x + 14:.0f}" y="17">{esc(name)}</text>')
+        x, y = (8 + 130 * k, 38) if compact else (left + plot_w - 110 * (len(series) - k), 17)
+        parts.append(f'<rect class="bar s{k}" x="{x:.0f}" y="{y - 9}" width="10" height="10"/>')
+        parts.append(f'<text class="legend" x="{x + 14:.0f}" y="{y}">{esc(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _x_ticks(lo: float, hi: float) -> list[float]:
+def _classes(base: str, compact: bool, css: str) -> str:
+    return " ".join(c for c in (base, "compact" if compact else "", css) if c)
+
+
+def _fmt_tick(value: float) -> str:
+    """An axis number that stays short: 1,500 rather than 1.5e+03."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _x_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
+    """Round numbers from `lo` to `hi`, at most `most` of them (rounds: whole numbers)."""
     if hi <= lo:
         return [lo]
-    step = max(1.0, _nice_max((hi - lo) / 6))  # rounds are whole numbers
+    step = max(1.0, _nice_max((hi - lo) / (most - 1)))
     first = math.ceil(lo / step) * step
     ticks = []
     value = first
@@ -323,21 +473,29 @@ def _x_ticks(lo: float, hi: float) -> list[float]:
     return ticks
 
 
-def letter_bars(predicted: dict[str, int], gold: dict[str, int]) -> str:
-    """Predicted answer letters against the gold letters, as horizontal bar pairs (percent)."""
+def letter_bars(
+    predicted: dict[str, int], gold: dict[str, int], *, compact: bool = False, css: str = ""
+) -> str:
+    """Predicted answer letters against the gold letters, as horizontal bar pairs (percent).
+
+    `compact`: the phone layout, 360 units wide (drawn near 1:1 on a phone); `css`: more classes.
+    """
     labels = list(dict.fromkeys([*gold, *predicted]))
     total_p = sum(predicted.values()) or 1
     total_g = sum(gold.values()) or 1
-    width, row_h, left = 620, 34, 70
+    width, row_h, left = (360, 34, 60) if compact else (620, 34, 70)
     height = 30 + row_h * len(labels)
-    scale = (width - left - 90) / 100.0
+    scale = (width - left - (56 if compact else 90)) / 100.0
+    gold_x = left + (140 if compact else 150)
     parts = [
-        f'<svg id="letter-chart" class="chart small" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg id="letter-chart{"-compact" if compact else ""}" '
+        f'class="{_classes("chart small letters", compact, css)}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
         'aria-label="Answer-letter distribution" xmlns="http://www.w3.org/2000/svg">',
-        '<rect class="bar s0" x="70" y="6" width="10" height="10"/>'
-        '<text class="legend" x="86" y="15">model\'s answers</text>'
-        '<rect class="bar gold" x="220" y="6" width="10" height="10"/>'
-        '<text class="legend" x="236" y="15">gold answers</text>',
+        f'<rect class="bar s0" x="{left}" y="6" width="10" height="10"/>'
+        f'<text class="legend" x="{left + 16}" y="15">model\'s answers</text>'
+        f'<rect class="bar gold" x="{gold_x}" y="6" width="10" height="10"/>'
+        f'<text class="legend" x="{gold_x + 16}" y="15">gold answers</text>',
     ]
     for i, label in enumerate(labels):
         y = 26 + i * row_h

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedtune.evaluation.subjects import CATEGORY_SUBJECTS, SCORED_CATEGORIES
-from fedtune.leaderboard.entry import TRACK_TITLES, TRACKS, Entry, board_date, format_gb
+from fedtune.leaderboard.entry import SUBMITTED, TRACK_TITLES, TRACKS, Entry, board_date, format_gb
 from fedtune.leaderboard.ranking import ALL_TRACKS, BoardRow
 from fedtune.leaderboard.reference import ReferenceRow, scored_gold_distribution
-from fedtune.leaderboard.web.charts import esc, letter_bars, line_chart
+from fedtune.leaderboard.web.charts import css_name, esc, letter_bars, line_chart, status_classes
 
 CATEGORY_TITLES = {
     "stem": "STEM",
@@ -156,6 +156,12 @@ def _cell(value: Any, text: str, css: str = "") -> str:
     return f'<td data-v="{esc(value)}"{cls}>{text}</td>'
 
 
+def _clipped(text: str) -> str:
+    """A name cut to one line with an ellipsis when long, the whole of it in the tooltip; a tap or
+    click shows it all (board.js)."""
+    return f'<span class="clip" title="{esc(text)}">{esc(text)}</span>'
+
+
 def _row(row: BoardRow) -> str:
     if row.entry is None:
         return _reference_row(row)
@@ -163,16 +169,21 @@ def _row(row: BoardRow) -> str:
     status = (
         ""
         if e.status == "published"
-        else f' <span class="badge {esc(e.status)}">{esc(e.status)}</span>'
+        else f' <span class="badge {status_classes(e)}">{esc(e.status)}</span>'
     )
     cells = [
         # Unranked (self-reported) entries sort after every ranked row when sorting by rank.
         _cell(row.rank or 10**9 - 1, str(row.rank or "—"), "num"),
-        _cell(e.team, f'<a href="/entry/{e.id}">{esc(e.team)}</a>{status}', "team"),
+        # Long names wrap anywhere inside the cell's width; the tooltip has the whole name.
+        _cell(
+            e.team,
+            f'<a class="name" href="/entry/{e.id}" title="{esc(e.team)}">{esc(e.team)}</a>{status}',
+            "team",
+        ),
         _cell(
             e.code_url, f'<a href="{esc(e.code_url)}" rel="nofollow noopener noreferrer">Link</a>'
         ),
-        _cell(e.base_model, esc(e.base_model)),
+        _cell(e.base_model, _clipped(e.base_model), "model"),
         _cell(e.comm_bytes, esc(format_gb(e.comm_bytes)), "num"),
         _cell(f"{e.average:.6f}", f"{e.average:.2f}", "num avg"),
         _cell(e.stem, f"{e.stem:.2f}", "num"),
@@ -181,11 +192,14 @@ def _row(row: BoardRow) -> str:
         _cell(e.date, esc(board_date(e.date))),
         _cell(
             e.track,
-            f'<span class="track {esc(e.track)}">{esc(TRACK_TITLES.get(e.track, e.track))}</span>',
+            f'<span class="track {css_name(e.track)}">'
+            f"{esc(TRACK_TITLES.get(e.track, e.track))}</span>",
         ),
     ]
+    kind = "ranked" if e.ranked else "unranked"
     return (
-        f'<tr class="entry {esc(e.track)}" data-id="{e.id}" data-model="{esc(e.base_model)}">'
+        f'<tr class="entry {css_name(e.track)} {kind}" data-id="{e.id}" '
+        f'data-model="{esc(e.base_model)}">'
         f"{''.join(cells)}</tr>"
     )
 
@@ -198,7 +212,7 @@ def _reference_row(row: BoardRow) -> str:
         _cell(10**9, '<span class="ref-mark">ref</span>', "num"),
         _cell(r.label, f"Reference: {esc(r.label)}", "team"),
         _cell("", ""),
-        _cell("", "—"),
+        _cell("", "—", "model"),
         _cell(0, "—", "num"),
         _cell(f"{r.average:.6f}", f"{r.average:.2f}", "num avg"),
         _cell(r.stem, f"{r.stem:.2f}", "num"),
@@ -227,20 +241,27 @@ def _score_source(entry: Entry) -> str:
             else "the generation files"
         )
         return f"re-scored by the board from {kind} it holds: {links}"
-    return {
+    known = {
         "published": "quoted from the published FlowerTune board",
         "verified": "the operators re-evaluated the adapter",
-    }.get(entry.status, "self-reported by the submitter (not checked)")
+        SUBMITTED: "self-reported by the submitter (not checked)",
+    }
+    if entry.status in known:
+        return known[entry.status]
+    checked = "checked by the board" if entry.ranked else "not checked by the board"
+    return f"{esc(entry.status)} ({checked})"
 
 
 def _not_ranked(entry: Entry) -> str:
     if entry.moderation == "rejected":
         return "not ranked (rejected)"
-    if not entry.ranked:
+    if not entry.ranked and entry.status == SUBMITTED:
         return (
             "not ranked: self-reported scores the board could not check (no generation files, "
             "not re-evaluated by the operators)"
         )
+    if not entry.ranked:
+        return f"not ranked ({esc(entry.status)})"
     return "not ranked"
 
 
@@ -385,7 +406,10 @@ def _letters(distribution: dict[str, int]) -> str:
         "gold answer. A model that piles onto one letter scores like that letter's constant-answer "
         "row.</p>"
     )
-    return f"<section>{title}{note}{letter_bars(distribution, gold)}</section>"
+    charts = letter_bars(distribution, gold, css="wide-only") + letter_bars(
+        distribution, gold, compact=True, css="narrow-only"
+    )
+    return f"<section>{title}{note}{charts}</section>"
 
 
 def _rounds(rounds: list[dict[str, Any]]) -> str:
@@ -394,22 +418,45 @@ def _rounds(rounds: list[dict[str, Any]]) -> str:
         return f'<section>{title}<p class="empty">No per-round data for this entry.</p></section>'
     xs = [float(r["round"]) for r in rounds]
     mib = 1024.0**2
-    comm = line_chart(
-        xs,
-        [("downlink MiB", [r["downlink_bytes"] / mib for r in rounds]),
-         ("uplink MiB", [r["uplink_bytes"] / mib for r in rounds])],  # fmt: skip
-        chart_id="comm-chart", title="Communication per round", x_label="round", y_label="MiB",
-        bars=True,
-    )  # fmt: skip
+    comm_series = [
+        ("downlink MiB", [r["downlink_bytes"] / mib for r in rounds]),
+        ("uplink MiB", [r["uplink_bytes"] / mib for r in rounds]),
+    ]
     losses = [r.get("train_loss") for r in rounds]
-    if any(v is not None for v in losses):
-        loss = line_chart(
-            xs, [("train loss", losses)], chart_id="loss-chart", title="Training loss per round",
-            x_label="round", y_label="loss",
-        )  # fmt: skip
-    else:
-        loss = '<p class="empty" id="loss-chart">No loss recorded.</p>'
-    return f'<section class="plots">{title}<div class="plot-row">{comm}{loss}</div></section>'
+    charts = []
+    # Each chart twice: the wide one, and a compact one whose text stays readable on a phone
+    # (the stylesheet shows one of them).
+    for compact, css in ((False, "wide-only"), (True, "narrow-only")):
+        suffix = "-compact" if compact else ""
+        charts.append(
+            line_chart(
+                xs,
+                comm_series,
+                chart_id=f"comm-chart{suffix}",
+                title="Communication per round",
+                x_label="round",
+                y_label="MiB",
+                bars=True,
+                compact=compact,
+                css=css,
+            )
+        )
+        if any(v is not None for v in losses):
+            charts.append(
+                line_chart(
+                    xs,
+                    [("train loss", losses)],
+                    chart_id=f"loss-chart{suffix}",
+                    title="Training loss per round",
+                    x_label="round",
+                    y_label="loss",
+                    compact=compact,
+                    css=css,
+                )
+            )
+    if not any(v is not None for v in losses):
+        charts.append('<p class="empty" id="loss-chart">No loss recorded.</p>')
+    return f'<section class="plots">{title}<div class="plot-row">{"".join(charts)}</div></section>'
 
 
 def _key_values(title: str, values: dict[str, Any], section_id: str) -> str:

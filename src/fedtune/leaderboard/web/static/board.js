@@ -45,6 +45,11 @@
         const button = header.querySelector("button.sort");
         if (button) button.addEventListener("click", function () { sortBy(table, header); });
       });
+      // A name cut short with an ellipsis shows in full on a tap or click (and back again).
+      table.tBodies[0].addEventListener("click", function (event) {
+        const clip = event.target.closest(".clip");
+        if (clip) clip.classList.toggle("open");
+      });
     }
     const form = document.getElementById("filters");
     if (form) {
