@@ -176,11 +176,18 @@ def admit(store: Any, checked: Any, *, reproduce: bool = True) -> int:
     submitted letters — so an entry with files ends reproduced (ranked), as an honest one would."""
     store.put_adapter(ADAPTER_BYTES, ADAPTER_SHA256, "tests")
     entry_id = int(store.add(checked.entry, generations=checked.generations))
-    if reproduce and store.get(entry_id).status == "pending":
-        job = store.claim_verification("scripted")
-        assert job is not None and job["entry_id"] == entry_id
-        store.finish_verification(entry_id, job["lease"], honest_answers(store, job), {})
+    if reproduce:
+        reproduce_pending(store)
     return entry_id
+
+
+def reproduce_pending(store: Any) -> list[int]:
+    """Verify every pending entry with the scripted honest verifier; their ids."""
+    done = []
+    while (job := store.claim_verification("scripted")) is not None:
+        store.finish_verification(job["entry_id"], job["lease"], honest_answers(store, job), {})
+        done.append(job["entry_id"])
+    return done
 
 
 def honest_answers(store: Any, job: dict[str, Any], flip: int = 0) -> list[dict[str, Any]]:

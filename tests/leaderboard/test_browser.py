@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .lb_submissions import ADAPTER_BYTES, ADAPTER_SHA256, reproduce_pending
+
 CHROMIUM = os.environ.get("FEDTUNE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -59,6 +61,7 @@ def test_board_in_browser(browser, live_server, submission, tmp_path):
     # from its generation files), and a self-reported entry whose team name tries to inject
     # markup: it must appear as text, unranked, and never run.
     hostile = "<img src=x onerror=\"document.title='pwned'\">Evil & Co"
+    live_server.store.put_adapter(ADAPTER_BYTES, ADAPTER_SHA256, "tests")
     for team, correct, gb, files in [
         ("fedtune demo", (1300, 1400, 1800), 0.004, True),
         (hostile, (500, 500, 500), 1.2, False),
@@ -71,6 +74,7 @@ def test_board_in_browser(browser, live_server, submission, tmp_path):
             headers={"Authorization": f"Bearer {live_server.store.new_token(team)}"},
         )
         assert reply.status_code == 201, reply.text
+    reproduce_pending(live_server.store)  # a verifier re-generated its answers: ranked
 
     page = browser.new_page(viewport={"width": 1360, "height": 1000})
     errors: list[str] = []
@@ -147,6 +151,7 @@ def _shot_dir(tmp_path: Path) -> Path:
 def test_board_on_a_phone(browser, live_server, submission, tmp_path):
     """At 390 px: no sideways scroll of the page, the compact chart with readable text and tappable
     points, the Average in view; no console error on the board or an entry page."""
+    live_server.store.put_adapter(ADAPTER_BYTES, ADAPTER_SHA256, "tests")
     for team, correct, gb in [
         ("Phone Check", (1300, 1400, 1800), 0.004),
         ("Other", (900, 900, 900), 3),
@@ -159,6 +164,7 @@ def test_board_on_a_phone(browser, live_server, submission, tmp_path):
             headers={"Authorization": f"Bearer {live_server.store.new_token(team)}"},
         )
         assert reply.status_code == 201, reply.text
+    reproduce_pending(live_server.store)
     page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -226,8 +232,12 @@ _SVG_TEXT_SIZES = """sel => [...document.querySelectorAll(sel)]
 
 
 def _post_hostile_board(live_server, submission) -> dict[str, int]:
-    """Submits the hostile entries (`generations`: re-scored, so ranked); their ids by key."""
+    """Submits the hostile entries (`generations`: re-scored and reproduced, so ranked); their
+    ids by key."""
     gb, small = 1024**3, "SmolLM2-135M-Instruct"
+    live_server.store.put_adapter(ADAPTER_BYTES, ADAPTER_SHA256, "tests")
+    for model in (LONG_MODEL, UNBROKEN_MODEL):  # on the board's list, so they can be verified
+        live_server.store.set_base_model(model, "/models/elsewhere")
     ids = {}
     for key, team, model, comm_bytes, correct, generations in [
         ("long45", LONG_TEAM, LONG_MODEL, 2 * gb, (1300, 1400, 1800), True),
@@ -250,6 +260,7 @@ def _post_hostile_board(live_server, submission) -> dict[str, int]:
         )
         assert reply.status_code == 201, reply.text
         ids[key] = reply.json()["id"]
+    reproduce_pending(live_server.store)
     return ids
 
 

@@ -196,7 +196,7 @@ def test_submit_to_a_server_and_dry_run(tmp_path, live_server, capsys):
     assert payload["scores"]["stem"] == pytest.approx(100 * 753 / 3153)
     # The generation files travel with the submission; the dry run shows their size only.
     assert payload["generations"]["stem"].endswith("base64 characters>")
-    args = ["--track", "open", "--server", live_server.url, "--token", live_server.token]
+    args = ["--track", "open", "--server", live_server.url, f"--token={live_server.token}"]
     assert submit(run, tmp_path / "unused", *args) == 0
     assert "not ranked until a verifier reproduces it" in capsys.readouterr().out
     stored = live_server.store.get(20)

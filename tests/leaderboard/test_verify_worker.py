@@ -101,7 +101,7 @@ def _board(store, tiny):
 def _verify(server_url: str, token: str, cache: Path, *extra: str) -> subprocess.Popen[str]:
     command = [
         sys.executable, "-m", "fedtune.cli", "leaderboard", "verify", "--server", server_url,
-        "--token", token, "--cache-dir", str(cache), "--no-progress", *extra,
+        f"--token={token}", "--cache-dir", str(cache), "--no-progress", *extra,
     ]  # fmt: skip
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -168,7 +168,7 @@ def test_honest_entries_are_reproduced_and_doctored_ones_fail(tiny, live_server,
         token = live_server.store.new_token(team, team=team)
         args = ["leaderboard", "submit", str(run), "--team", team, "--code",
                 "https://example.org/code", "--track", "open", "--base-model", TINY,
-                "--server", live_server.url, "--token", token]  # fmt: skip
+                "--server", live_server.url, f"--token={token}"]  # fmt: skip
         assert main(args) == 0
         assert "not ranked until a verifier reproduces it" in capsys.readouterr().out
         ids[("honest", protocol)] = max(e.id for e in live_server.store.entries())
@@ -222,7 +222,7 @@ def test_a_killed_worker_loses_nothing(tiny, live_server, tmp_path):
     token = store.new_token("Killed", team="Killed")
     assert main(["leaderboard", "submit", str(run), "--team", "Killed", "--code",
                  "https://example.org/c", "--track", "open", "--base-model", TINY,
-                 "--server", live_server.url, "--token", token]) == 0  # fmt: skip
+                 "--server", live_server.url, f"--token={token}"]) == 0  # fmt: skip
     entry_id = max(e.id for e in store.entries())
 
     first = _verify(live_server.url, operator, tmp_path / "cache", "--max-jobs", "1")

@@ -6,8 +6,9 @@ difference the board does not show must not decide a rank in secret); then lower
 there first); then the lower id (stored first). The id is unique, so the order is total and the
 same on every call.
 
-Only entries whose scores the board checked get a rank (published, re-scored, verified; see
-`Entry.ranked`); self-reported ones are listed after every ranked row, unranked, in the same order.
+Only entries whose scores the board checked get a rank (published, reproduced; see
+`Entry.ranked`); the others (pending, held for review, failed verification, self-reported) are
+listed after every ranked row, unranked, in the same order.
 """
 
 from __future__ import annotations

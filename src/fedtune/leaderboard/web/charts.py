@@ -315,14 +315,13 @@ def _off_scale_note(
 
 
 def _legend(x0: float, y: float, *, rows: int = 1, width: float = 0.0) -> str:
-    """Marks and their meaning: track fills; not-ranked (any unranked status), re-scored,
-    verified and Pareto-front rings."""
+    """Marks and their meaning: track fills; not-ranked (any unranked status), reproduced and
+    Pareto-front rings."""
     items = [
         ("pt track-general-nlp status-published ranked", "General NLP"),
         ("pt track-open status-published ranked", "open track"),
         ("pt track-general-nlp unranked", "not ranked"),
-        ("pt track-general-nlp status-re-scored ranked", "re-scored"),
-        ("pt track-general-nlp status-verified ranked", "verified"),
+        ("pt track-general-nlp status-reproduced ranked", "reproduced"),
         ("front", "Pareto front"),
     ]
     out = []
