@@ -59,6 +59,10 @@ def test_submit_then_see_it_ranked(client, live_server, submission):
     put = client.put(f"/api/adapters/{'0' * 64}", content=ADAPTER_BYTES, headers=_auth(live_server))
     assert put.status_code == 422 and "sha256" in put.json()["error"]
     assert client.put(f"/api/adapters/{sha}", content=ADAPTER_BYTES).status_code == 401
+    live_server.store.set_policy("max-adapter-mib", "1")
+    too_big = client.put(f"/api/adapters/{sha}", content=b"\0" * (1024 * 1024 + 1),
+                         headers=_auth(live_server))  # fmt: skip
+    assert too_big.status_code == 413
     put = client.put(f"/api/adapters/{sha}", content=ADAPTER_BYTES, headers=_auth(live_server))
     assert put.status_code == 201, put.text
     assert client.get(f"/api/adapters/{sha}").status_code == 404  # no shown entry names it yet

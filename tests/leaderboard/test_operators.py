@@ -164,6 +164,7 @@ def test_operator_commands(tmp_path, capsys):
     assert main(["leaderboard", "policy", "set", "sample-per-category", "0", *data]) == 2
     assert main(["leaderboard", "policy", "set", "no-such-key", "1", *data]) == 2
     assert main(["leaderboard", "models", "add", "Tiny", "/models/tiny", *data]) == 0
+    assert main(["leaderboard", "queue", *data]) == 0
     assert main(["leaderboard", "models", "remove", "Nope", *data]) == 2
     assert main(["leaderboard", "token", "someone", "--data-dir", str(tmp_path / "lb")]) == 0
     assert main(["leaderboard", "revoke", "someone", *data]) == 0

@@ -60,6 +60,45 @@ def test_migration_from_version_1_keeps_data(tmp_path, submission):
     assert upgraded.generations(entry_id) == {}  # the table of held files exists, empty
 
 
+def test_migration_5_unranks_what_the_board_cannot_verify(tmp_path, submission):
+    import dataclasses
+
+    path = tmp_path / DB_NAME
+    old = Store(path, migrate=False)
+    old.migrate(target=4)
+    entry = validate_submission(submission("Once ranked"))
+    with old.write() as db:  # stored by an older fedtune as re-scored and as verified
+        ids = [
+            _insert(db, dataclasses.replace(entry, status=s), s) for s in ("re-scored", "verified")
+        ]
+    upgraded = Store(path)
+    assert upgraded.schema_version() == 5
+    for entry_id in ids:
+        moved = upgraded.get(entry_id)
+        assert moved.status == "submitted" and not moved.ranked
+        assert "holds no adapter" in moved.details["verification"]["reason"]
+    assert upgraded.base_models() == {"SmolLM2-135M-Instruct": "embedded:smollm2-135m-instruct"}
+    assert upgraded.policy().sample_per_category == 100
+    assert all(e.status == "published" for e in upgraded.entries() if e.id not in ids)
+
+
+def test_adapters_are_held_by_sha256_within_the_cap(store):
+    import hashlib
+
+    content = bytes(range(256)) * 5000  # 1.28 MB, written and read in 1 MiB chunks
+    sha = hashlib.sha256(content).hexdigest()
+    with pytest.raises(StoreError, match="sha256"):
+        store.put_adapter(content, "0" * 64, "tests")
+    assert store.adapter_size("0" * 64) is None  # the refused upload left nothing
+    assert store.put_adapter(content, sha, "tests") is True
+    assert store.put_adapter(content, sha, "tests") is False  # held already
+    assert store.adapter_size(sha) == len(content)
+    assert b"".join(store.read_adapter(sha)) == content
+    store.set_policy("max-adapter-mib", "1")
+    with pytest.raises(StoreError, match="at most"):
+        store.put_adapter(content + b"x", hashlib.sha256(content + b"x").hexdigest(), "tests")
+
+
 def test_a_newer_schema_is_refused(tmp_path):
     path = tmp_path / DB_NAME
     Store(path)

@@ -143,6 +143,11 @@ def register(subparsers: Any) -> None:
     requeue.add_argument("entry_id", type=int, metavar="ID")
     requeue.add_argument("--reason", required=True, help="why (shown on the entry)")
     requeue.set_defaults(handler=_requeue)
+    queue = commands.add_parser(
+        "queue", help="the verifications not done yet (state, attempts, worker, progress)",
+        parents=[operator],
+    )  # fmt: skip
+    queue.set_defaults(handler=_queue)
     models = commands.add_parser(
         "models", help="the base models a verifier can load: list, add, remove", parents=[operator]
     )
@@ -513,13 +518,20 @@ def _rescore(args: argparse.Namespace) -> int:
             problems = [str(exc)]
         checked += 1
         differ += bool(problems)
-        verdict = "reproduced" if not problems else "DIFFERS: " + "; ".join(problems)
+        verdict = (
+            "the held files re-score to the numbers shown"
+            if not problems
+            else "DIFFERS: " + "; ".join(problems)
+        )
         print(
             f"entry {entry_id} {entry.team}: Average {entry.average:.4f}, STEM {entry.stem:.4f}, "
             f"Social Sciences {entry.social_sciences:.4f}, Humanities {entry.humanities:.4f} · "
             f"{verdict}"
         )
-    print(f"{checked} entr{'y' if checked == 1 else 'ies'} re-scored, {differ} differ")
+    print(
+        f"{checked} entr{'y' if checked == 1 else 'ies'} re-scored, {differ} differ "
+        "(re-scoring checks the arithmetic; whether a model produced the files is verification's)"
+    )
     return 1 if differ else 0
 
 
@@ -572,6 +584,25 @@ def _requeue(args: argparse.Namespace) -> int:
     except StoreError as exc:
         return _fail(str(exc))
     print(f"entry {args.entry_id} queued for verification")
+    return 0
+
+
+def _queue(args: argparse.Namespace) -> int:
+    import time
+
+    waiting = _store(args).queue()
+    for item in waiting:
+        progress = item["progress"] or {}
+        lease = item["lease_expires"]
+        left = (
+            f", lease {lease - time.time():.0f} s" if item["state"] == "running" and lease else ""
+        )
+        print(
+            f"entry {item['entry_id']} {item['team']}: {item['state']}, attempt "
+            f"{item['attempts']}, worker {item['worker'] or '-'}, "
+            f"{progress.get('done', 0)}/{progress.get('total', '?')} questions{left}"
+        )
+    print(f"{len(waiting)} verification(s) waiting")
     return 0
 
 

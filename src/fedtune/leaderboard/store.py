@@ -836,6 +836,21 @@ class Store:
                 "progress": json.loads(progress) if progress else None,
                 "lease_expires": expires, "created_at": created, "finished_at": finished}  # fmt: skip
 
+    def queue(self) -> list[dict[str, Any]]:
+        """The verifications not done yet, oldest first: entry, team, state, attempts, worker,
+        progress and when its lease runs out (operators' view)."""
+        with self.connect() as db:
+            rows = db.execute(
+                "SELECT v.entry_id, e.team, v.state, v.attempts, v.worker, v.progress, "
+                "v.lease_expires FROM verifications v JOIN entries e ON e.id = v.entry_id "
+                "WHERE v.state != 'done' ORDER BY v.entry_id"
+            ).fetchall()
+        return [
+            {"entry_id": r[0], "team": r[1], "state": r[2], "attempts": r[3], "worker": r[4],
+             "progress": json.loads(r[5]) if r[5] else None, "lease_expires": r[6]}
+            for r in rows
+        ]  # fmt: skip
+
     def approve(self, entry_id: int, actor: str, reason: str = "") -> None:
         """Rank an entry held for review (it was reproduced; an operator looked at it).
 
