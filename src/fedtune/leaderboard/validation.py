@@ -139,6 +139,10 @@ class SubmissionError(ValueError):
         self.field = field
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[SubmissionError], tuple[str, str]]:
+        # Raised in the server's worker processes and pickled back: keep both fields.
+        return (type(self), (self.field, self.reason))
+
 
 @dataclass(frozen=True)
 class Submission:

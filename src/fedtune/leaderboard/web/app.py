@@ -12,16 +12,19 @@ Submissions are refused with a JSON `{"error": reason, "field": …}`: 400 malfo
 nested JSON, 401 no, unknown or revoked token, 403 a team other than the token's, 409 the same
 submission again or a team name that is another's (or looks like it), 413 a body over the limit,
 415 not JSON, 422 a submission that fails validation or its track's rules, 429 over the token's
-submissions a minute (with Retry-After).
+submissions a minute (with Retry-After), 503 a worker process checking it died (with Retry-After).
+
+A submission is parsed and checked in a worker process (`checks.py`), never on the event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,15 @@ from fedtune.leaderboard.ranking import ALL_TRACKS, board_rows, pareto_front, ra
 from fedtune.leaderboard.reference import constant_answer_rows
 from fedtune.leaderboard.render import row_record
 from fedtune.leaderboard.store import DuplicateEntry, Store, TeamRefused
-from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError, check_submission
+from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError
 from fedtune.leaderboard.web.charts import score_vs_cost
+from fedtune.leaderboard.web.checks import (
+    CHECK_WORKERS,
+    BadBody,
+    CheckerRestarted,
+    CheckPool,
+    check_body,
+)
 from fedtune.leaderboard.web.pages import board_page, entry_page, not_found_page
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -77,10 +87,6 @@ class _TooLarge(Exception):
 
 def _error(status: int, reason: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": reason, **extra}, status_code=status)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -122,7 +128,11 @@ class RateLimit:
 
 
 def create_app(
-    store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, submissions_per_minute: int = 60
+    store: Store,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    submissions_per_minute: int = 60,
+    check_workers: int = CHECK_WORKERS,
 ) -> Starlette:
     """The ASGI app over a store.
 
@@ -130,9 +140,19 @@ def create_app(
         store: where entries and API tokens live.
         max_body_bytes: submissions above this size get 413.
         submissions_per_minute: per API token (429 beyond; 0 = no limit).
+        check_workers: processes that check submissions (started and stopped by the lifespan).
     """
     references = constant_answer_rows()
     limit = RateLimit(submissions_per_minute)
+    checks = CheckPool(check_workers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        checks.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(checks.close)
 
     def view(request: Request) -> tuple[str, str | None]:
         track = request.query_params.get("track") or ALL_TRACKS
@@ -264,22 +284,15 @@ def create_app(
         except _TooLarge:
             return _error(413, f"submission larger than {max_body_bytes:,} bytes")
         try:
-            payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return _error(400, f"body is not valid JSON: {exc}")
-        except RecursionError:
-            return _error(400, f"body is nested deeper than {MAX_DEPTH} levels")
-        if _depth(payload) > MAX_DEPTH:
-            return _error(400, f"body is nested deeper than {MAX_DEPTH} levels")
-        try:
-            # Re-scoring generation files takes a few hundred ms: off the event loop; the rest
-            # of the checks take well under a millisecond and run inline.
-            if isinstance(payload, dict) and "generations" in payload:
-                checked = await run_in_threadpool(check_submission, payload)
-            else:
-                checked = check_submission(payload)
+            # Parsing and checking (a DP ε recomputed, files decompressed and re-scored) is CPU
+            # work of up to seconds: in a worker process, while the event loop serves the rest.
+            checked = await checks.run(check_body, body)
+        except BadBody as exc:
+            return _error(400, exc.reason)
         except SubmissionError as exc:
             return _error(422, exc.reason, field=exc.field)
+        except CheckerRestarted as exc:
+            return JSONResponse({"error": f"{exc}; send it again"}, 503, {"Retry-After": "1"})
         submitted = dataclasses.replace(
             checked.entry, details={**checked.entry.details, "submitted_by": owner}
         )
@@ -325,12 +338,13 @@ def create_app(
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers={404: not_found},
+        lifespan=lifespan,
     )
     app.add_middleware(_SecurityHeaders)
+    app.state.checks = checks
     return app
 
 
-MAX_DEPTH = 32  # a submission is about 5 levels deep
 ROWS_PER_PAGE = 200  # rows of the board's table per page
 MAX_API_ROWS = 1000  # rows per /api/entries answer (offset and limit page through the rest)
 
@@ -341,19 +355,6 @@ def _int_param(request: Request, name: str, default: int, *, minimum: int) -> in
     if not text.isdigit() or len(text) > 12:
         return default
     return max(minimum, int(text))
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
-    return deepest
 
 
 def _ranked_entry(store: Store, entry_id: int) -> tuple[Entry, int | None] | None:
