@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
 import threading
 import time
@@ -148,6 +149,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The store's team check imports Unicode's confusables table on first use: ~0.1 s of JSON
+        # parsing that holds the interpreter lock, so the event loop too. Once, before serving.
+        importlib.import_module("confusables")
         checks.start()
         try:
             yield
