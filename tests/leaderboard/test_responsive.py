@@ -64,7 +64,7 @@ def _dp_submission(sizes: int, epsilon: float | None, accounting: str) -> dict[s
 
 
 def _predictions_bomb() -> dict[str, Any]:
-    """Predictions whose gzip (~0.3 MB) expands to 64 MiB of well-formed lines."""
+    """Predictions whose gzip (~0.2 MB) expands to 64 MiB of well-formed lines."""
     line = json.dumps({"subset": "anatomy", "index": 0, "gold": "A", "predicted": "A"}) + "\n"
     content = line.encode() * (64 * 1024 * 1024 // len(line))
     payload = make_submission(TEAM, code_url="https://example.org/bomb")
