@@ -25,6 +25,10 @@ from fedtune.evaluation.subjects import SUBJECT_CATEGORY
 REQUIRED_FIELDS = ("prompt", "gold", "subset", "output")
 # A category's file of the official evaluation is ~1–5 MB; outputs of a verbose model add more.
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# A predictions file of the whole test split (14,042 lines of at most ~95 bytes) is ~1.1 MB; 8 MiB
+# leaves room for any spacing of the same rows, while a gzip bomb stops expanding at 8 MiB (reading
+# 64 MiB of lines took ~3 s).
+MAX_PREDICTIONS_BYTES = 8 * 1024 * 1024
 
 
 class GenerationFileError(ValueError):
@@ -247,15 +251,17 @@ PREDICTION_FIELDS = ("subset", "index", "gold", "predicted")
 PREDICTED_VALUES = frozenset({"A", "B", "C", "D", "none"})
 
 
-def parse_predictions(raw: bytes, where: str = "") -> list[dict[str, Any]]:
+def parse_predictions(
+    raw: bytes, where: str = "", max_bytes: int = MAX_PREDICTIONS_BYTES
+) -> list[dict[str, Any]]:
     """Rows of a predictions file (JSON Lines of `{"subset", "index", "gold", "predicted"}`, gzip
-    or not), each checked for its fields and their types.
+    or not, at most `max_bytes` of content), each checked for its fields and their types.
 
     Raises:
-        GenerationFileError: not UTF-8 JSON Lines, empty, or a malformed row.
+        GenerationFileError: over the size limit, not UTF-8 JSON Lines, empty, or a malformed row.
     """
     try:
-        text = decompress(raw, where).decode("utf-8")
+        text = decompress(raw, where, max_bytes).decode("utf-8")
         rows = [json.loads(line) for line in text.split("\n") if line.strip()]
     except UnicodeDecodeError as exc:
         raise GenerationFileError(f"{where}: not UTF-8 ({exc.reason})") from exc

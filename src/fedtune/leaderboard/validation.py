@@ -118,6 +118,12 @@ MAX_NAME_CHARS = 100
 MAX_URL_CHARS = 500
 MAX_TEXT_CHARS = 4000
 MAX_ITEMS = 1000
+# The board recomputes a DP ε with one accountant event per distinct release size (clients
+# aggregated in a round), each ~0.2 s of Python for sampling without replacement (dp-accounting's
+# RDP at its 156 orders; rounds of one size are that event composed n times, which is free). A run
+# has at most clients_per_round sizes (fewer clients only when some fail): General NLP's 20 clients
+# stay under this, and it bounds the check at ~6 s of one worker process.
+MAX_RELEASE_SIZES = 32
 # Scores given with the board's two decimals can be off by 0.005 each; the mean of three such
 # numbers by as much again. 0.01 points is below what the board shows.
 SCORE_TOLERANCE = 0.01
@@ -141,6 +147,10 @@ class SubmissionError(ValueError):
         super().__init__(f"{field}: {reason}" if field else reason)
         self.field = field
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[SubmissionError], tuple[str, str]]:
+        # Raised in the server's worker processes and pickled back: keep both fields.
+        return (type(self), (self.field, self.reason))
 
 
 @dataclass(frozen=True)
@@ -797,6 +807,13 @@ def _privacy(value: Any, population: int | None, rounds: list[dict[str, Any]]) -
         raise SubmissionError(f"{where}.accounting", "amplification needs noise=server")
     if max(counts, default=0) > population:
         raise SubmissionError(f"{where}.releases", "more clients than setup.num_clients")
+    sizes = len(set(counts))
+    if sizes > MAX_RELEASE_SIZES:
+        raise SubmissionError(
+            f"{where}.releases",
+            f"{sizes} distinct release sizes; at most {MAX_RELEASE_SIZES} (the board recomputes ε "
+            "once per distinct number of clients aggregated)",
+        )
     dp = SimpleNamespace(noise=noise, noise_multiplier=sigma, clipping_norm=clip, delta=delta,
                          accounting=accounting)  # fmt: skip
     epsilon = privacy_spent(dp, population, counts)["epsilon"]

@@ -17,18 +17,23 @@ Submissions are refused with a JSON `{"error": reason, "field": …}`: 400 malfo
 nested JSON, 401 no, unknown or revoked token, 403 a team other than the token's, 409 the same
 submission again or a team name that is another's (or looks like it), 413 a body over the limit,
 415 not JSON, 422 a submission that fails validation or its track's rules, 429 over the token's
-submissions a minute (with Retry-After).
+submissions a minute (with Retry-After), 503 a worker process checking it died (with Retry-After).
+
+A submission is parsed and checked in a worker process (`checks.py`), never on the event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import re
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +57,20 @@ from fedtune.leaderboard.store import (
     StoreError,
     TeamRefused,
 )
-from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError, check_submission
-from fedtune.leaderboard.verification import VerificationError, check_adapter_file
+from fedtune.leaderboard.validation import MAX_BODY_BYTES, SubmissionError
+from fedtune.leaderboard.verification import (
+    VerificationError,
+    check_adapter_file,
+    question_index,
+)
 from fedtune.leaderboard.web.charts import score_vs_cost
+from fedtune.leaderboard.web.checks import (
+    CHECK_WORKERS,
+    BadBody,
+    CheckerRestarted,
+    CheckPool,
+    check_body,
+)
 from fedtune.leaderboard.web.pages import board_page, entry_page, not_found_page
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -94,10 +110,6 @@ def _error(status: int, reason: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": reason, **extra}, status_code=status)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if (
@@ -113,6 +125,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise _TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    return json.loads(body.decode("utf-8"), parse_constant=no_constants)
 
 
 async def _spool_body(request: Request, limit: int, target: Any) -> None:
@@ -162,7 +181,11 @@ class RateLimit:
 
 
 def create_app(
-    store: Store, *, max_body_bytes: int = MAX_BODY_BYTES, submissions_per_minute: int = 60
+    store: Store,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    submissions_per_minute: int = 60,
+    check_workers: int = CHECK_WORKERS,
 ) -> Starlette:
     """The ASGI app over a store.
 
@@ -170,9 +193,25 @@ def create_app(
         store: where entries and API tokens live.
         max_body_bytes: submissions above this size get 413.
         submissions_per_minute: per API token (429 beyond; 0 = no limit).
+        check_workers: processes that check submissions (started and stopped by the lifespan).
     """
     references = constant_answer_rows()
     limit = RateLimit(submissions_per_minute)
+    checks = CheckPool(check_workers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The store's team check imports Unicode's confusables table on first use: ~0.1 s of JSON
+        # parsing that holds the interpreter lock, so the event loop too. Once, before serving.
+        importlib.import_module("confusables")
+        # Likewise the scored test questions that a new entry's verification sample is drawn from
+        # (~0.5 s to decompress and index the shipped split).
+        question_index()
+        checks.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(checks.close)
 
     def view(request: Request) -> tuple[str, str | None]:
         track = request.query_params.get("track") or ALL_TRACKS
@@ -304,22 +343,15 @@ def create_app(
         except _TooLarge:
             return _error(413, f"submission larger than {max_body_bytes:,} bytes")
         try:
-            payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return _error(400, f"body is not valid JSON: {exc}")
-        except RecursionError:
-            return _error(400, f"body is nested deeper than {MAX_DEPTH} levels")
-        if _depth(payload) > MAX_DEPTH:
-            return _error(400, f"body is nested deeper than {MAX_DEPTH} levels")
-        try:
-            # Re-scoring generation files takes a few hundred ms: off the event loop; the rest
-            # of the checks take well under a millisecond and run inline.
-            if isinstance(payload, dict) and "generations" in payload:
-                checked = await run_in_threadpool(check_submission, payload)
-            else:
-                checked = check_submission(payload)
+            # Parsing and checking (a DP ε recomputed, files decompressed and re-scored) is CPU
+            # work of up to seconds: in a worker process, while the event loop serves the rest.
+            checked = await checks.run(check_body, body)
+        except BadBody as exc:
+            return _error(400, exc.reason)
         except SubmissionError as exc:
             return _error(422, exc.reason, field=exc.field)
+        except CheckerRestarted as exc:
+            return JSONResponse({"error": f"{exc}; send it again"}, 503, {"Retry-After": "1"})
         submitted = dataclasses.replace(
             checked.entry, details={**checked.entry.details, "submitted_by": owner}
         )
@@ -404,9 +436,11 @@ def create_app(
         )  # fmt: skip
 
     async def _json_body(request: Request) -> Any:
+        """An operator's JSON body (a verifier's report), parsed off the event loop; None when it
+        is too large or not JSON."""
         try:
             body = await _read_body(request, MAX_VERIFIER_BODY_BYTES)
-            return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+            return await run_in_threadpool(_parse_json, body)
         except (_TooLarge, UnicodeDecodeError, ValueError, RecursionError):
             return None
 
@@ -453,7 +487,8 @@ def create_app(
         info["name"] = worker
         error = body.get("error")
         try:
-            record = await run_in_threadpool(
+            # Reading the held files and comparing is ~0.3 s of Python: in a worker process.
+            record = await checks.run(
                 store.finish_verification,
                 int(request.path_params["entry_id"]),
                 body["lease"],
@@ -465,6 +500,8 @@ def create_app(
             return _error(409, str(exc))
         except VerificationError as exc:
             return _error(422, str(exc), field="answers")
+        except CheckerRestarted as exc:
+            return JSONResponse({"error": f"{exc}; send it again"}, 503, {"Retry-After": "1"})
         return JSONResponse({k: record[k] for k in ("status", "agreed", "sampled", "agreement")})
 
     def healthz(request: Request) -> Response:
@@ -493,12 +530,13 @@ def create_app(
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers={404: not_found},
+        lifespan=lifespan,
     )
     app.add_middleware(_SecurityHeaders)
+    app.state.checks = checks
     return app
 
 
-MAX_DEPTH = 32  # a submission is about 5 levels deep
 # A verifier's answers: 300 questions × ~60 bytes; 5,000 a category at most (the policy's cap).
 MAX_VERIFIER_BODY_BYTES = 4 * 1024 * 1024
 _SHA256_PATH = re.compile(r"^[0-9a-f]{64}$")
@@ -516,19 +554,6 @@ def _int_param(request: Request, name: str, default: int, *, minimum: int) -> in
     if not _ASCII_DIGITS.fullmatch(text) or len(text) > 12:
         return default
     return max(minimum, int(text))
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
-    return deepest
 
 
 def _ranked_entry(store: Store, entry_id: int) -> tuple[Entry, int | None] | None:

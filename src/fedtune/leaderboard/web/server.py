@@ -117,7 +117,7 @@ def server_config(app: Any, **options: Any) -> Any:
         "http": GuardedH11Protocol,
         "timeout_keep_alive": KEEP_ALIVE_S,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
-        "lifespan": "off",
+        "lifespan": "on",  # the app's lifespan starts and stops its checking processes
     }
     settings.update(options)
     return uvicorn.Config(app, **settings)
