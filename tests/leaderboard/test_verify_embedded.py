@@ -8,6 +8,10 @@ not — and computes the entry's answers on that sample with the real model and 
 `fedtune eval`'s code; the other questions get the empty answer this model mostly gives under the
 board protocol (`none` for loglik), since a verifier looks only at the sample. The verifier is the
 real `fedtune leaderboard verify` process, loading the embedded model and each uploaded adapter.
+
+It also holds the board protocol's batched generation to the official loop where logits are large:
+these adapters put the letter logits in the hundreds, where a fixed 0.01 re-check margin let 2 of 30
+honest letters differ between two batch layouts (the margin now grows with the top logit).
 """
 
 from __future__ import annotations

@@ -32,6 +32,12 @@ PROTOCOL_VERSION = "1"
 # Logit margin under which a batched prediction is re-checked one at a time, by compute dtype.
 MARGIN_FP32 = 0.01
 MARGIN_HALF = 0.5
+# Float error grows with the logits' size: the fixed margins suit ordinary models (top logits of
+# ~10–30, batched-vs-single differences ~5e-5), not an adapter that drives logits into the
+# hundreds, where fp32 rounding alone reaches ~1e-5 of the value per operation. The margin used is
+# the larger of the fixed one and this share of the top logit's magnitude.
+RELATIVE_MARGIN_FP32 = 1e-4
+RELATIVE_MARGIN_HALF = 2.5e-2
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,14 @@ def default_margin(model: Any) -> float:
     return MARGIN_FP32 if dtype == torch.float32 else MARGIN_HALF
 
 
+def relative_margin(model: Any) -> float:
+    """The share of the top logit under which a prediction is re-checked, by compute dtype."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    return RELATIVE_MARGIN_FP32 if dtype == torch.float32 else RELATIVE_MARGIN_HALF
+
+
 def generate_batched(
     model: Any,
     tokenizer: Any,
@@ -138,6 +152,7 @@ def generate_batched(
     device = str(next(model.parameters()).device)
     plan = plan or BatchPlan.for_device(device)
     margin = default_margin(model) if margin is None else margin
+    relative = relative_margin(model)
     fast = [i for i, q in enumerate(questions) if max_new_tokens(tokenizer, q) == 1]
     if not greedy_is_argmax(model):
         fast = []
@@ -156,7 +171,8 @@ def generate_batched(
     ):
         index = index_of[local]
         top = logits.topk(2)
-        if float(top.values[0] - top.values[1]) < margin:
+        best = float(top.values[0])
+        if best - float(top.values[1]) < max(margin, relative * abs(best)):
             near_ties.append(index)
             continue
         token = int(top.indices[0])
