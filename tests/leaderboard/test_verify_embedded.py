@@ -39,7 +39,7 @@ from fedtune.provenance import file_sha256
 
 from .lb_submissions import make_submission
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the embedded model, ~2.5 min
 
 PER_CATEGORY = 10  # 30 questions an entry: the test's cost, not the board's default (100)
 MODEL = "SmolLM2-135M-Instruct"

@@ -31,7 +31,10 @@ from fedtune.provenance import file_sha256
 
 from .lb_rundir import make_run_dir
 
-pytestmark = pytest.mark.integration  # a live server, worker processes, 2 × 10,935 questions
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+]  # a live server, worker processes, 2 × 10,935 questions (~2 min)
 
 TINY = "Tiny-Llama-test"
 
