@@ -18,8 +18,6 @@ each on a 2-core CPU), so it can be resumed. Writes JSON (default bench/results/
 from __future__ import annotations
 
 import argparse
-import base64
-import gzip
 import json
 import os
 import platform
@@ -32,6 +30,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from leaderboard_load import Server, free_port  # noqa: E402  (beside it)
+
+sys.path.insert(0, str(ROOT / "tests" / "leaderboard"))
+from lb_submissions import gold_letters  # noqa: E402  (the test suite's doctored submission)
 
 TEAM_CODE = "https://github.com/fedtune/fedtune"
 
@@ -72,32 +73,6 @@ def evaluate(run: Path, protocol: str, log: Path) -> tuple[Path, float | None]:
         "eval", "--adapter", str(run), "--protocol", protocol, "--no-progress", log=log
     )
     return sorted((run / "eval").glob(pattern))[0], seconds
-
-
-def gold_letters(payload: dict[str, Any]) -> dict[str, Any]:
-    """The submission with every output replaced by its gold letter (the claims left out)."""
-    doctored = {k: v for k, v in payload.items() if k != "scores"}
-    doctored["evaluation"] = {
-        k: v
-        for k, v in payload["evaluation"].items()
-        if k not in ("subjects", "answer_distribution")
-    }
-    if "predictions" in payload:
-        text = gzip.decompress(base64.b64decode(payload["predictions"])).decode()
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        for row in rows:
-            row["predicted"] = row["gold"]
-        packed = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
-        doctored["predictions"] = base64.b64encode(packed).decode()
-        return doctored
-    files = {}
-    for category, encoded in payload["generations"].items():
-        rows = json.loads(gzip.decompress(base64.b64decode(encoded)))
-        for row in rows:
-            row["output"] = row["gold"]
-        files[category] = base64.b64encode(gzip.compress(json.dumps(rows).encode())).decode()
-    doctored["generations"] = files
-    return doctored
 
 
 def main() -> None:

@@ -211,3 +211,30 @@ def honest_answers(store: Any, job: dict[str, Any], flip: int = 0) -> list[dict[
         else:
             answers.append({"subset": subject, "index": index, "predicted": letter})
     return answers
+
+
+def gold_letters(payload: dict[str, Any]) -> dict[str, Any]:
+    """A submission with every output replaced by its gold letter (the claims left out): files
+    that re-score to 100 and that no model wrote."""
+    doctored = {k: v for k, v in payload.items() if k != "scores"}
+    doctored["evaluation"] = {
+        k: v
+        for k, v in payload["evaluation"].items()
+        if k not in ("subjects", "answer_distribution")
+    }
+    if "predictions" in payload:
+        text = gzip.decompress(base64.b64decode(payload["predictions"])).decode()
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        for row in rows:
+            row["predicted"] = row["gold"]
+        packed = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+        doctored["predictions"] = base64.b64encode(packed).decode()
+        return doctored
+    files = {}
+    for category, encoded in payload["generations"].items():
+        rows = json.loads(gzip.decompress(base64.b64decode(encoded)))
+        for row in rows:
+            row["output"] = row["gold"]
+        files[category] = base64.b64encode(gzip.compress(json.dumps(rows).encode())).decode()
+    doctored["generations"] = files
+    return doctored

@@ -11,8 +11,6 @@ out, and the verdict is recorded once.
 
 from __future__ import annotations
 
-import base64
-import gzip
 import json
 import os
 import shutil
@@ -30,6 +28,7 @@ from fedtune.leaderboard.runs import build_submission
 from fedtune.provenance import file_sha256
 
 from .lb_rundir import make_run_dir
+from .lb_submissions import gold_letters
 
 pytestmark = [
     pytest.mark.integration,
@@ -136,32 +135,6 @@ def _upload(server, token, adapter: Path) -> str:
     return sha
 
 
-def _gold_letters(payload):
-    """The same submission with every output replaced by its gold letter (re-scores to 100)."""
-    doctored = {k: v for k, v in payload.items() if k != "scores"}
-    doctored["evaluation"] = {
-        k: v
-        for k, v in payload["evaluation"].items()
-        if k not in ("subjects", "answer_distribution")
-    }
-    if "predictions" in payload:
-        rows = [json.loads(x) for x in gzip.decompress(base64.b64decode(payload["predictions"]))
-                .decode().splitlines()]  # fmt: skip
-        for row in rows:
-            row["predicted"] = row["gold"]
-        text = "".join(json.dumps(r) + "\n" for r in rows).encode()
-        doctored["predictions"] = base64.b64encode(gzip.compress(text)).decode()
-        return doctored
-    files = {}
-    for category, encoded in payload["generations"].items():
-        rows = json.loads(gzip.decompress(base64.b64decode(encoded)))
-        for row in rows:
-            row["output"] = row["gold"]
-        files[category] = base64.b64encode(gzip.compress(json.dumps(rows).encode())).decode()
-    doctored["generations"] = files
-    return doctored
-
-
 def test_honest_entries_are_reproduced_and_doctored_ones_fail(tiny, live_server, tmp_path, capsys):
     operator = _board(live_server.store, tiny)
     ids = {}
@@ -180,7 +153,7 @@ def test_honest_entries_are_reproduced_and_doctored_ones_fail(tiny, live_server,
         )
         # The same outputs replaced by the gold letters: they re-score to 100 …
         cheat = live_server.store.new_token(f"Gold {protocol}", team=f"Gold {protocol}")
-        created = _post(live_server, cheat, {**_gold_letters(payload), "team": f"Gold {protocol}"})
+        created = _post(live_server, cheat, {**gold_letters(payload), "team": f"Gold {protocol}"})
         assert live_server.store.get(created["id"]).average == 100.0
         ids[("gold", protocol)] = created["id"]
         # … and the honest outputs claimed for another adapter than the one that produced them.

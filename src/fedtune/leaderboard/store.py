@@ -858,14 +858,9 @@ class Store:
             StoreError: unknown id, or not held for review.
         """
         with self.write() as db:
-            row = db.execute(
-                "SELECT status, details FROM entries WHERE id = ?", (entry_id,)
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"no entry {entry_id}")
-            if row[0] != HELD:
-                raise StoreError(f"entry {entry_id} is {row[0]!r}, not held for review")
-            details = json.loads(row[1])
+            status, details = _status_details(db, entry_id)
+            if status != HELD:
+                raise StoreError(f"entry {entry_id} is {status!r}, not held for review")
             details.setdefault("verification", {})["approved"] = {"by": actor, "at": _now(),
                                                                   "reason": reason}  # fmt: skip
             _set_status(db, entry_id, REPRODUCED, details)
@@ -879,16 +874,11 @@ class Store:
             StoreError: unknown id, or an entry with no verification (nothing to re-run).
         """
         with self.write() as db:
-            row = db.execute(
-                "SELECT status, details FROM entries WHERE id = ?", (entry_id,)
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"no entry {entry_id}")
+            status, details = _status_details(db, entry_id)
             if not db.execute(
                 "SELECT 1 FROM verifications WHERE entry_id = ?", (entry_id,)
             ).fetchone():
                 raise StoreError(f"entry {entry_id} has no verification to run again")
-            details = json.loads(row[1])
             details["verification"] = {"previous": details.get("verification"), "reason": reason}
             _set_status(db, entry_id, PENDING, details)
             db.execute(
@@ -896,7 +886,7 @@ class Store:
                 "progress = NULL, finished_at = NULL, result = NULL WHERE entry_id = ?",
                 (entry_id,),
             )
-            _audit(db, actor, "requeue", entry_id, {"from": row[0], "reason": reason})
+            _audit(db, actor, "requeue", entry_id, {"from": status, "reason": reason})
 
     # --- API tokens (only their sha256 is stored)
 
@@ -1115,6 +1105,18 @@ def _compare(
     regenerated = verification.regenerated_letters(str(evaluation.get("protocol")), answers, sample)
     submitted = verification.submitted_letters(files, formats, sample)
     return verification.compare(submitted, regenerated, sample)
+
+
+def _status_details(db: sqlite3.Connection, entry_id: int) -> tuple[str, dict[str, Any]]:
+    """An entry's status and details.
+
+    Raises:
+        StoreError: no such entry.
+    """
+    row = db.execute("SELECT status, details FROM entries WHERE id = ?", (entry_id,)).fetchone()
+    if row is None:
+        raise StoreError(f"no entry {entry_id}")
+    return str(row[0]), json.loads(row[1])
 
 
 def _held(db: sqlite3.Connection, entry_id: int, lease: str) -> str:
