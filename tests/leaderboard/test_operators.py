@@ -75,6 +75,10 @@ def test_held_for_review_until_an_operator_approves(store):
     # Verified again on an operator's doubt: unranked until the new verdict, same sample.
     store.requeue(entry_id, actor="ana", reason="second look")
     assert store.get(entry_id).status == "pending"
+    # Its base model taken off the list: no verifier gets it until it is back.
+    store.set_base_model("SmolLM2-135M-Instruct", None, actor="ana")
+    assert store.claim_verification("w2") is None
+    assert store.set_base_model("SmolLM2-135M-Instruct", "embedded:smollm2-135m-instruct") == 0
     job = store.claim_verification("w2")
     assert job["entry_id"] == entry_id and job["attempt"] == 2
     store.finish_verification(entry_id, job["lease"], honest_answers(store, job, flip=30), {})
@@ -82,7 +86,8 @@ def test_held_for_review_until_an_operator_approves(store):
     assert failed.status == "failed verification" and not failed.ranked
     assert failed.details["verification"]["agreed"] == 270
     actions = [r["action"] for r in store.audit_log(6)]
-    assert actions[:4] == ["verification", "claim", "requeue", "approve"]
+    assert actions == ["verification", "claim", "base-model", "base-model-remove", "requeue",
+                       "approve"]  # fmt: skip
 
 
 def validate_submission_checked(payload):

@@ -695,7 +695,8 @@ class Store:
 
     def claim_verification(self, worker: str) -> dict[str, Any] | None:
         """Hand the oldest waiting verification to `worker`: one that is queued, or whose
-        worker's lease expired (that worker died or was cut off). None when there is none.
+        worker's lease expired (that worker died or was cut off), on a base model still on the
+        list (one taken off it waits until it is back). None when there is none.
 
         Returns:
             The job: entry id, lease (quote it when reporting), the protocol and shots, the base
@@ -706,6 +707,7 @@ class Store:
             row = db.execute(
                 "SELECT v.entry_id, v.sample, v.attempts FROM verifications v "
                 "JOIN entries e ON e.id = v.entry_id WHERE e.status = ? AND "
+                "e.base_model IN (SELECT name FROM base_models) AND "
                 "(v.state = 'queued' OR (v.state = 'running' AND v.lease_expires < ?)) "
                 "ORDER BY v.entry_id LIMIT 1",
                 (PENDING, now),
