@@ -166,6 +166,9 @@ class Comparison:
         submitted_correct / regenerated_correct: how many each got right on the sample — a
             submission better than its model on the sample is the signature of edited answers.
         disagreements: the first few (subject, row, submitted, re-generated, gold).
+        lettered / lettered_agreed: questions where either side read a letter, and those of them
+            that agree — how much the check could tell apart: two models that both answer
+            nothing agree there, rightly (they score alike), but say little about each other.
     """
 
     sampled: int
@@ -173,6 +176,8 @@ class Comparison:
     submitted_correct: int
     regenerated_correct: int
     disagreements: tuple[tuple[str, int, str, str, str], ...]
+    lettered: int = 0
+    lettered_agreed: int = 0
 
     @property
     def agreement(self) -> float:
@@ -187,6 +192,8 @@ class Comparison:
             "agreement": self.agreement,
             "submitted_correct": self.submitted_correct,
             "regenerated_correct": self.regenerated_correct,
+            "lettered": self.lettered,
+            "lettered_agreed": self.lettered_agreed,
             "disagreements": [
                 {"subset": s, "index": i, "submitted": a, "regenerated": b, "gold": g}
                 for s, i, a, b, g in self.disagreements
@@ -201,17 +208,22 @@ def compare(
 ) -> Comparison:
     """Compare the two sets of letters over the sample."""
     questions = question_index()
-    agreed = sub_ok = regen_ok = 0
+    agreed = sub_ok = regen_ok = lettered = lettered_agreed = 0
     differ: list[tuple[str, int, str, str, str]] = []
     for key in sample:
         gold = questions[key].answer
         mine, theirs = submitted[key], regenerated[key]
         agreed += mine == theirs
+        if NONE not in (mine, theirs) or mine != theirs:
+            lettered += 1
+            lettered_agreed += mine == theirs
         sub_ok += mine == gold
         regen_ok += theirs == gold
         if mine != theirs and len(differ) < MAX_DISAGREEMENTS_SHOWN:
             differ.append((key[0], key[1], mine, theirs, gold))
-    return Comparison(len(sample), agreed, sub_ok, regen_ok, tuple(differ))
+    return Comparison(
+        len(sample), agreed, sub_ok, regen_ok, tuple(differ), lettered, lettered_agreed
+    )
 
 
 def verdict(comparison: Comparison, threshold: float, average: float, ceiling: float) -> str:

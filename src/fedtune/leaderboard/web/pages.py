@@ -288,6 +288,15 @@ def _verification(entry: Entry) -> str:
             f"threshold {100 * record.get('threshold', 0):.1f} %)",
         ),
     ]
+    if "lettered" in record:
+        lines.append(
+            (
+                "Answers with a letter",
+                f"{record['lettered']} of {record['sampled']} on either side, "
+                f"{record['lettered_agreed']} of them agree (answers without a letter on both "
+                "sides agree but tell little apart)",
+            )
+        )
     if "submitted_correct" in record:
         lines.append(
             (
