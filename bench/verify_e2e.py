@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedtune-verify-e2e"))
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/verify_e2e.json")
     parser.add_argument("--skip-bf16", action="store_true", help="no bf16 re-verification")
+    parser.add_argument(
+        "--protocols", default="flowertune,loglik", help="which evaluations to make and verify"
+    )
     args = parser.parse_args()
     import httpx
 
@@ -94,7 +97,7 @@ def main() -> None:
     honest, seconds["train"] = train(work, "honest", 2024, log)
     other, seconds["train_other"] = train(work, "other-seed", 2025, log)
     evals = {}
-    for protocol in ("flowertune", "loglik"):
+    for protocol in args.protocols.split(","):
         evals[protocol], seconds[f"eval_{protocol}"] = evaluate(honest, protocol, log)
         print(f"{protocol}: {evals[protocol]} ({seconds[f'eval_{protocol}']} s)", flush=True)
 
@@ -163,6 +166,7 @@ def main() -> None:
     result = {
         "benchmark": "verify_e2e",
         "what": "embedded model: honest, gold-letter and swapped-adapter entries verified",
+        "protocols": list(evals),
         "policy": store.policy().flat(),
         "seconds": seconds,
         "verdicts_fp32": {team: brief(r) for team, r in verdicts.items()},
