@@ -90,6 +90,9 @@ def test_submit_then_see_it_ranked(client, live_server, submission):
     assert result.status_code == 200 and result.json()["status"] == "reproduced"
     assert result.json()["agreed"] == 300
     assert client.post("/api/verifications/claim", headers=operator).status_code == 204
+    huge = {"lease": job["lease"], "done": 1, "total": 1}
+    assert client.post(f"/api/verifications/{10**30}/progress", json=huge,
+                       headers=operator).status_code == 409  # fmt: skip
     everything = client.get("/api/entries?reference=0").json()["rows"]
     ours = next(r for r in everything if r["id"] == created["id"])
     # 60.26 STEM / 65.00 / 55.26 → Average 60.17: between Phi-4 (55.64) and ZJUDAI Qwen-7B (64.04).

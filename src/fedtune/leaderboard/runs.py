@@ -21,6 +21,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from fedtune.evaluation.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fedtune.evaluation.subjects import SCORED_CATEGORIES
 from fedtune.leaderboard.entry import today_utc
 from fedtune.leaderboard.evalresults import (
@@ -135,7 +136,7 @@ def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) 
     """
     relative = summary.get("adapter") or "adapter"
     recorded = summary.get("adapter_sha256")
-    weights = run_dir / str(relative) / "adapter_model.safetensors"
+    weights = run_dir / str(relative) / ADAPTER_WEIGHTS
     if not isinstance(recorded, str) or not recorded:
         raise RunDirError("summary.json does not record the adapter's sha256 (adapter_sha256)")
     if not weights.is_file():
@@ -170,7 +171,7 @@ def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) 
         raise RunDirError(
             f"{results.path.name} does not say which adapter was evaluated (adapter sha256 or path)"
         )
-    config_path = run_dir / str(relative) / "adapter_config.json"
+    config_path = run_dir / str(relative) / ADAPTER_CONFIG
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -183,7 +184,7 @@ def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) 
 def adapter_weights(payload: SubmissionPayload) -> Path | None:
     """The weights file of a submission's adapter (uploaded beside it), or None."""
     location = payload.get("adapter", {}).get("location")
-    return Path(location) / "adapter_model.safetensors" if location else None
+    return Path(location) / ADAPTER_WEIGHTS if location else None
 
 
 def display_model_name(name: str) -> str:

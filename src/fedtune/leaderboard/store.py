@@ -1127,6 +1127,8 @@ def _held(db: sqlite3.Connection, entry_id: int, lease: str) -> str:
     Raises:
         LeaseLost: it does not (another worker took it after the lease expired, or it is done).
     """
+    if not 0 < entry_id < 2**63:  # beyond SQLite's INTEGER: no such verification
+        raise LeaseLost(f"entry {entry_id}: no such verification")
     row = db.execute(
         "SELECT sample FROM verifications WHERE entry_id = ? AND state = 'running' AND lease = ?",
         (entry_id, lease),
