@@ -328,7 +328,9 @@ class DpConfig:
     accounting: str = _key(
         "dp.accounting",
         "RDP accounting without amplification (no-amplification: every client counted in "
-        "every round) or with amplification by uniform sampling (without-replacement).",
+        "every round, add-or-remove-one relation, multiplier σ) or with amplification by "
+        "uniform sampling (without-replacement: replace-one relation, sensitivity 2C, "
+        "multiplier σ/2; docs/privacy.md).",
     )
     max_epsilon: float = _key(
         "dp.max-epsilon", "Stop before a round whose release would pass this ε; 0: no limit."
@@ -892,7 +894,8 @@ def _validate_dp(config: RunConfig) -> None:
     _require(
         dp.accounting == "no-amplification" or dp.noise == "server",
         "dp.accounting",
-        "amplification by sampling applies to central noise only (dp.noise=server)",
+        "amplification by sampling applies to central noise only (dp.noise=server): with "
+        "client noise the server draws the sample and sees every reply (docs/privacy.md)",
     )
     _require(
         dp.max_epsilon == 0 or dp.noise_multiplier > 0,

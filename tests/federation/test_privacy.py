@@ -15,6 +15,7 @@ from fedtune.federation.messages import WEIGHT_KEY
 from fedtune.federation.privacy import (
     add_noise,
     clip_update,
+    epsilon_after,
     noise_rng,
     privacy_spent,
 )
@@ -139,8 +140,75 @@ def test_accountant_agrees_with_the_gaussian_rdp_bound(sigma, releases):
     assert 0.75 * bound <= epsilon <= bound * (1 + 1e-6)
     more_noise = SimpleNamespace(**{**vars(dp), "noise_multiplier": sigma * 2})
     assert privacy_spent(more_noise, 20, [2] * releases)["epsilon"] < epsilon
-    sampled = SimpleNamespace(**{**vars(dp), "accounting": "without-replacement"})
-    assert privacy_spent(sampled, 20, [2] * releases)["epsilon"] < epsilon
+
+
+def _direct_epsilon(
+    multiplier: float, releases: int, *, sampled: int | None, relation: str, population: int = 20
+) -> float:
+    """ε at δ = 1e-5 computed with dp-accounting's own events (not through fedtune): a Gaussian of
+    noise multiplier `multiplier`, alone or inside uniform sampling of `sampled` of `population`
+    clients without replacement, composed `releases` times under `relation`."""
+    from dp_accounting import dp_event
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    ledger = RdpAccountant(neighboring_relation=getattr(NeighboringRelation, relation))
+    event = dp_event.GaussianDpEvent(multiplier)
+    if sampled is not None:
+        event = dp_event.SampledWithoutReplacementDpEvent(population, sampled, event)
+    ledger.compose(event, releases)
+    return float(ledger.get_epsilon(1e-5))
+
+
+def _dp(sigma: float, accounting: str, noise: str = "server") -> SimpleNamespace:
+    return SimpleNamespace(noise=noise, noise_multiplier=sigma, clipping_norm=0.1, delta=1e-5,
+                           accounting=accounting)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sigma,releases,epsilon", [(1.0, 10, 17.508), (1.0, 100, 83.937), (2.0, 100, 14.054)]
+)
+def test_sampling_without_replacement_counts_the_replace_one_sensitivity_2c(
+    sigma, releases, epsilon
+):
+    # Replacing one client moves the sum of clipped updates by up to 2C; the noise on it is σC:
+    # the accountant's multiplier is σ/2 (docs/privacy.md), 2 of 20 clients a round.
+    got = privacy_spent(_dp(sigma, "without-replacement"), 20, [2] * releases)
+    assert round(got["epsilon"], 3) == epsilon
+    assert got["relation"] == "replace-one" and got["accountant_noise_multiplier"] == sigma / 2
+    direct = _direct_epsilon(sigma / 2, releases, sampled=2, relation="REPLACE_ONE")
+    assert got["epsilon"] == pytest.approx(direct, rel=1e-9)
+    # The figure of the multiplier σ (what an accountant that ignores the 2C gives) is far smaller.
+    assert _direct_epsilon(sigma, releases, sampled=2, relation="REPLACE_ONE") < 0.7 * epsilon
+
+
+def test_the_budget_stop_projects_the_corrected_epsilon():
+    # What `dp.max-epsilon` compares (rounds.py, before each round): σ = 2 with 2 of 3 clients
+    # sampled, multiplier σ/2 = 1 — ε 6.661 after two releases, 8.493 if a third were made.
+    dp = _dp(2.0, "without-replacement")
+    assert round(epsilon_after(dp, 3, [2, 2], 2), 3) == 8.493
+    assert epsilon_after(dp, 3, [2, 2], 2) == pytest.approx(
+        _direct_epsilon(1.0, 3, sampled=2, relation="REPLACE_ONE", population=3), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize("noise", ["server", "client"])
+@pytest.mark.parametrize("sigma,releases", [(0.8, 3), (1.5, 40)])
+def test_no_amplification_counts_sensitivity_c_under_add_or_remove(noise, sigma, releases):
+    got = privacy_spent(_dp(sigma, "no-amplification", noise), 20, [2] * releases)
+    assert got["relation"] == "add-or-remove-one" and got["accountant_noise_multiplier"] == sigma
+    direct = _direct_epsilon(sigma, releases, sampled=None, relation="ADD_OR_REMOVE_ONE")
+    assert got["epsilon"] == pytest.approx(direct, rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_sampling_every_client_is_no_better_than_no_sampling_under_the_same_relation(sigma):
+    # All 20 of 20 sampled: nothing is amplified, so ε must not fall below the plain Gaussian's
+    # under replace-one (multiplier σ/2) — with the multiplier σ it would, by far.
+    everyone = privacy_spent(_dp(sigma, "without-replacement"), 20, [20] * 5)["epsilon"]
+    plain = _direct_epsilon(sigma / 2, 5, sampled=None, relation="REPLACE_ONE")
+    assert everyone >= plain * (1 - 1e-9)
+    assert _direct_epsilon(sigma, 5, sampled=20, relation="REPLACE_ONE") < 0.6 * plain
 
 
 def test_no_noise_means_infinite_epsilon_and_bad_settings_are_named():

@@ -21,7 +21,7 @@ from fedtune.leaderboard.validation import validate_submission
 
 
 def test_fresh_store_holds_the_published_board(store):
-    assert store.schema_version() == SCHEMA_VERSION == 5
+    assert store.schema_version() == SCHEMA_VERSION == 6
     entries = store.entries()
     assert len(entries) == 19
     assert all(e.status == "published" and e.track == "general-nlp" for e in entries)
@@ -51,7 +51,7 @@ def test_migration_from_version_1_keeps_data(tmp_path, submission):
         entry_id = _insert(db, validate_submission(submission("early bird")), "early")
         db.execute("INSERT INTO tokens VALUES ('abc', 'early', '2026-01-01T00:00:00Z')")
     upgraded = Store(path)
-    assert upgraded.schema_version() == 5
+    assert upgraded.schema_version() == SCHEMA_VERSION
     assert upgraded.count() == 20
     early = upgraded.get(entry_id)
     assert early.team == "early bird" and early.moderation == "shown"
@@ -72,7 +72,7 @@ def test_migration_5_unranks_what_the_board_cannot_verify(tmp_path, submission):
             _insert(db, dataclasses.replace(entry, status=s), s) for s in ("re-scored", "verified")
         ]
     upgraded = Store(path)
-    assert upgraded.schema_version() == 5
+    assert upgraded.schema_version() == SCHEMA_VERSION
     for entry_id in ids:
         moved = upgraded.get(entry_id)
         assert moved.status == "submitted" and not moved.ranked
@@ -182,3 +182,57 @@ def test_published_rows_link_to_their_teams_code_where_known(tmp_path):
         db.execute("UPDATE entries SET code_url = ?", (BOARD_URL,))
     migrated = {e.details["published_rank"]: e.code_url for e in Store(old_path).entries()}
     assert migrated == links
+
+
+def test_migration_6_corrects_the_epsilon_of_sampled_dp_entries(tmp_path, submission):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from dp_accounting import dp_event
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedtune.federation.privacy import privacy_spent
+    from fedtune.leaderboard.web.pages import entry_page
+
+    def replace_one(multiplier: float) -> float:  # 2 of 20 clients a round, 3 rounds
+        ledger = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        ledger.compose(
+            dp_event.SampledWithoutReplacementDpEvent(20, 2, dp_event.GaussianDpEvent(multiplier)),
+            3,
+        )
+        return float(ledger.get_epsilon(1e-5))
+
+    path = tmp_path / DB_NAME
+    old = Store(path, migrate=False)
+    old.migrate(target=5)
+    ids = {}
+    with old.write() as db:  # what an older fedtune stored: ε of the multiplier σ, not σ/2
+        for accounting in ("without-replacement", "no-amplification"):
+            dp = SimpleNamespace(noise="server", noise_multiplier=1.0, clipping_norm=0.1,
+                                 delta=1e-5, accounting=accounting)  # fmt: skip
+            payload = submission(f"DP {accounting}", rounds=3)
+            payload["setup"]["privacy"] = {
+                **vars(dp), "releases": [2, 2, 2],
+                "epsilon": privacy_spent(dp, 20, [2, 2, 2])["epsilon"],
+            }  # fmt: skip
+            entry = validate_submission(payload)
+            if accounting == "without-replacement":
+                entry.details["setup"]["privacy"]["epsilon"] = replace_one(1.0)
+            ids[accounting] = _insert(db, dataclasses.replace(entry), accounting)
+    stale = old.get(ids["without-replacement"]).details["setup"]["privacy"]["epsilon"]
+    kept = old.get(ids["no-amplification"]).details["setup"]["privacy"]
+    upgraded = Store(path)
+    assert upgraded.schema_version() == SCHEMA_VERSION
+    corrected = upgraded.get(ids["without-replacement"]).details["setup"]["privacy"]
+    assert corrected["epsilon"] == pytest.approx(replace_one(0.5), rel=1e-9)
+    assert corrected["epsilon"] > 2 * stale
+    assert corrected["epsilon_before_correction"] == stale and "2C" in corrected["correction"]
+    assert upgraded.get(ids["no-amplification"]).details["setup"]["privacy"] == kept
+    log = upgraded.audit_log()
+    assert [(r["action"], r["entry_id"]) for r in log] == [
+        ("epsilon corrected", ids["without-replacement"])
+    ]
+    assert log[0]["detail"]["epsilon_before"] == stale
+    page = entry_page(upgraded.get(ids["without-replacement"]), None, [])
+    assert f"epsilon={corrected['epsilon']}" in page and "epsilon_before_correction" in page

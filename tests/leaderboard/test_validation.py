@@ -195,15 +195,20 @@ def test_a_dp_claim_is_recomputed_and_a_wrong_epsilon_refused():
     payload["setup"]["privacy"] = privacy
     entry = validate_submission(payload)
     assert entry.details["setup"]["privacy"]["epsilon"] == epsilon
-    assert (
-        0
-        < epsilon
-        < privacy_spent(
-            SimpleNamespace(**{**vars(dp), "accounting": "no-amplification"}), 20, [2, 2, 1]
-        )["epsilon"]
-    )
+    # What an accountant given the multiplier σ (not σ/2: replace-one moves the sum by 2C) claims.
+    from dp_accounting import dp_event
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    ledger = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    for n, count in ((2, 2), (1, 1)):
+        gaussian = dp_event.GaussianDpEvent(1.1)
+        ledger.compose(dp_event.SampledWithoutReplacementDpEvent(20, n, gaussian), count)
+    stale = ledger.get_epsilon(1e-5)
+    assert 0 < stale < epsilon / 2
     refusals = [
         ({"epsilon": epsilon * 0.9}, "setup.privacy.epsilon", "the accountant gives"),
+        ({"epsilon": stale}, "setup.privacy.epsilon", "the accountant gives"),
         ({"releases": [2, 2]}, "setup.privacy.releases", "one release per round"),
         ({"releases": [3, 2, 1]}, "setup.privacy.releases", "at most the clients"),
         ({"noise": "nobody"}, "setup.privacy.noise", "must be one of"),

@@ -16,11 +16,14 @@
 - Each round that releases an aggregate is one Gaussian event in Flower's RDP accountant
   (Google's dp-accounting underneath). The ε at `dp.delta` after every round is written to
   metrics.jsonl, the summary and the leaderboard submission; `dp.max-epsilon` stops the run
-  before a round that would pass it. Accounting is per client (add or remove one client's
-  data); by default without amplification by sampling (`dp.accounting = no-amplification`:
-  every client is counted as if it took part in every round), optionally with amplification
-  for the server's uniform sampling without replacement (`without-replacement`, central noise
-  only). The loss metrics clients report are not covered, as in Flower's own accounting.
+  before a round that would pass it. Accounting is per client, under the neighbouring relation of
+  `dp.accounting` (`RELATIONS`): `no-amplification` (the default) counts every client in every
+  round, "add or remove one client's data", sensitivity C; `without-replacement` amplifies by the
+  server's uniform sampling of n of N clients, which dp-accounting analyses under "replace one
+  client", sensitivity 2C — central noise only. The accountant's noise multiplier is the noise's
+  standard deviation over the sensitivity: σ/1 or σ/2 (`accountant_noise_multiplier`; the
+  derivation is in docs/privacy.md). The loss metrics clients report are not covered, as in
+  Flower's own accounting.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ import numpy as np
 
 NOISE_MODES = ("server", "client")
 MAX_NOISE_MULTIPLIER = 1e6  # beyond it the accountant's arithmetic overflows (and ε is ~0 anyway)
-ACCOUNTING = ("no-amplification", "without-replacement")
+# Each accounting mode's neighbouring relation and the L2 sensitivity, in units of the clipping norm
+# C, of what a round releases under it (the sum of the clipped updates; see docs/privacy.md):
+# removing one client's data takes at most C off the sum, replacing it moves the sum by up to 2C.
+RELATIONS = {
+    "no-amplification": ("add-or-remove-one", 1.0),
+    "without-replacement": ("replace-one", 2.0),
+}
+ACCOUNTING = tuple(RELATIONS)
 
 
 def clip_update(
@@ -79,6 +89,13 @@ def add_noise(
     }
 
 
+def accountant_noise_multiplier(dp: Any) -> float:
+    """The noise multiplier the accountant's Gaussian event takes: the standard deviation of the
+    noise on the sum of clipped updates (σ·C) over that sum's sensitivity under the mode's
+    neighbouring relation (C or 2C)."""
+    return float(dp.noise_multiplier) / RELATIONS[dp.accounting][1]
+
+
 def accountant(dp: Any, population: int) -> Any:
     """Flower's RDP accountant for `dp` (a DpConfig) over `population` clients."""
     from flwr.supercore.privacy_accounting import (
@@ -89,15 +106,15 @@ def accountant(dp: Any, population: int) -> Any:
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
     amplified = dp.accounting == "without-replacement"
+    relation = {
+        "add-or-remove-one": NeighboringRelation.ADD_OR_REMOVE_ONE,
+        "replace-one": NeighboringRelation.REPLACE_ONE,
+    }[RELATIONS[dp.accounting][0]]
     return RdpAccountant(
         PrivacyConfig(
             target_delta=dp.delta,
             population_size=population,
-            neighboring_relation=(
-                NeighboringRelation.REPLACE_ONE
-                if amplified
-                else NeighboringRelation.ADD_OR_REMOVE_ONE
-            ),
+            neighboring_relation=relation,
             sampling_method=(
                 SamplingMethod.WITHOUT_REPLACEMENT if amplified else SamplingMethod.NO_AMPLIFICATION
             ),
@@ -115,6 +132,8 @@ def privacy_spent(dp: Any, population: int, releases: list[int]) -> dict[str, An
         "delta": dp.delta,
         "accounting": dp.accounting,
         "accountant": "RDP (Flower's RdpAccountant over Google's dp-accounting)",
+        "relation": RELATIONS[dp.accounting][0],
+        "accountant_noise_multiplier": accountant_noise_multiplier(dp),
         "population": population,
         "releases": list(releases),
         "epsilon": 0.0 if not releases else math.inf,
@@ -127,7 +146,9 @@ def privacy_spent(dp: Any, population: int, releases: list[int]) -> dict[str, An
         ledger = accountant(dp, population)
         # Releases of one size are one event composed that many times (the same ε, far faster).
         for sample, count in sorted(Counter(releases).items()):
-            ledger.compose(GaussianPrivacyEvent(dp.noise_multiplier, sample, population), count)
+            ledger.compose(
+                GaussianPrivacyEvent(accountant_noise_multiplier(dp), sample, population), count
+            )
         spent["epsilon"] = float(ledger.get_epsilon(dp.delta))
     return spent
 

@@ -11,7 +11,9 @@ i to i + 1. Migration 2 imports the published board, so a fresh store already ho
 migration 3 adds moderation, revocable tokens and the audit log; migration 4 the generation files
 of re-scored entries; migration 5 verification: held adapters, the base models a verifier can
 load, the policy, the board's secret, the verification queue and operator tokens (entries that were
-"re-scored" or "verified" before become "submitted": the board holds no adapter of theirs).
+"re-scored" or "verified" before become "submitted": the board holds no adapter of theirs);
+migration 6 recomputes the DP ε of entries that carry one (`without-replacement` was accounted with
+half the sensitivity it has).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -279,12 +282,53 @@ def _verification_tables(db: sqlite3.Connection) -> None:
     )
 
 
+EPSILON_CORRECTION = (
+    "ε recomputed: sampling without replacement is accounted under replace-one, whose "
+    "sensitivity is 2C, so the accountant's noise multiplier is σ/2 (docs/privacy.md)"
+)
+
+
+def _epsilon_recomputed(db: sqlite3.Connection) -> None:
+    """The ε of every entry that carries a privacy section, recomputed by today's accountant: those
+    with `without-replacement` accounting were stored with an ε computed from σ where the
+    replace-one relation's sensitivity 2C calls for σ/2 (too small). The figure stored before is
+    kept beside the new one and the change goes to the audit log."""
+    from types import SimpleNamespace
+
+    from fedtune.federation.privacy import privacy_spent
+
+    rows = db.execute(
+        "SELECT id, details FROM entries WHERE json_extract(details, '$.setup.privacy') IS NOT NULL"
+    ).fetchall()
+    for entry_id, text in rows:
+        details = json.loads(text)
+        privacy = details["setup"]["privacy"]
+        dp = SimpleNamespace(
+            **{k: privacy[k] for k in ("noise", "noise_multiplier", "clipping_norm", "delta")},
+            accounting=privacy["accounting"],
+        )
+        epsilon = privacy_spent(dp, details["setup"]["num_clients"], privacy["releases"])["epsilon"]
+        recomputed = epsilon if math.isfinite(epsilon) else None
+        if recomputed == privacy.get("epsilon"):
+            continue
+        before = privacy.get("epsilon")
+        privacy.update(epsilon=recomputed, epsilon_before_correction=before,
+                       correction=EPSILON_CORRECTION)  # fmt: skip
+        db.execute(
+            "UPDATE entries SET details = ? WHERE id = ?",
+            (json.dumps(details, sort_keys=True), entry_id),
+        )
+        _audit(db, "fedtune (schema migration 6)", "epsilon corrected", entry_id,
+               {"epsilon_before": before, "epsilon": recomputed})  # fmt: skip
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _create_tables,
     _import_published,
     _operators,
     _generation_files,
     _verification_tables,
+    _epsilon_recomputed,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
