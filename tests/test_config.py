@@ -101,7 +101,10 @@ def test_later_sources_win():
         ({"num-server-rounds": 2.5}, "num-server-rounds: expected an integer, got 2.5"),
         ({"model.lora.peft-lora-r": 0}, "model.lora.peft-lora-r: rank must be >= 1, got 0"),
         ({"model.lora.use-dora": "yes"}, "model.lora.use-dora: expected true or false, got 'yes'"),
-        ({"strategy.clients-per-round": 21}, "21 clients per round but only 20 clients"),
+        (
+            {"strategy.clients-per-round": 21, "federation.num-clients": 20},
+            "21 clients per round but only 20 clients",
+        ),
         ({"strategy.fraction-train": 0.0}, "strategy.fraction-train: must be in (0, 1], got 0.0"),
         ({"model.quantization": 3}, "model.quantization: must be 0, 4 or 8, got 3"),
         ({"data.partitioner": "random"}, "data.partitioner: must be one of"),
@@ -123,7 +126,10 @@ def test_bad_values_name_the_key(overrides, message):
 
 
 def test_clients_per_round_from_fraction_or_count():
-    assert build_config().federation.sampled_clients == 2
+    assert build_config({"federation.num-clients": 20}).federation.sampled_clients == 2
+    # 0 (the default): the federation's count, so a fraction is known only once it is.
+    assert build_config().federation.auto_clients
+    assert build_config({"strategy.clients-per-round": 4}).federation.sampled_clients == 4
     assert build_config({"federation.num-clients": 30}).federation.sampled_clients == 3
     assert build_config({"strategy.clients-per-round": 5}).federation.sampled_clients == 5
 

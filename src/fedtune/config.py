@@ -132,7 +132,10 @@ class DataConfig:
 class FederationConfig:
     num_rounds: int = _key("num-server-rounds", "Number of federated rounds.")
     num_clients: int = _key(
-        "federation.num-clients", "Number of clients (data partitions); 20 in the challenge."
+        "federation.num-clients",
+        "Number of clients (data partitions). 0: as many as the federation has — `fedtune run` "
+        "starts 20 SuperNodes (the challenge's number); `flwr run .` takes the count its "
+        "SuperNodes report (their num-partitions).",
     )
     fraction_train: float = _key(
         "strategy.fraction-train", "Fraction of clients sampled per round (0.1 → 2 of 20)."
@@ -147,11 +150,25 @@ class FederationConfig:
 
     @property
     def sampled_clients(self) -> int:
-        """Clients per round, as Flower's FedAvg will sample them."""
+        """Clients per round, as Flower's FedAvg will sample them.
+
+        Raises:
+            ConfigError: the client count is the federation's and not resolved yet.
+        """
         if self.clients_per_round > 0:
             return self.clients_per_round
+        if self.auto_clients:
+            raise ConfigError(
+                "federation.num-clients is 0 (the federation's count): resolve it first "
+                "(with_num_clients)"
+            )
         # int() of the product is what FedAvg does; the epsilon absorbs 0.1 * 30 = 3.0000000000000004.
         return max(1, int(self.num_clients * self.fraction_train + 1e-9))
+
+    @property
+    def auto_clients(self) -> bool:
+        """The client count is the federation's (`federation.num-clients = 0`), not known yet."""
+        return self.num_clients == 0
 
 
 @dataclass(frozen=True)
@@ -457,7 +474,7 @@ DEFAULTS: dict[str, Any] = {
     "data.classes-per-partition": 2,
     "data.seed": 42,
     "data.heldout-examples": 200,
-    "federation.num-clients": 20,
+    "federation.num-clients": 0,
     "strategy.fraction-train": 0.1,
     "strategy.clients-per-round": 0,
     "strategy.round-timeout-s": 3600.0,
@@ -651,6 +668,22 @@ def build_config(*sources: Mapping[str, Any], warn: Any = None) -> RunConfig:
     return config
 
 
+# The challenge's federation: what `fedtune run` starts when federation.num-clients is 0.
+FLOWERTUNE_CLIENTS = 20
+
+
+def with_num_clients(config: RunConfig, count: int) -> RunConfig:
+    """`config` with the federation's client count filled in (a `federation.num-clients` of 0),
+    validated again with it.
+
+    Raises:
+        ConfigError: a setting that does not fit `count` clients (e.g. more per round).
+    """
+    if not config.federation.auto_clients:
+        return config
+    return build_config({**config.to_flat(), "federation.num-clients": count})
+
+
 def _suggest(key: str) -> str:
     import difflib
 
@@ -760,18 +793,23 @@ def validate(config: RunConfig) -> None:
     _require(d.heldout_examples >= 0, "data.heldout-examples", "must be >= 0 (0 = none)")
     _require(config.eval.heldout_every_rounds >= 1, "eval.heldout-every-rounds", "must be >= 1")
     _require(fed.num_rounds >= 1, "num-server-rounds", f"must be >= 1, got {fed.num_rounds}")
-    _require(fed.num_clients >= 1, "federation.num-clients", f"must be >= 1, got {fed.num_clients}")
+    _require(
+        fed.num_clients >= 0,
+        "federation.num-clients",
+        f"must be >= 1 (or 0: the federation's count), got {fed.num_clients}",
+    )
     _require(
         0 < fed.fraction_train <= 1,
         "strategy.fraction-train",
         f"must be in (0, 1], got {fed.fraction_train}",
     )
     _require(fed.clients_per_round >= 0, "strategy.clients-per-round", "must be >= 0")
-    _require(
-        fed.sampled_clients <= fed.num_clients,
-        "strategy.clients-per-round",
-        f"{fed.sampled_clients} clients per round but only {fed.num_clients} clients",
-    )
+    if not fed.auto_clients:  # checked again once the federation's count is known
+        _require(
+            fed.sampled_clients <= fed.num_clients,
+            "strategy.clients-per-round",
+            f"{fed.sampled_clients} clients per round but only {fed.num_clients} clients",
+        )
     _require(fed.round_timeout_s > 0, "strategy.round-timeout-s", "must be > 0")
     _validate_strategy(config)
     _validate_compress(config)
@@ -913,11 +951,12 @@ def _validate_strategy(config: RunConfig) -> None:
         "strategy.name",
         f"must be one of {', '.join(STRATEGIES)}, got {s.name!r}",
     )
+    # A fraction of a count that is the federation's is checked once the count is known.
+    sampled = 1 << 30 if fed.auto_clients and not fed.clients_per_round else fed.sampled_clients
     _require(
-        1 <= s.min_clients <= fed.sampled_clients,
+        1 <= s.min_clients <= sampled,
         "strategy.min-clients",
-        f"must be in [1, {fed.sampled_clients}] (the clients sampled per round), "
-        f"got {s.min_clients}",
+        f"must be in [1, {sampled}] (the clients sampled per round), got {s.min_clients}",
     )
     lo = config.lora
     _require(
@@ -965,16 +1004,16 @@ def _validate_strategy(config: RunConfig) -> None:
         key = f"strategy.{family}.num-malicious-nodes"
         _require(malicious >= 0, key, "must be >= 0")
         _require(
-            s.name != family or fed.sampled_clients >= malicious + 3,
+            s.name != family or sampled >= malicious + 3,
             key,
             f"{family} scores each reply by its distance to the n - f - 2 nearest others: it "
-            f"needs at least f + 3 = {malicious + 3} clients a round, got {fed.sampled_clients}",
+            f"needs at least f + 3 = {malicious + 3} clients a round, got {sampled}",
         )
     _require(
         s.multikrum_num_nodes_to_select >= 1
-        and (s.name != "multikrum" or s.multikrum_num_nodes_to_select <= fed.sampled_clients),
+        and (s.name != "multikrum" or s.multikrum_num_nodes_to_select <= sampled),
         "strategy.multikrum.num-nodes-to-select",
-        f"must be in [1, {fed.sampled_clients}] (the clients sampled per round)",
+        f"must be in [1, {sampled}] (the clients sampled per round)",
     )
     # A setting of another strategy would silently do nothing: refuse it.
     flat = config.to_flat()

@@ -128,8 +128,8 @@ def test_warm_worker_replies_as_in_process_and_keeps_its_model(worker_socket, ti
 
 def test_worker_errors_reach_the_client_as_errors(worker_socket, tiny_model_dir):
     query, _ = _messages(tiny_model_dir)
-    context = _context({"partition-id": 9, "num-partitions": 3, "worker-socket": worker_socket})
-    with pytest.raises(node_worker.WorkerError, match="this federation has 3 nodes"):
+    context = _context({"num-partitions": 3, "worker-socket": worker_socket})  # no partition-id
+    with pytest.raises(node_worker.WorkerError, match="partition-id"):
         client_app.query(query, context)
     client_app._WORKER.clear()
 

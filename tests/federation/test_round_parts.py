@@ -14,9 +14,15 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedtune.config import build_config, config_differences
+from fedtune.config import ConfigError, build_config, config_differences, with_num_clients
 from fedtune.federation.messages import ReplyError, check_reply_metrics
-from fedtune.federation.nodes import NodeDirectory, NodeWaitTimeout, PartitionSampler
+from fedtune.federation.nodes import (
+    ClientCountMismatch,
+    NodeDirectory,
+    NodeWaitTimeout,
+    PartitionSampler,
+    federation_clients,
+)
 from fedtune.federation.strategies import build_strategy, restore_strategy_state, strategy_state
 from fedtune.federation.updates import ClientUpdate, drop_outliers, norm_reference, short_reason
 from fedtune.rundir import RunDirectory, RunDirError
@@ -81,19 +87,27 @@ def test_short_reason_keeps_the_exception_line():
 class FakeGrid:
     """Answers query messages for the nodes it holds; node ids as Flower's: arbitrary."""
 
-    def __init__(self, partitions: dict[int, int], total: int) -> None:
+    def __init__(
+        self, partitions: dict[int, int], total: int, refusing: dict[int, str] | None = None
+    ) -> None:
         self.partitions = partitions
         self.total = total
+        self.refusing = refusing or {}  # node → the error its ClientApp raises
         self.asked: list[int] = []
 
     def get_node_ids(self):
-        return list(self.partitions)
+        return [*self.partitions, *self.refusing]
 
     def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
             self.asked.append(node)
+            if node in self.refusing:
+                replies.append(Message(Error(code=0, reason=self.refusing[node]), reply_to=message))
+                continue
             record = MetricRecord(
                 {"partition-id": self.partitions[node], "num-partitions": self.total}
             )
@@ -107,7 +121,7 @@ def test_node_directory_maps_partitions_and_bounds_the_wait():
     nodes = NodeDirectory(grid, {}, 4, wait_s=0.3, poll_s=0.05)
     assert nodes.available(need=3) == [0, 1, 2]
     assert nodes.node_of == {2: 9001, 0: 7, 1: 123456789}
-    with pytest.raises(NodeWaitTimeout, match="waited 0 s for 4 nodes, 3 connected"):
+    with pytest.raises(NodeWaitTimeout, match="waited 0 s for 4 nodes: 3 ready of 4; start"):
         nodes.available(need=4)
     assert nodes.available(need=4, minimum=2) == [0, 1, 2]  # settles when the wait runs out
     # A node leaves; its partition comes back under a new node id (a restarted node).
@@ -117,9 +131,43 @@ def test_node_directory_maps_partitions_and_bounds_the_wait():
     asked = len(grid.asked)
     nodes.available(need=3)
     assert len(grid.asked) == asked  # known nodes are not asked again
-    wrong = NodeDirectory(FakeGrid({1: 0}, total=20), {}, 4, wait_s=1)
-    with pytest.raises(ValueError, match="federation.num-clients is 4"):
+    # Nodes of another federation size: refused at their first answer, not after the wait.
+    wrong = NodeDirectory(FakeGrid({1: 0}, total=2), {}, 20, wait_s=300)
+    started = time.monotonic()
+    with pytest.raises(ClientCountMismatch) as refused:
         wrong.available(need=1)
+    assert time.monotonic() - started < 5
+    message = str(refused.value)
+    assert "hold 2 partitions but federation.num-clients is 20" in message
+    assert 'federation.num-clients=2"' in message and "--num-supernodes 20" in message
+
+
+def test_the_node_wait_tells_absent_nodes_from_nodes_that_answered_with_an_error():
+    grid = FakeGrid({5: 0}, total=3, refusing={8: "Traceback …\nValueError: no GPU on this node"})
+    nodes = NodeDirectory(grid, {}, 3, wait_s=0.2, poll_s=0.05)
+    with pytest.raises(NodeWaitTimeout) as timeout:
+        nodes.available(need=3)
+    assert str(timeout.value).startswith(
+        "waited 0 s for 3 nodes: 1 ready of 3; 1 more connected but answered with an error "
+        "(node 8: ValueError: no GPU on this node)"
+    )
+
+
+def test_a_count_of_zero_is_the_federations():
+    assert federation_clients(FakeGrid({4: 1, 9: 0}, total=2), {}, 1.0, lambda _: None) == 2
+    with pytest.raises(NodeWaitTimeout, match="for 1 nodes: 0 ready;"):
+        federation_clients(FakeGrid({}, total=2), {}, 0.1, lambda _: None)
+    config = build_config({"federation.num-clients": 0})
+    assert config.federation.auto_clients
+    with pytest.raises(ConfigError, match="resolve it first"):
+        config.federation.sampled_clients
+    assert with_num_clients(config, 2).federation.sampled_clients == 1  # 0.1 of 2, at least 1
+    assert with_num_clients(config, 20).federation.sampled_clients == 2
+    with pytest.raises(ConfigError, match="3 clients per round but only 2"):
+        with_num_clients(build_config({"strategy.clients-per-round": 3}), 2)
+    assert (
+        with_num_clients(build_config({"federation.num-clients": 7}), 2).federation.num_clients == 7
+    )
 
 
 def test_sampler_is_seeded_and_resumable():
@@ -229,7 +277,7 @@ def test_strategy_keys_are_checked():
     with pytest.raises(ConfigError, match="applies to strategy.name=fedavgm, not fedavg"):
         build_config({"strategy.fedavgm.server-momentum": 0.5})
     with pytest.raises(ConfigError, match="strategy.min-clients: must be in \\[1, 2\\]"):
-        build_config({"strategy.min-clients": 3})
+        build_config({"strategy.min-clients": 3, "federation.num-clients": 20})
 
 
 def test_resume_point_survives_a_half_written_successor(tmp_path):
@@ -408,6 +456,7 @@ def test_the_deployment_grid_gives_up_on_a_dead_superlink_within_the_link_wait(
         {
             "model.name": str(tiny_model_dir),
             "strategy.link-wait-s": 2.0,
+            "federation.num-clients": 20,
             "data.heldout-examples": 0,
             "eval.probe-examples": 0,
             "run.output-dir": str(tmp_path),

@@ -325,10 +325,14 @@ def node_partition(context: Context, config: RunConfig) -> tuple[int, int]:
 
 
 def describe_node(msg: Message, context: Context) -> Message:
-    """Answer which partition this node holds; load the base model on the way."""
+    """Answer which partition this node holds (of how many: the server compares that with
+    federation.num-clients, or takes it when that is 0); load the base model on the way once the
+    server knows the count."""
     config = run_config(msg)
-    partition_id, num_partitions = node_partition(context, config)
-    get_worker(config)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    if num_partitions == config.federation.num_clients:
+        get_worker(config)
     record = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
     return Message(content=RecordDict({NODE: record}), reply_to=msg)
 

@@ -1,4 +1,5 @@
-"""`fedtune federation up|down|status`: Flower's deployment engine on this machine."""
+"""`fedtune federation up|down|status|restart`: Flower's deployment engine on this machine;
+`fedtune federation stop-local`: the local SuperLink `flwr run .` leaves running."""
 
 from __future__ import annotations
 
@@ -55,6 +56,13 @@ def register(subparsers: Any) -> None:
     )
     worker.add_argument("--socket", required=True, help="the Unix socket path to listen on")
     worker.set_defaults(handler=_worker)
+    stop_local = commands.add_parser(
+        "stop-local",
+        help="stop the local SuperLink that `flwr run .` started (Flower leaves it running)",
+        description="Stop Flower's managed local simulation SuperLink of this FLWR_HOME "
+        "(default ~/.flwr) and the SuperExec it spawned; a later `flwr run .` starts a new one.",
+    )
+    stop_local.set_defaults(handler=_stop_local)
     for command in (up, down, status, restart):
         command.add_argument(
             "--dir", default=DEFAULT_DIR, help=f"the federation's directory ({DEFAULT_DIR})"
@@ -111,6 +119,17 @@ def _down(args: argparse.Namespace) -> int:
     except FederationError as exc:
         print(f"fedtune federation down: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _stop_local(args: argparse.Namespace) -> int:
+    from fedtune.federation.flower_local import flwr_home, stop_local_superlink
+
+    lines = stop_local_superlink()
+    for line in lines:
+        print(line)
+    if not lines:
+        print(f"no local SuperLink of {flwr_home()} is running")
     return 0
 
 

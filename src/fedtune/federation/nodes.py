@@ -21,6 +21,21 @@ class NodeWaitTimeout(RuntimeError):
     """Not enough nodes connected (or answered) within strategy.node-wait-s."""
 
 
+class ClientCountMismatch(ValueError):
+    """The federation's nodes hold another number of partitions than federation.num-clients."""
+
+
+def count_mismatch_message(nodes: int, configured: int) -> str:
+    """Both numbers and the two ways to make them agree."""
+    return (
+        f"the federation's SuperNodes hold {nodes} partitions but federation.num-clients is "
+        f'{configured}. Either run with --run-config "federation.num-clients={nodes}" (or 0: '
+        f"as many clients as the federation has), or give the federation {configured} SuperNodes: "
+        f"`flwr federation simulation-config --num-supernodes {configured}` for Flower's local "
+        f"simulation, `fedtune federation up --nodes {configured}` for a local deployment"
+    )
+
+
 class NodeDirectory:
     """partition id ↔ node id for the nodes currently connected."""
 
@@ -41,6 +56,8 @@ class NodeDirectory:
         self.poll_s = poll_s
         self.node_of: dict[int, int] = {}  # partition → node
         self.partition_of: dict[int, int] = {}  # node → partition
+        self.refused: dict[int, str] = {}  # node → the error it answered with (asked again)
+        self.reported_total = 0  # the number of partitions the nodes report (0: none yet)
 
     def refresh(self, timeout_s: float) -> None:
         """Forget nodes that left; ask new nodes which partition they hold."""
@@ -58,16 +75,23 @@ class NodeDirectory:
             for node in unknown
         ]
         for reply in self.grid.send_and_receive(messages, timeout=max(timeout_s, 1.0)):
+            node = reply.metadata.src_node_id
             if reply.has_error() or NODE not in reply.content.metric_records:
-                continue  # asked again on the next refresh
+                # Asked again on the next refresh; the wait's end says what it answered.
+                reason = reply.error.reason if reply.has_error() else "no node record"
+                self.refused[node] = str(reason).strip().splitlines()[-1][:300] if reason else "?"
+                continue
+            self.refused.pop(node, None)
             info = reply.content.metric_records[NODE]
             partition, total = int(info["partition-id"]), int(info["num-partitions"])  # type: ignore[arg-type]
-            node = reply.metadata.src_node_id
-            if total != self.num_partitions:
-                raise ValueError(
-                    f"node {node} holds partition {partition} of {total}, but "
-                    f"federation.num-clients is {self.num_partitions}"
+            if self.num_partitions and total != self.num_partitions:
+                raise ClientCountMismatch(count_mismatch_message(total, self.num_partitions))
+            if self.reported_total and total != self.reported_total:
+                raise ClientCountMismatch(
+                    f"the federation's SuperNodes disagree: node {node} holds partition "
+                    f"{partition} of {total}, others of {self.reported_total}"
                 )
+            self.reported_total = total
             if not 0 <= partition < total:
                 raise ValueError(f"node {node} reports partition {partition} of {total}")
             previous = self.node_of.get(partition)
@@ -95,10 +119,7 @@ class NodeDirectory:
             if left <= 0 and len(self.node_of) >= minimum:
                 return sorted(self.node_of)
             if left <= 0:
-                raise NodeWaitTimeout(
-                    f"waited {self.wait_s:.0f} s for {minimum} nodes, {len(self.node_of)} connected "
-                    f"(of {self.num_partitions}); start more nodes or raise strategy.node-wait-s"
-                )
+                raise NodeWaitTimeout(self._timeout_message(minimum))
             if not announced:
                 self.note(
                     f"waiting up to {self.wait_s:.0f} s for {need} nodes "
@@ -106,6 +127,32 @@ class NodeDirectory:
                 )
                 announced = True
             time.sleep(min(self.poll_s, max(left, 0.0)))
+
+    def _timeout_message(self, minimum: int) -> str:
+        of = f" of {self.num_partitions}" if self.num_partitions else ""
+        message = f"waited {self.wait_s:.0f} s for {minimum} nodes: {len(self.node_of)} ready{of}"
+        if self.refused:
+            node, reason = next(iter(self.refused.items()))
+            message += (
+                f"; {len(self.refused)} more connected but answered with an error (node {node}: "
+                f"{reason})"
+            )
+        return message + "; start more nodes or raise strategy.node-wait-s"
+
+
+def federation_clients(
+    grid: Any, run_config: dict[str, Any], wait_s: float, note: Callable[[str], None]
+) -> int:
+    """How many partitions the federation's nodes hold (their node config's num-partitions):
+    what `federation.num-clients = 0` becomes. Waits (up to `wait_s`) for one node to answer.
+
+    Raises:
+        NodeWaitTimeout: no node answered in time.
+        ClientCountMismatch: nodes that disagree.
+    """
+    directory = NodeDirectory(grid, run_config, 0, wait_s, note=note)
+    directory.available(1)
+    return directory.reported_total
 
 
 class PartitionSampler:

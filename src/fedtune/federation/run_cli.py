@@ -80,7 +80,7 @@ def fail(message: str, code: int = 2) -> int:
 
 def resolve_config(args: argparse.Namespace) -> Any:
     """The run's configuration; with --resume, the run's own, then --config/--set on top."""
-    from fedtune.config import build_config, load_config_file, parse_assignment
+    from fedtune.config import build_config, load_config_file, parse_assignment, with_num_clients
     from fedtune.rundir import read_run_config
 
     sources: list[dict[str, Any]] = []
@@ -92,9 +92,22 @@ def resolve_config(args: argparse.Namespace) -> Any:
     sources.append(dict(parse_assignment(item) for item in args.set))
     if args.resume:
         sources.append({"run.resume": str(Path(args.resume).expanduser().resolve())})
-    return build_config(
+    config = build_config(
         *sources, warn=lambda text: print(f"fedtune run: warning: {text}", file=sys.stderr)
     )
+    return with_num_clients(config, simulation_clients(config))
+
+
+def simulation_clients(config: Any) -> int:
+    """How many SuperNodes `fedtune run` starts when federation.num-clients is 0: a split
+    directory's node count, else the challenge's 20."""
+    from fedtune.config import FLOWERTUNE_CLIENTS
+    from fedtune.data.sources import read_manifest, resolve_data
+
+    source = resolve_data(config.data.name)
+    if source.kind == "split":
+        return int(read_manifest(source.path)["num_nodes"])
+    return FLOWERTUNE_CLIENTS
 
 
 def check_data(config: Any) -> str:
@@ -173,6 +186,7 @@ def handle_run(args: argparse.Namespace) -> int:
 
 def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
     """Run the engine under supervision; report how the run ended."""
+    from fedtune.accounting.ledger import format_gb
     from fedtune.federation.progress import stderr_emit
     from fedtune.federation.supervisor import engine_command, supervise
     from fedtune.rundir import ENDED_STATES, FINISHED_STATES, read_status, read_summary
@@ -215,7 +229,7 @@ def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
             else ""
         )
         + f"; communication {comm['total_bytes']:,} bytes = "
-        f"{comm['total_mib']:.1f} MiB (board: {comm['board_gb']} GB)"
+        f"{comm['total_mib']:.1f} MiB (board: {format_gb(comm['total_bytes'])})"
         + (f"; {summary['dropped_replies']} replies dropped" if summary["dropped_replies"] else "")
     )
     stderr_emit(f"fedtune: adapter {Path(run_dir.path) / 'adapter'}")

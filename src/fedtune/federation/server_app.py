@@ -502,11 +502,20 @@ def finish(
 def preflight(config: RunConfig) -> None:
     """Check the model and data sources before anything is written (fails with one clear line)."""
     from fedtune.data.sources import resolve_data
-    from fedtune.model.loading import check_quantization, resolve_model
+    from fedtune.model.loading import check_hub_model, check_quantization, resolve_model
 
-    resolve_model(config.model.name)
+    check_hub_model(resolve_model(config.model.name))
     check_quantization(config.model.quantization)
     resolve_data(config.data.name)
+
+
+def not_resumable() -> tuple[type[BaseException], ...]:
+    """Failures a resume cannot cure: the configuration, model or data is what must change."""
+    from fedtune.data.sources import DataError
+    from fedtune.federation.nodes import ClientCountMismatch
+    from fedtune.model.loading import ModelError
+
+    return (ConfigError, ModelError, DataError, ClientCountMismatch)
 
 
 def make_server_app(
@@ -535,19 +544,22 @@ def serve(grid: Grid, config: RunConfig, run_dir: RunDirectory, progress: Progre
                 f"the SuperLink did not answer for {config.strategy.link_wait_s:.0f} s "
                 f"(strategy.link-wait-s): {error}"
             )
+        resumable = not isinstance(exc, not_resumable())
         try:
             run_dir.set_status(
                 "failed",
                 error=error,
                 rounds_completed=rounds,
-                resumable=True,
+                resumable=resumable,
             )
         except OSError as unwritable:  # a read-only disk refuses even this
             progress.note(f"could not record the failure in status.json: {unwritable}")
         progress.note(f"failed after {rounds} rounds: {exc}")
-        progress.note(
-            f"the run can continue from its last checkpoint: fedtune run --resume {run_dir.path}"
-        )
+        if resumable:
+            progress.note(
+                f"the run can continue from its last checkpoint: fedtune run --resume "
+                f"{run_dir.path}"
+            )
         raise
 
 
@@ -586,11 +598,34 @@ def describe_eval(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def adopt_federation_size(grid: Grid, config: RunConfig) -> RunConfig:
+    """`federation.num-clients = 0`: as many clients as the federation's SuperNodes hold
+    partitions (asked of the first node to answer), said in the run's first lines."""
+    from fedtune.config import FLOWERTUNE_CLIENTS, with_num_clients
+    from fedtune.federation.nodes import federation_clients
+
+    count = federation_clients(grid, config.to_flat(), config.strategy.node_wait_s, log_info)
+    config = with_num_clients(config, count)
+    log_info(
+        f"fedtune: federation.num-clients = 0: the federation's SuperNodes hold {count} "
+        f"partitions, so {count} clients, {config.federation.sampled_clients} a round"
+    )
+    if count != FLOWERTUNE_CLIENTS:
+        log_info(
+            f"fedtune: FlowerTune's job has {FLOWERTUNE_CLIENTS} clients: `flwr federation "
+            f"simulation-config --num-supernodes {FLOWERTUNE_CLIENTS}` before `flwr run .` "
+            f"gives Flower's local simulation {FLOWERTUNE_CLIENTS} SuperNodes"
+        )
+    return config
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point (`flwr run .`): the config is Flower's fused run config; set
     `run.resume` to a run directory to continue it."""
     config = build_config(context.run_config, warn=log_info)
+    if config.federation.auto_clients:
+        config = adopt_federation_size(grid, config)
     preflight(config)
     run_dir = open_run(config)
     log_info(f"fedtune: run directory {run_dir.path}")

@@ -12,7 +12,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune.accounting.ledger import board_gb
+from fedtune.accounting.ledger import board_gb, format_gb
 
 GENERAL_NLP = "general-nlp"
 OPEN = "open"
@@ -44,8 +44,6 @@ SCORE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("social_sciences", "Social Sciences"),
     ("humanities", "Humanities"),
 )
-
-BYTES_PER_GB = 1024**3  # the board's "GB": a MiB total divided by 1024
 
 
 @dataclass(frozen=True)
@@ -110,18 +108,6 @@ class Entry:
             "moderation_reason": self.moderation_reason,
             "details": self.details,
         }
-
-
-def format_gb(num_bytes: int) -> str:
-    """Bytes → the board's "GB" string: GiB with one decimal ("2.9 GB").
-
-    Below 0.05 GB one decimal would print "0.0 GB" for every small run, so two significant digits
-    are shown instead ("0.0043 GB"); the board has no such rows.
-    """
-    gb = num_bytes / BYTES_PER_GB
-    if 0 < gb < 0.05:
-        return f"{gb:.2g} GB"
-    return f"{board_gb(num_bytes):.1f} GB"
 
 
 def board_date(iso_day: str) -> str:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from fedtune.leaderboard.entry import TRACK_TITLES, Entry, board_date, format_gb
+from fedtune.accounting.ledger import format_gb
+from fedtune.leaderboard.entry import TRACK_TITLES, Entry, board_date
 from fedtune.leaderboard.reference import ReferenceRow
 
 ALL_TRACKS = "all"

@@ -223,6 +223,41 @@ def check_quantization(bits: int) -> None:
         raise ModelError(f"model.quantization={bits} needs bitsandbytes: pip install bitsandbytes")
 
 
+HUB_CONNECT_TIMEOUT_S = 5.0  # the hub client retries an unreachable hub for about a minute
+
+
+def check_hub_model(source: ModelSource) -> None:
+    """A hub model must be in the local hub cache or the hub must answer: fail in seconds, not
+    after the hub client's retries. Honours HF_HUB_OFFLINE (no connection is tried).
+
+    Raises:
+        ModelError: not cached, and offline or the hub unreachable within HUB_CONNECT_TIMEOUT_S.
+    """
+    if source.kind != "hub":
+        return
+    import httpx
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source.path, "config.json"), str):
+        return
+    fix = (
+        f"set model.name to a local copy (a directory with config.json and the weights, e.g. "
+        f"from `hf download {source.path} --local-dir DIR` on a machine that reaches the hub)"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(
+            f"model.name: {source.name!r} is a hub id, HF_HUB_OFFLINE is set and the hub cache "
+            f"({constants.HF_HUB_CACHE}) holds no copy: {fix}"
+        )
+    try:
+        httpx.head(f"{constants.ENDPOINT}/api/models/{source.path}", timeout=HUB_CONNECT_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise ModelError(
+            f"model.name: {source.name!r} is a hub id, the hub cache holds no copy and "
+            f"{constants.ENDPOINT} cannot be reached ({type(exc).__name__}: {exc}): {fix}"
+        ) from None
+
+
 def local_path(source: ModelSource, progress: Any = None) -> str:
     """Directory or hub id that from_pretrained should read (converting the embedded model once)."""
     if source.kind == "embedded":

@@ -11,7 +11,8 @@ import statistics
 from collections.abc import Sequence
 from html import escape
 
-from fedtune.leaderboard.entry import BYTES_PER_GB, Entry, format_gb
+from fedtune.accounting.ledger import BYTES_PER_GB, format_gb
+from fedtune.leaderboard.entry import Entry
 from fedtune.leaderboard.reference import ReferenceRow
 
 

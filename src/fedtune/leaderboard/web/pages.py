@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedtune.accounting.ledger import format_gb
 from fedtune.evaluation.subjects import CATEGORY_SUBJECTS, SCORED_CATEGORIES
-from fedtune.leaderboard.entry import SUBMITTED, TRACK_TITLES, TRACKS, Entry, board_date, format_gb
+from fedtune.leaderboard.entry import SUBMITTED, TRACK_TITLES, TRACKS, Entry, board_date
 from fedtune.leaderboard.ranking import ALL_TRACKS, BoardRow
 from fedtune.leaderboard.reference import ReferenceRow, scored_gold_distribution
 from fedtune.leaderboard.web.charts import css_name, esc, letter_bars, line_chart, status_classes
