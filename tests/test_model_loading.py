@@ -154,3 +154,51 @@ def test_digest_without_a_writable_cache(fake_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTUNE_CACHE", str(blocker / "cache"))
     source = resolve_model("embedded:smollm2-135m-instruct")
     assert source.path.endswith(hashlib.sha256(fake_gguf.read_bytes()).hexdigest()[:16])
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_the_local_copy_fix(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from fedtune.model.loading import check_hub_model
+
+    with socket.socket() as sock:  # a port nobody listens on: connection refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    source = resolve_model("nobody/nothing")
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="cannot be reached .*set model.name to a local copy"):
+        check_hub_model(source)
+    assert time.monotonic() - started < 10
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no connection is even tried
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set and the hub cache .* no copy"):
+        check_hub_model(source)
+    # A cached copy needs no hub; local and embedded sources are never checked.
+    cache = hub_cache_with(tmp_path, "fedtune-test/tiny-llama", tiny_model_dir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    check_hub_model(resolve_model("fedtune-test/tiny-llama"))
+    check_hub_model(resolve_model(str(tiny_model_dir)))
+
+
+@pytest.mark.integration  # a fresh `fedtune run` process
+def test_fedtune_run_with_an_unloadable_hub_model_fails_at_once_without_a_resume_hint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    done = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "run", "--set", "model.name=mistralai/Mistral-7B-v0.3",
+         "--set", f"run.output-dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "HF_HUB_OFFLINE is set" in done.stderr and "local copy" in done.stderr
+    assert "--resume" not in done.stderr and not (tmp_path / "runs").exists()

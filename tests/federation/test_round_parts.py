@@ -25,6 +25,7 @@ from fedtune.federation.nodes import (
 )
 from fedtune.federation.strategies import build_strategy, restore_strategy_state, strategy_state
 from fedtune.federation.updates import ClientUpdate, drop_outliers, norm_reference, short_reason
+from fedtune.model.loading import ModelError
 from fedtune.rundir import RunDirectory, RunDirError
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -160,7 +161,7 @@ def test_a_count_of_zero_is_the_federations():
     config = build_config({"federation.num-clients": 0})
     assert config.federation.auto_clients
     with pytest.raises(ConfigError, match="resolve it first"):
-        config.federation.sampled_clients
+        _ = config.federation.sampled_clients
     assert with_num_clients(config, 2).federation.sampled_clients == 1  # 0.1 of 2, at least 1
     assert with_num_clients(config, 20).federation.sampled_clients == 2
     with pytest.raises(ConfigError, match="3 clients per round but only 2"):
@@ -476,3 +477,32 @@ def test_the_simulation_grid_has_nothing_to_bound():
     from fedtune.federation.server_app import bound_link_wait
 
     assert bound_link_wait(object(), 2.0) == ()
+
+
+@pytest.mark.parametrize(
+    "error,resumable",
+    [
+        (RuntimeError("a node crashed"), True),
+        (ModelError("model.name: cannot load 'x/y'"), False),
+        (ClientCountMismatch("hold 2 partitions but federation.num-clients is 20"), False),
+    ],
+)
+def test_a_failure_suggests_resuming_only_when_a_resume_can_cure_it(
+    tmp_path, monkeypatch, error, resumable
+):
+    from fedtune.federation import server_app
+    from fedtune.federation.progress import Progress
+
+    def fail(*_args):
+        raise error
+
+    monkeypatch.setattr(server_app, "run_federation", fail)
+    config = build_config({"federation.num-clients": 4, "run.output-dir": str(tmp_path)})
+    run_dir = RunDirectory.create(config, ["test"])
+    notes: list[str] = []
+    with pytest.raises(type(error)):
+        server_app.serve(object(), config, run_dir, Progress(1, notes.append))
+    status = run_dir.status()
+    assert status["state"] == "failed" and status["resumable"] is resumable
+    assert str(error) in status["error"]
+    assert any("--resume" in n for n in notes) is resumable

@@ -51,7 +51,8 @@ class Progress:
 
     def begin_round(self, server_round: int, clients: int) -> None:
         self.round_started = time.perf_counter()
-        self.emit(f"round {server_round}/{self.num_rounds} │ training on {clients} clients …")
+        noun = "client" if clients == 1 else "clients"
+        self.emit(f"round {server_round}/{self.num_rounds} │ training on {clients} {noun} …")
 
     def end_round(self, server_round: int, metrics: dict[str, Any]) -> None:
         now = time.perf_counter()

@@ -628,5 +628,5 @@ def main(grid: Grid, context: Context) -> None:
         config = adopt_federation_size(grid, config)
     preflight(config)
     run_dir = open_run(config)
-    log_info(f"fedtune: run directory {run_dir.path}")
+    log_info(f"fedtune: run directory {run_dir.path.resolve()}")
     serve(grid, config, run_dir, Progress(config.federation.num_rounds, log_info))
