@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fedtune.federation.local import down, flower_env, up  # noqa: E402
+from fedtune.runtime.local import down, flower_env, up  # noqa: E402
 
 
 def measure(mode: str, args: argparse.Namespace, work: Path) -> dict:

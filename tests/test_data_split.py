@@ -97,7 +97,7 @@ def test_the_command(tmp_path, capsys):
 
 def test_a_split_directory_is_a_data_source_for_server_and_clients(split, tmp_path):
     from fedtune.data.partition_report import build_report
-    from fedtune.federation.run_cli import check_data
+    from fedtune.runtime.run_cli import check_data
 
     config, out, manifest = split
     original = resolve_data(config.data.name)

@@ -69,7 +69,7 @@ def test_flwr_run_with_flowers_defaults_and_template_keys(tmp_path, tiny_model_d
     assert summary["communication"]["entries"] == 2
     # `fedtune federation stop-local` stopped the SuperLink `flwr run` started, and its children.
     assert stopped.returncode == 0 and "stopped Flower's local SuperLink" in stopped.stdout
-    from fedtune.federation.flower_local import local_superlinks
+    from fedtune.runtime.flower_local import local_superlinks
 
     assert local_superlinks(home) == []
     again = subprocess.run(fedtune, capture_output=True, text=True, env=env, timeout=60)

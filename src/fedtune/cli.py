@@ -15,12 +15,12 @@ from typing import Any
 
 # module → registers one or more sub-commands through `register(subparsers)`.
 COMMAND_MODULES = (
-    "fedtune.federation.run_cli",
+    "fedtune.runtime.run_cli",
     "fedtune.evaluation.cli",
     "fedtune.leaderboard.cli",
     "fedtune.report",
     "fedtune.data.cli",
-    "fedtune.federation.local_cli",
+    "fedtune.runtime.local_cli",
 )
 
 

@@ -12,7 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedtune.federation.certs import make_node_key, make_tls
+from fedtune.runtime.certs import make_node_key, make_tls
 
 pytestmark = pytest.mark.unit
 

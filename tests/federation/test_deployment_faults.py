@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.federation.local import (
+from fedtune.runtime.local import (
     _alive,
     _group_alive,
     down,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.federation.certs import make_node_key
-from fedtune.federation.local import (
+from fedtune.runtime.certs import make_node_key
+from fedtune.runtime.local import (
     FederationError,
     _group_alive,
     down,
@@ -89,7 +89,7 @@ def test_up_refuses_bad_requests_and_starts_nothing(tmp_path):
 
 
 def test_restart_refuses_unknown_and_running_nodes(tmp_path):
-    from fedtune.federation.local import STATE_FILE, restart_node
+    from fedtune.runtime.local import STATE_FILE, restart_node
 
     directory = tmp_path / "federation"
     directory.mkdir()
@@ -110,7 +110,7 @@ def test_down_also_stops_what_a_process_started_in_a_session_of_its_own(tmp_path
     group misses it, so `down` finds such descendants first and stops them after their parent."""
     import time
 
-    from fedtune.federation.local import STATE_FILE, _alive, _start
+    from fedtune.runtime.local import STATE_FILE, _alive, _start
 
     directory = tmp_path / "federation"
     directory.mkdir()
@@ -145,7 +145,7 @@ def test_down_also_stops_what_a_process_started_in_a_session_of_its_own(tmp_path
 
 
 def test_restart_superlink_refuses_when_none_is_recorded_or_it_still_runs(tmp_path):
-    from fedtune.federation.local import STATE_FILE, restart_superlink
+    from fedtune.runtime.local import STATE_FILE, restart_superlink
 
     directory = tmp_path / "federation"
     directory.mkdir()

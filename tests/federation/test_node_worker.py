@@ -19,8 +19,9 @@ from flwr.app import (
 )
 
 from fedtune.config import build_config
-from fedtune.federation import client_app, node_worker
+from fedtune.federation import client_app, worker_link
 from fedtune.federation.messages import ARRAYS, METRICS, NODE, RUN_CONFIG, STRATEGY_CONFIG
+from fedtune.runtime import node_worker
 
 pytestmark = pytest.mark.unit
 
@@ -129,19 +130,19 @@ def test_warm_worker_replies_as_in_process_and_keeps_its_model(worker_socket, ti
 def test_worker_errors_reach_the_client_as_errors(worker_socket, tiny_model_dir):
     query, _ = _messages(tiny_model_dir)
     context = _context({"num-partitions": 3, "worker-socket": worker_socket})  # no partition-id
-    with pytest.raises(node_worker.WorkerError, match="partition-id"):
+    with pytest.raises(worker_link.WorkerError, match="partition-id"):
         client_app.query(query, context)
     client_app._WORKER.clear()
 
 
 def test_no_worker_is_a_bounded_clear_error(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(node_worker, "CONNECT_WAIT_S", 0.3)
+    monkeypatch.setattr(worker_link, "CONNECT_WAIT_S", 0.3)
     query, _ = _messages(tiny_model_dir)
     context = _context(
         {"partition-id": 0, "num-partitions": 4, "worker-socket": str(tmp_path / "none.sock")}
     )
     started = time.monotonic()
-    with pytest.raises(node_worker.WorkerError, match="no node worker at .*none.sock"):
+    with pytest.raises(worker_link.WorkerError, match="no node worker at .*none.sock"):
         client_app.query(query, context)
     assert time.monotonic() - started < 5
 
@@ -149,7 +150,7 @@ def test_no_worker_is_a_bounded_clear_error(tmp_path, tiny_model_dir, monkeypatc
 def test_a_garbled_request_is_refused_and_the_worker_goes_on(worker_socket, tiny_model_dir):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(worker_socket)
-        sock.sendall(node_worker.HEADER.pack(1 << 40))  # a length no frame may have
+        sock.sendall(worker_link.HEADER.pack(1 << 40))  # a length no frame may have
         sock.settimeout(10)
         assert sock.recv(16) == b""  # closed without an answer
     query, _ = _messages(tiny_model_dir)
@@ -162,6 +163,6 @@ def test_a_garbled_request_is_refused_and_the_worker_goes_on(worker_socket, tiny
 def test_a_second_worker_on_a_live_socket_is_refused(worker_socket):
     from pathlib import Path
 
-    with pytest.raises(node_worker.WorkerError, match="already listens"):
+    with pytest.raises(worker_link.WorkerError, match="already listens"):
         node_worker.serve(Path(worker_socket), lambda _: None)
     assert Path(worker_socket).stat().st_mode & 0o777 == 0o600

@@ -424,7 +424,7 @@ def test_server_evaluations_are_due_before_every_n_rounds_and_after_the_last():
 def test_simulation_workers_get_at_least_two_cores_on_cpu(
     monkeypatch: pytest.MonkeyPatch, cores: int, sampled: int, client_cpus: float | None, expected
 ) -> None:
-    from fedtune.federation.engine import backend_config
+    from fedtune.runtime.engine import backend_config
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -441,9 +441,9 @@ def test_the_deployment_grid_gives_up_on_a_dead_superlink_within_the_link_wait(
     (strategy.link-wait-s) and the run fails with a message that names the SuperLink."""
     from flwr.superlink.grid.http_grid import HttpGrid
 
-    from fedtune.federation.local import free_port
     from fedtune.federation.progress import Progress
     from fedtune.federation.server_app import bound_link_wait, serve
+    from fedtune.runtime.local import free_port
 
     grid = HttpGrid(f"127.0.0.1:{free_port()}", insecure=True, token="t")  # nothing listens
     errors = bound_link_wait(grid, 2.0)

@@ -342,7 +342,7 @@ def _warm(msg: Message, context: Context) -> Message | None:
     path = context.node_config.get("worker-socket")
     if not path:
         return None
-    from fedtune.federation.node_worker import forward
+    from fedtune.federation.worker_link import forward
 
     timeout = run_config(msg).federation.round_timeout_s
     return cast(Message, forward(str(path), msg, context, timeout_s=timeout))

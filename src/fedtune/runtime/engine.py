@@ -5,7 +5,7 @@ process in its own process group and supervises it (`supervisor.py`). Keeping th
 child lets the command end honestly whatever happens inside: Flower runs the ServerApp in a
 non-daemon thread and Ray keeps worker processes, so a signal to one process does not stop them.
 
-    python -m fedtune.federation.engine RUN_DIR --config-json '{...}' [--client-app MOD:ATTR]
+    python -m fedtune.runtime.engine RUN_DIR --config-json '{...}' [--client-app MOD:ATTR]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def backend_config(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedtune.federation.engine")
+    parser = argparse.ArgumentParser(prog="python -m fedtune.runtime.engine")
     parser.add_argument("run_dir")
     parser.add_argument("--config-json", required=True)
     parser.add_argument("--client-app", default="fedtune.federation.client_app:app")
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedtune.config import build_config
     from fedtune.federation.progress import stderr_emit
-    from fedtune.federation.run_cli import quiet_libraries
     from fedtune.federation.server_app import make_server_app
     from fedtune.rundir import FINISHED_STATES, RunDirectory
+    from fedtune.runtime.run_cli import quiet_libraries
 
     config = build_config(json.loads(args.config_json))
     run_dir = RunDirectory(Path(args.run_dir))

@@ -70,7 +70,7 @@ def register(subparsers: Any) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from fedtune.federation.local import FederationError, up
+    from fedtune.runtime.local import FederationError, up
 
     try:
         state = up(
@@ -111,7 +111,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from fedtune.federation.local import FederationError, down
+    from fedtune.runtime.local import FederationError, down
 
     try:
         for line in down(Path(args.dir)):
@@ -123,7 +123,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _stop_local(args: argparse.Namespace) -> int:
-    from fedtune.federation.flower_local import flwr_home, stop_local_superlink
+    from fedtune.runtime.flower_local import flwr_home, stop_local_superlink
 
     lines = stop_local_superlink()
     for line in lines:
@@ -134,7 +134,7 @@ def _stop_local(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fedtune.federation.local import FederationError, _group_alive, online_nodes, read_state
+    from fedtune.runtime.local import FederationError, _group_alive, online_nodes, read_state
 
     try:
         state = read_state(Path(args.dir))
@@ -155,7 +155,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _restart(args: argparse.Namespace) -> int:
-    from fedtune.federation.local import FederationError, restart_node, restart_superlink
+    from fedtune.runtime.local import FederationError, restart_node, restart_superlink
 
     print(f"restarting {args.node} (up to {args.timeout:.0f} s) …", file=sys.stderr, flush=True)
     try:
@@ -173,7 +173,7 @@ def _restart(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import signal
 
-    from fedtune.federation.node_worker import WorkerError, serve
+    from fedtune.runtime.node_worker import WorkerError, serve
 
     def stop(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)

@@ -208,7 +208,7 @@ def engine_command(
     command = [
         sys.executable,
         "-m",
-        "fedtune.federation.engine",
+        "fedtune.runtime.engine",
         str(run_dir),
         "--config-json",
         json.dumps(config_flat),

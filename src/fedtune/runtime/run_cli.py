@@ -166,7 +166,7 @@ def handle_run(args: argparse.Namespace) -> int:
         preflight(config)
         data_note = check_data(config)
         if args.client_app:
-            from fedtune.federation.engine import load_client_app
+            from fedtune.runtime.engine import load_client_app
 
             load_client_app(args.client_app)
         if not config.run.resume:
@@ -188,8 +188,8 @@ def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
     """Run the engine under supervision; report how the run ended."""
     from fedtune.accounting.ledger import format_gb
     from fedtune.federation.progress import stderr_emit
-    from fedtune.federation.supervisor import engine_command, supervise
     from fedtune.rundir import ENDED_STATES, FINISHED_STATES, read_status, read_summary
+    from fedtune.runtime.supervisor import engine_command, supervise
 
     command = engine_command(
         run_dir.path,

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.federation.certs import make_node_key, make_tls
 from fedtune.rundir import process_alive
+from fedtune.runtime.certs import make_node_key, make_tls
 
 STATE_FILE = "federation.json"
 HOST = "127.0.0.1"
