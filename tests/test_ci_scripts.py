@@ -43,24 +43,43 @@ def _run(script: Path, root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("fail_on", ["", "ruff check", "ruff format", "mypy"])
-def test_lint_runs_ruff_rules_format_check_and_mypy(tmp_path, fail_on):
+LINT_TOOLS = ("ruff", "mypy", "lint-imports", "mkdocs")
+
+
+@pytest.mark.parametrize(
+    "fail_on", ["", "ruff check", "ruff format", "mypy", "lint-imports", "mkdocs"]
+)
+def test_lint_runs_rules_format_types_layers_and_the_docs_build(tmp_path, fail_on):
     log = tmp_path / "log"
     script = _copy_script("scripts/lint", tmp_path)
-    for tool in ("ruff", "mypy"):
+    for tool in LINT_TOOLS:
         _stub(tmp_path / ".venv" / "bin" / tool, log, fail_on)
     done = _run(script, tmp_path)
-    expected = ["ruff check src tests bench", "ruff format --check src tests bench", "mypy"]
+    expected = [
+        "ruff check src tests bench",
+        "ruff format --check src tests bench",
+        "mypy",
+        "lint-imports --no-cache",
+        "mkdocs build --strict --quiet --site-dir",
+    ]
     if fail_on:
         stop = next(i for i, line in enumerate(expected) if fail_on in line)
         expected = expected[: stop + 1]
-    assert [line.strip() for line in log.read_text().splitlines()] == expected
+    lines = [line.strip() for line in log.read_text().splitlines()]
+    assert len(lines) == len(expected)
+    assert all(line.startswith(want) for line, want in zip(lines, expected, strict=True))
     assert (done.returncode != 0) == bool(fail_on), done.stderr
 
 
-def test_lint_without_a_venv_says_what_to_run(tmp_path):
+@pytest.mark.parametrize("missing", ["", *LINT_TOOLS])
+def test_lint_without_its_tools_says_what_to_run(tmp_path, missing):
+    log = tmp_path / "log"
+    for tool in LINT_TOOLS:
+        if missing and tool != missing:
+            _stub(tmp_path / ".venv" / "bin" / tool, log)
     done = _run(_copy_script("scripts/lint", tmp_path), tmp_path)
     assert done.returncode == 2 and "run scripts/setup first" in done.stderr
+    assert not log.exists()  # nothing ran
 
 
 @pytest.mark.parametrize("fail_on", ["", "lint"])
@@ -78,4 +97,8 @@ def test_ci_installs_then_lints_then_tests(tmp_path, fail_on):
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "exec scripts/test -q" in ci
-    assert "scripts/test" in (ROOT / "README.md").read_text()
+    # The README's two commands are the first code block's command lines: setup + run, then test.
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["scripts/setup && .venv/bin/fedtune run", "scripts/test"]

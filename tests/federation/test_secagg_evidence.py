@@ -1,4 +1,4 @@
-"""Why fedtune does not run SecAgg+ with flwr 1.42 (the README's paragraph), kept as checks: if
+"""Why fedtune does not run SecAgg+ with flwr 1.42 (docs/privacy.md), kept as checks: if
 a Flower release lifts these limits, these tests fail and the paragraph must be revisited."""
 
 from __future__ import annotations

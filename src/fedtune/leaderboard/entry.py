@@ -20,7 +20,7 @@ TRACKS: tuple[str, ...] = (GENERAL_NLP, OPEN)
 TRACK_TITLES = {GENERAL_NLP: "General NLP", OPEN: "Open"}
 
 # Where an entry's scores come from, and so whether the board ranks it. The board ranks only what
-# a model reproducibly produced, checked from artefacts it holds (README, "Trust model"):
+# a model reproducibly produced, checked from artefacts it holds (docs/leaderboard.md, "Trust model"):
 PUBLISHED = "published"  # quoted from the FlowerTune board, which ran the official evaluation
 REPRODUCED = "reproduced"  # re-scored from its outputs, and a verifier re-generated a secret sample
 PENDING = "pending"  # re-scored, adapter held, base model loadable: waiting for a verifier

@@ -266,7 +266,7 @@ def _not_ranked(entry: Entry) -> str:
     return "not ranked"
 
 
-# What each status says about an entry (the README's table says the same).
+# What each status says about an entry (docs/leaderboard.md's table says the same).
 STATUS_MEANINGS = {
     "published": "quoted from the published FlowerTune board",
     "reproduced": "a verifier re-generated a secret sample of its answers from its adapter",
