@@ -49,6 +49,7 @@ def test_baseline_preset_is_the_challenge_setup():
         512,
     )
     assert (config.train.learning_rate_max, config.train.learning_rate_min) == (5e-5, 1e-6)
+    assert config.data.heldout_examples == 0  # every row to the clients, as on the board
 
 
 def test_template_keys_and_fedtune_aliases_mean_the_same():
