@@ -84,7 +84,7 @@ def test_heavy_modules_are_not_unit(items):
 
     for markers in markers_of("tests/evaluation/test_embedded_model.py"):
         assert {"integration", "slow"} <= markers
-    engines = ["tests/test_federation_sim.py", "tests/test_flwr_run.py"]
+    engines = ["tests/runtime/test_simulation.py", "tests/runtime/test_flwr_run.py"]
     for module in (m for m in engines if (ROOT / m).exists()):
         for markers in markers_of(module):
             assert "integration" in markers and "unit" not in markers
