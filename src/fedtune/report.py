@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.rundir import RunDirError, read_json, read_jsonl, read_run_config
+from fedtune.units import MIB
 
 REPORT_FILE = "report.png"
 
@@ -137,9 +138,8 @@ def plot_run(run_dir: str | Path) -> Path:
     losses.set(xlabel="round", ylabel="loss", title=f"{curves.name}: loss")
     losses.legend()
     losses.grid(alpha=0.3)
-    mib = 1024**2
-    traffic.plot(curves.rounds, [b / mib for b in curves.downlink], marker="o", label="down")
-    traffic.plot(curves.rounds, [b / mib for b in curves.uplink], marker="o", label="up")
+    traffic.plot(curves.rounds, [b / MIB for b in curves.downlink], marker="o", label="down")
+    traffic.plot(curves.rounds, [b / MIB for b in curves.uplink], marker="o", label="up")
     traffic.set(
         xlabel="round",
         ylabel="cumulative MiB",

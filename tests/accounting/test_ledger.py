@@ -8,14 +8,13 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedtune.accounting.ledger import (
-    MIB,
     Ledger,
     LedgerEntry,
-    board_gb,
     read_ledger,
     record_payload_bytes,
     record_wire_bytes,
 )
+from fedtune.units import MIB, board_gb
 
 NPY_HEADER = 128  # bytes of the .npy header of each serialized array (shapes like adapters')
 

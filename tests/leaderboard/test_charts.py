@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 
-from fedtune.accounting.ledger import BYTES_PER_GB
 from fedtune.leaderboard.entry import OPEN, PUBLISHED, SUBMITTED, Entry
 from fedtune.leaderboard.published import published_entries
 from fedtune.leaderboard.ranking import pareto_front
 from fedtune.leaderboard.web.charts import cost_range, css_name, score_vs_cost, status_classes
+from fedtune.units import BYTES_PER_GB
 
 
 def _entry(team: str, gb: float, status: str, average: float = 40.0, id_: int = 900) -> Entry:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-MIB = 1024**2
+from fedtune.units import MIB, board_gb
 
 
 def array_record_bytes(record: Any) -> int:
@@ -37,26 +37,6 @@ def record_wire_bytes(content: Any) -> int:
     from flwr.common.serde import recorddict_to_proto
 
     return int(recorddict_to_proto(content).ByteSize())
-
-
-BYTES_PER_GB = 1024**3  # the board's "GB": a MiB total (which the logs call MB) divided by 1024
-
-
-def board_gb(total_bytes: int) -> float:
-    """The leaderboard's "GB": the MiB total (which the logs call MB) / 1024, one decimal."""
-    return round(total_bytes / BYTES_PER_GB, 1)
-
-
-def format_gb(num_bytes: int) -> str:
-    """Bytes → the board's "GB" string: GiB with one decimal ("2.9 GB").
-
-    Below 0.05 GB one decimal would print "0.0 GB" for every small run, so two significant digits
-    are shown instead ("0.0043 GB"); the board has no such rows.
-    """
-    gb = num_bytes / BYTES_PER_GB
-    if 0 < gb < 0.05:
-        return f"{gb:.2g} GB"
-    return f"{board_gb(num_bytes):.1f} GB"
 
 
 @dataclass

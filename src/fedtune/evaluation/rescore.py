@@ -21,14 +21,15 @@ from fedtune.evaluation.dataset import Question
 from fedtune.evaluation.parser import is_correct, predicted_letter
 from fedtune.evaluation.prompts import flowertune_inner_prompt
 from fedtune.evaluation.subjects import SUBJECT_CATEGORY
+from fedtune.units import MIB
 
 REQUIRED_FIELDS = ("prompt", "gold", "subset", "output")
 # A category's file of the official evaluation is ~1–5 MB; outputs of a verbose model add more.
-MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_FILE_BYTES = 64 * MIB
 # A predictions file of the whole test split (14,042 lines of at most ~95 bytes) is ~1.1 MB; 8 MiB
 # leaves room for any spacing of the same rows, while a gzip bomb stops expanding at 8 MiB (reading
 # 64 MiB of lines took ~3 s).
-MAX_PREDICTIONS_BYTES = 8 * 1024 * 1024
+MAX_PREDICTIONS_BYTES = 8 * MIB
 
 
 class GenerationFileError(ValueError):

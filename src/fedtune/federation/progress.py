@@ -7,13 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"  # pragma: no cover
+from fedtune.units import human_bytes
 
 
 def human_seconds(seconds: float) -> str:

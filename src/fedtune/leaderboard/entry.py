@@ -12,7 +12,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune.accounting.ledger import board_gb, format_gb
+from fedtune.units import board_gb, format_gb
 
 GENERAL_NLP = "general-nlp"
 OPEN = "open"

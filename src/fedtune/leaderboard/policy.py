@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedtune.leaderboard.entry import TRACKS
+from fedtune.units import MIB
 
 
 class PolicyError(ValueError):
@@ -66,7 +67,7 @@ class Policy(BaseModel):
     @property
     def max_adapter_bytes(self) -> int:
         """`max-adapter-mib` in bytes."""
-        return self.max_adapter_mib * 1024 * 1024
+        return self.max_adapter_mib * MIB
 
     def ceiling(self, track: str, best_published: float) -> float:
         """The Average above which a reproduced entry of `track` waits for an operator."""

@@ -2,7 +2,7 @@
 
 Copied from the challenge's public page (https://flower.ai/benchmarks/llm-leaderboard/nlp/). A row's
 `code_url` is its team's public repository where known (`CODE_URLS`), else that page. Communication is given there
-as "GB" with one decimal (GiB, see `accounting.ledger.BYTES_PER_GB`); it is stored as that many GiB in bytes,
+as "GB" with one decimal (GiB, see `fedtune.units.BYTES_PER_GB`); it is stored as that many GiB in bytes,
 so it prints back exactly as published. A new run is thus ranked in context.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fedtune.accounting.ledger import BYTES_PER_GB
 from fedtune.leaderboard.entry import GENERAL_NLP, PUBLISHED, Entry
+from fedtune.units import BYTES_PER_GB
 
 BOARD_URL = "https://flower.ai/benchmarks/llm-leaderboard/nlp/"
 

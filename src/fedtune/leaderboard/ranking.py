@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from fedtune.accounting.ledger import format_gb
 from fedtune.leaderboard.entry import TRACK_TITLES, Entry, board_date
 from fedtune.leaderboard.reference import ReferenceRow
+from fedtune.units import format_gb
 
 ALL_TRACKS = "all"
 

@@ -9,8 +9,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from fedtune.accounting.ledger import board_gb
 from fedtune.leaderboard.ranking import BOARD_COLUMNS, BoardRow
+from fedtune.units import board_gb
 
 FORMATS: tuple[str, ...] = ("table", "markdown", "csv", "json")
 _NUMERIC = {"Rank", "Comm. Costs", "Average ↑", "STEM", "Social Sciences", "Humanities"}

@@ -103,6 +103,7 @@ from fedtune.leaderboard.submission import (
     SubmissionPayload,
     keys,
 )
+from fedtune.units import MIB
 
 # The General NLP rules (FlowerTune): the data set and the 20 clients are fixed, and scores must
 # come from the official evaluation protocol.
@@ -112,7 +113,7 @@ OFFICIAL_PROTOCOL = "flowertune"
 
 # A full submission with 5,000 rounds is ~0.5 MiB; the three generation files of the official
 # evaluation, gzipped and in base64, ~1.5–3 MiB.
-MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_BODY_BYTES = 16 * MIB
 MAX_ROUNDS = 5000
 MAX_NAME_CHARS = 100
 MAX_URL_CHARS = 500

@@ -186,10 +186,10 @@ def handle_run(args: argparse.Namespace) -> int:
 
 def launch(config: Any, run_dir: Any, args: argparse.Namespace) -> int:
     """Run the engine under supervision; report how the run ended."""
-    from fedtune.accounting.ledger import format_gb
     from fedtune.federation.progress import stderr_emit
     from fedtune.rundir import ENDED_STATES, FINISHED_STATES, read_status, read_summary
     from fedtune.runtime.supervisor import engine_command, supervise
+    from fedtune.units import format_gb
 
     command = engine_command(
         run_dir.path,

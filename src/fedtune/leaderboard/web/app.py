@@ -72,6 +72,7 @@ from fedtune.leaderboard.web.checks import (
     check_body,
 )
 from fedtune.leaderboard.web.pages import board_page, entry_page, not_found_page
+from fedtune.units import MIB
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -538,7 +539,7 @@ def create_app(
 
 
 # A verifier's answers: 300 questions × ~60 bytes; 5,000 a category at most (the policy's cap).
-MAX_VERIFIER_BODY_BYTES = 4 * 1024 * 1024
+MAX_VERIFIER_BODY_BYTES = 4 * MIB
 _SHA256_PATH = re.compile(r"^[0-9a-f]{64}$")
 ROWS_PER_PAGE = 200  # rows of the board's table per page
 MAX_API_ROWS = 1000  # rows per /api/entries answer (offset and limit page through the rest)

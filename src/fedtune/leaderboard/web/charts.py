@@ -11,9 +11,9 @@ import statistics
 from collections.abc import Sequence
 from html import escape
 
-from fedtune.accounting.ledger import BYTES_PER_GB, format_gb
 from fedtune.leaderboard.entry import Entry
 from fedtune.leaderboard.reference import ReferenceRow
+from fedtune.units import BYTES_PER_GB, format_gb
 
 
 def esc(value: object) -> str:

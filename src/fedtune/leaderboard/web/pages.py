@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedtune.accounting.ledger import format_gb
 from fedtune.evaluation.subjects import CATEGORY_SUBJECTS, SCORED_CATEGORIES
 from fedtune.leaderboard.entry import SUBMITTED, TRACK_TITLES, TRACKS, Entry, board_date
 from fedtune.leaderboard.ranking import ALL_TRACKS, BoardRow
 from fedtune.leaderboard.reference import ReferenceRow, scored_gold_distribution
 from fedtune.leaderboard.web.charts import css_name, esc, letter_bars, line_chart, status_classes
+from fedtune.units import MIB, format_gb
 
 CATEGORY_TITLES = {
     "stem": "STEM",
@@ -489,10 +489,9 @@ def _rounds(rounds: list[dict[str, Any]]) -> str:
     if not rounds:
         return f'<section>{title}<p class="empty">No per-round data for this entry.</p></section>'
     xs = [float(r["round"]) for r in rounds]
-    mib = 1024.0**2
     comm_series = [
-        ("downlink MiB", [r["downlink_bytes"] / mib for r in rounds]),
-        ("uplink MiB", [r["uplink_bytes"] / mib for r in rounds]),
+        ("downlink MiB", [r["downlink_bytes"] / MIB for r in rounds]),
+        ("uplink MiB", [r["uplink_bytes"] / MIB for r in rounds]),
     ]
     losses = [r.get("train_loss") for r in rounds]
     charts = []

@@ -19,8 +19,10 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedtune.units import MIB
+
 REQUEST_TIMEOUT_S = 15.0
-MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
+MIN_UPLOAD_BYTES_PER_S = MIB
 MAX_HEAD_BYTES = 16 * 1024
 KEEP_ALIVE_S = 5
 LINGER_S = 1.0
