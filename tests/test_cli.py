@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from importlib import metadata
@@ -19,9 +20,14 @@ def test_version_prints_fedtune_and_its_main_dependencies(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"fedtune {metadata.version('fedtune')}"
     assert len(lines) == 2
-    assert set(VERSIONED_PACKAGES) == {"flwr", "torch", "transformers", "peft"}
-    for package in VERSIONED_PACKAGES:
-        assert f"{package} {metadata.version(package)}" in lines[1]
+    # The second line names installed packages with their versions, each a declared dependency.
+    *packages, python = lines[1].split(", ")
+    assert python == f"Python {platform.python_version()}"
+    printed = dict(item.split(" ", 1) for item in packages)
+    assert list(printed) == list(VERSIONED_PACKAGES) and {"flwr", "torch"} <= set(printed)
+    declared = " ".join(metadata.requires("fedtune") or [])
+    for package, version in printed.items():
+        assert version == metadata.version(package) and package in declared
 
 
 PROBE = """

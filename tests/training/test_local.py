@@ -41,7 +41,8 @@ def test_cosine_schedule_is_the_templates():
 
 
 def test_draw_examples_is_seeded_and_cycles():
-    assert draw_examples(5, 12, seed=1) == draw_examples(5, 12, seed=1)
+    # Pinned: a change of the draw would change every run's bits (same seed, same bits).
+    assert draw_examples(5, 12, seed=1) == [2, 3, 4, 0, 1, 0, 2, 1, 4, 3, 2, 3]
     assert draw_examples(5, 12, seed=1) != draw_examples(5, 12, seed=2)
     drawn = draw_examples(5, 12, seed=1)
     assert sorted(drawn[:5]) == list(range(5)) and sorted(drawn[5:10]) == list(range(5))

@@ -27,7 +27,6 @@ from typing import Any
 
 from fedtune.evaluation.subjects import (
     ALL_SUBJECTS,
-    CATEGORY_SUBJECTS,
     DEV_SHOTS_PER_SUBJECT,
     EXPECTED_TEST_QUESTIONS,
     EXPECTED_TEST_TOTAL,
@@ -292,8 +291,3 @@ def write_embedded_copy(csv_root: Path, target: Path) -> int:
     payload = ("\n".join(lines) + "\n").encode("utf-8")
     target.write_bytes(lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME))
     return len(lines)
-
-
-def subjects_of(categories: Iterable[str]) -> tuple[str, ...]:
-    """The subjects of the given categories, in the official order."""
-    return tuple(subject for category in categories for subject in CATEGORY_SUBJECTS[category])

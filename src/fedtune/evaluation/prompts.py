@@ -73,11 +73,6 @@ def flowertune_prompt(question: Question) -> str:
     return flowertune_wrap(flowertune_inner_prompt(question))
 
 
-def flowertune_shared_prefix() -> str:
-    """The text every flowertune prompt starts with (its tokens are computed once and reused)."""
-    return f"{FLOWERTUNE_OPEN}{FLOWERTUNE_INSTRUCTION}\nQuestion:"
-
-
 def mmlu_description(subject: str) -> str:
     """lm-evaluation-harness's per-subject description line, with its blank line."""
     topic = subject.replace("_", " ")
