@@ -1,0 +1,14 @@
+"""Communication accounting: the ledger of bytes per round, client and direction, counted on
+Flower's serialized records the way the FlowerTune board counts them (see `ledger.py`).
+
+Public API:
+
+- ledger: the communication ledger of a run
+  - Ledger: running totals plus the JSON Lines file, one line per client per round
+  - LedgerEntry: one client's bytes in one round, both directions
+  - array_record_bytes: board-compatible bytes of one ArrayRecord
+  - record_payload_bytes: payload bytes and array count over a message's records
+  - record_wire_bytes: size of a RecordDict as Flower serializes it for the wire
+"""
+
+__all__: list[str] = ["ledger"]

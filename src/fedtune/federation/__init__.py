@@ -1,0 +1,41 @@
+"""The federated algorithm as a Flower app: the ServerApp and the ClientApp, one round as named
+steps, strategies by name (FedAvg and its variants, SCAFFOLD, FlexLoRA), client-level differential
+privacy and the checks on client updates. Running these apps as processes is `fedtune.runtime`.
+
+Public API:
+
+- client_app: the ClientApp, one client's local instruction tuning per round
+  - app: the Flower ClientApp (`fedtune.federation.client_app:app`)
+  - MODEL_LOADS: how many base models this process has loaded
+  - describe_node: answers which partition this node holds
+  - get_partition: this client's tokenized examples, built once per data setup
+  - get_worker: the cached model, tokenizer and partitions of a model setup
+  - local_train: trains the received global adapter for one round and replies
+- privacy: client-level differential privacy, DP-FedAvg with fixed clipping
+  - ACCOUNTING: the accounting modes `dp.accounting` accepts
+  - MAX_NOISE_MULTIPLIER: the largest noise multiplier accepted
+  - NOISE_MODES: where the noise is added, `dp.noise`
+  - privacy_spent: the (ε, δ) a run has spent after its releases
+- progress: live progress of a federated run, one line per round
+  - stderr_emit: writes a progress line to stderr
+- server_app: the ServerApp, a recipe over the round's named steps
+  - app: the Flower ServerApp (`fedtune.federation.server_app:app`)
+  - make_server_app: a ServerApp bound to a resolved config and run directory
+  - open_run: a new run directory, or the existing one checked for resuming
+  - preflight: checks the model and data sources before anything is written
+- strategies: Flower strategies by name
+  - STRATEGIES: the strategy names `strategy.name` accepts
+- worker_link: the ClientApp's side of a node worker, and its wire format
+  - WorkerError: the node's worker could not be reached, or failed the message
+  - receive: reads one frame from the socket
+  - send: writes frames to the socket
+"""
+
+__all__: list[str] = [
+    "client_app",
+    "privacy",
+    "progress",
+    "server_app",
+    "strategies",
+    "worker_link",
+]
