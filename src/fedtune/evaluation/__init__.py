@@ -41,7 +41,9 @@ Public API:
   - build_prompts: the loglik prompt of every question
   - score_letters: scores questions by the log-probabilities of the four letters
 - metrics: accuracies per subject and category, the board's Average, answer bias
+  - board_mean: the board's Average of per-category percents
   - constant_baselines: what answering the same letter every time would score
+  - percent: a share in percent at full precision (100 · correct / total)
 - parser: the board's answer parser
   - predicted_letter: the letter the board reads from an output, or None
 - progress: a one-line progress bar on stderr

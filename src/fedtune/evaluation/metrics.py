@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,17 @@ def category_table(pairs: Sequence[tuple[Question, bool]]) -> dict[str, dict[str
         count[question.category] += 1
         correct[question.category] += int(ok)
     return {c: _cell(correct[c], count[c]) for c in ALL_CATEGORIES if count[c]}
+
+
+def percent(correct: int, total: int) -> float:
+    """A share in percent at full precision, as scores are stored: 100 · correct / total."""
+    return 100.0 * correct / total
+
+
+def board_mean(percents: Mapping[str, float]) -> float:
+    """The board's Average of per-category percents: their unweighted mean over the scored
+    categories, summed in `SCORED_CATEGORIES` order (the same bits wherever it is computed)."""
+    return sum(percents[c] for c in SCORED_CATEGORIES) / len(SCORED_CATEGORIES)
 
 
 def board_average(categories: dict[str, dict[str, Any]]) -> float | None:

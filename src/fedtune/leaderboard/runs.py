@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.evaluation.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from fedtune.evaluation.metrics import percent
 from fedtune.evaluation.subjects import SCORED_CATEGORIES
 from fedtune.leaderboard.entry import today_utc
 from fedtune.leaderboard.evalresults import (
@@ -388,7 +389,7 @@ def _scores(results: EvalResults) -> Scores:
             raise RunDirError(f"{results.path}: per-subject counts are not integers") from exc
         if total == 0:
             raise RunDirError(f"partial evaluation: no {category} questions were evaluated")
-        scores[category] = 100.0 * correct / total
+        scores[category] = percent(correct, total)
     return Scores(
         stem=scores["stem"],
         social_sciences=scores["social_sciences"],

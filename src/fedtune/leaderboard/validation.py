@@ -69,6 +69,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fedtune.evaluation.dataset import EMBEDDED, load_split
+from fedtune.evaluation.metrics import board_mean, percent
 from fedtune.evaluation.rescore import (
     PREDICTION_FIELDS,
     GenerationFileError,
@@ -420,7 +421,7 @@ def recheck(entry: Entry, files: Mapping[str, bytes]) -> list[str]:
             cell = evaluation.get("subjects", {}).get(subject)
             if cell != {"correct": correct, "total": rows}:
                 problems.append(f"{subject}: shows {cell}, the files give {correct}/{rows}")
-    average = sum(_rescored_percent(item) for item in rescored.values()) / len(rescored)
+    average = board_mean({c: _rescored_percent(item) for c, item in rescored.items()})
     if entry.average != average:
         problems.append(f"average: shows {entry.average}, the files give {average}")
     return problems
@@ -441,13 +442,13 @@ def _generations(value: Any) -> dict[str, _Rescored]:
 
 
 def _rescored_percent(item: _Rescored) -> float:
-    return 100.0 * item.result.correct / item.result.rows
+    return percent(item.result.correct, item.result.rows)
 
 
 def _scores(value: Any, rescored: Mapping[str, _Rescored] | None = None) -> dict[str, float]:
     if rescored is not None and value is None:
         scores = {c: _rescored_percent(rescored[c]) for c in SCORED_CATEGORIES}
-        return {**scores, "average": sum(scores.values()) / len(scores)}
+        return {**scores, "average": board_mean(scores)}
     obj = _mapping(value, "scores", required=True)
     _no_unknown(obj, "scores", keys(Scores))
     scores = {}
@@ -483,8 +484,8 @@ def _scores_from_counts(subjects: Mapping[str, Mapping[str, int]]) -> dict[str, 
     scores = {}
     for category in SCORED_CATEGORIES:
         cells = [subjects[s] for s in CATEGORY_SUBJECTS[category]]
-        scores[category] = 100.0 * sum(c["correct"] for c in cells) / sum(c["total"] for c in cells)
-    return {**scores, "average": sum(scores.values()) / len(scores)}
+        scores[category] = percent(sum(c["correct"] for c in cells), sum(c["total"] for c in cells))
+    return {**scores, "average": board_mean(scores)}
 
 
 def _evaluation(
@@ -621,7 +622,7 @@ def _check_complete_and_consistent(
                 f"the test split {expected:,}",
             )
         correct = sum(subjects[s]["correct"] for s in CATEGORY_SUBJECTS[category])
-        accuracy = 100.0 * correct / total
+        accuracy = percent(correct, total)
         if abs(accuracy - scores[category]) > SCORE_TOLERANCE:
             raise SubmissionError(
                 f"scores.{category}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedtune.evaluation.metrics import percent
 from fedtune.evaluation.subjects import CATEGORY_SUBJECTS, SCORED_CATEGORIES
 from fedtune.leaderboard.entry import SUBMITTED, TRACK_TITLES, TRACKS, Entry, board_date
 from fedtune.leaderboard.ranking import ALL_TRACKS, BoardRow
@@ -452,7 +453,7 @@ def _subjects(subjects: dict[str, dict[str, int]]) -> str:
             if subject not in subjects:
                 continue
             cell = subjects[subject]
-            pct = 100.0 * cell["correct"] / cell["total"]
+            pct = percent(cell["correct"], cell["total"])
             rows.append(
                 f"<tr><td>{esc(subject.replace('_', ' '))}</td>"
                 f"<td>{esc(CATEGORY_TITLES[category])}</td>"
