@@ -22,12 +22,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_flwr_run_with_flowers_defaults_and_template_keys(tmp_path, tiny_model_dir):
-    # A fresh Flower home: nothing written by the test, Flower creates its default configuration
-    # (a local simulation SuperLink with 2 SuperNodes); federation.num-clients is left at 0.
-    home = tmp_path / "flwr-home"
-    out = tmp_path / "runs"
-    env = dict(
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of a user whose Flower home is `home` (not created: Flower does that),
+    on ports of its own, with `flwr` on PATH."""
+    return dict(
         os.environ,
         FLWR_HOME=str(home),
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
@@ -35,6 +33,14 @@ def test_flwr_run_with_flowers_defaults_and_template_keys(tmp_path, tiny_model_d
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )
+
+
+def test_flwr_run_with_flowers_defaults_and_template_keys(tmp_path, tiny_model_dir):
+    # A fresh Flower home: nothing written by the test, Flower creates its default configuration
+    # (a local simulation SuperLink with 2 SuperNodes); federation.num-clients is left at 0.
+    home = tmp_path / "flwr-home"
+    out = tmp_path / "runs"
+    env = flower_env(home)
     # FlowerTune template keys, exactly as a FlowerTune user types them.
     run_config = (
         f"num-server-rounds=1 model.name='{tiny_model_dir}' model.lora.peft-lora-r=4 "
@@ -78,14 +84,7 @@ def test_flwr_run_with_flowers_defaults_and_template_keys(tmp_path, tiny_model_d
 
 def test_a_set_client_count_that_differs_fails_within_seconds(tmp_path, tiny_model_dir):
     home = tmp_path / "flwr-home"
-    env = dict(
-        os.environ,
-        FLWR_HOME=str(home),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    )
+    env = flower_env(home)
     run_config = (
         f"model.name='{tiny_model_dir}' federation.num-clients=20 eval.probe-examples=2 "
         f"run.output-dir='{tmp_path / 'runs'}' run.name='wrong'"
