@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedtune.rundir import SUMMARY_FILE, read_summary  # noqa: E402
 from fedtune_runs import run_logged  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def main() -> None:
     results = []
     for name in names:
         run_dir = out / name
-        if not (run_dir / "summary.json").exists():
+        if not (run_dir / SUMMARY_FILE).exists():
             command = [sys.executable, "-m", "fedtune.cli", "run"]
             if run_dir.exists():  # an interrupted grid continues where the run stopped
                 command += ["--resume", str(run_dir)]
@@ -146,7 +147,7 @@ def main() -> None:
             print(f"[{name}] training …", flush=True)
             train_s = run_logged(command, out / f"{name}.run.log")
         else:
-            train_s = json.loads((run_dir / "summary.json").read_text())["seconds"]
+            train_s = read_summary(run_dir)["seconds"]
         eval_dir = run_dir / "eval"
         pattern = f"mmlu_loglik_{args.shots}shot_*.json"
         timing = run_dir / f"bench-eval-{args.shots}shot.json"
@@ -168,7 +169,7 @@ def main() -> None:
             )
         mmlu, mmlu_se = mmlu_with_error(scored)
         curves = read_curves(run_dir)
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
         results.append(
             {
                 "name": name,

@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from fedtune.rundir import read_clients, read_metrics, read_summary  # noqa: E402
 from fedtune.runtime.local import down, flower_env, up  # noqa: E402
 
 
@@ -60,11 +61,11 @@ def measure(mode: str, args: argparse.Namespace, work: Path) -> dict:
         down(directory)
     wall = time.perf_counter() - started
     run_dir = out / mode
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     if summary.get("state") != "completed":
         raise SystemExit(f"{mode}: the run did not complete: {(done.stdout + done.stderr)[-2000:]}")
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    clients = [json.loads(x) for x in (run_dir / "clients.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
+    clients = read_clients(run_dir)
     rounds = []
     for m in metrics:
         done = [c for c in clients if c["round"] == m["round"] and "problem" not in c]

@@ -22,17 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedtune.rundir import read_metrics, read_summary
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fedtune(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedtune.cli", "run", *args]
-
-
-def lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -60,14 +56,14 @@ def main() -> None:
     killed_at = time.monotonic()
     proc.wait()
     resumed = subprocess.Popen(fedtune("--resume", str(run_dir)), env=env, stderr=subprocess.PIPE)
-    while len(lines(run_dir / "metrics.jsonl")) <= args.kill_after:
+    while len(read_metrics(run_dir)) <= args.kill_after:
         if resumed.poll() is not None:
             raise SystemExit(f"resume ended early: {resumed.stderr.read()[-2000:]!r}")
         time.sleep(0.05)
     first_new_round_s = time.monotonic() - killed_at
     resumed.wait()
-    metrics = lines(run_dir / "metrics.jsonl")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = read_metrics(run_dir)
+    summary = read_summary(run_dir)
     result = {
         "machine": f"{os.cpu_count()} CPU cores",
         "load_average_at_end": os.getloadavg(),
@@ -83,7 +79,7 @@ def main() -> None:
     }
     if args.reference:
         subprocess.run(fedtune(*sets, "--set", "run.name=reference"), env=env, check=True)
-        reference = json.loads((work / "reference" / "summary.json").read_text())
+        reference = read_summary(work / "reference")
         result["reference_sha256"] = reference["adapter_sha256"]
         result["bitwise_equal"] = reference["adapter_sha256"] == summary["adapter_sha256"]
     print(json.dumps(result, indent=2))

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fedtune.federation.strategies import STRATEGIES  # noqa: E402
+from fedtune.rundir import SUMMARY_FILE, read_summary  # noqa: E402
 
 # name → data settings; Dirichlet over Dolly's category.
 PARTITIONS: dict[str, list[str]] = {
@@ -71,7 +72,7 @@ def one_run(
         if row.get("delta_w_norm") is None:  # a row from before ‖ΔW‖ was recorded
             row["delta_w_norm"] = adapter_delta_norm(run_dir)
         return row
-    finished = (run_dir / "summary.json").exists()
+    finished = (run_dir / SUMMARY_FILE).exists()
     scored = (
         bool(sorted((run_dir / "eval").glob("mmlu_loglik_5shot_*.json")))
         if finished and (run_dir / "eval").exists()
@@ -107,7 +108,7 @@ def one_run(
             command += [x for item in sets for x in ("--set", item)]
         print(f"[{name}] training …", flush=True)
         run_logged(command, out / f"{name}.run.log")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     pattern = "mmlu_loglik_5shot_*.json"
     found = sorted((run_dir / "eval").glob(pattern)) if (run_dir / "eval").exists() else []
     if args.mmlu and not found:

@@ -34,6 +34,8 @@ from leaderboard_load import Server, free_port  # noqa: E402  (beside it)
 sys.path.insert(0, str(ROOT / "tests" / "leaderboard"))
 from lb_submissions import gold_letters  # noqa: E402  (the test suite's doctored submission)
 
+from fedtune.rundir import SUMMARY_FILE  # noqa: E402
+
 TEAM_CODE = "https://github.com/fedtune/fedtune"
 
 
@@ -53,7 +55,7 @@ def fedtune(*args: str, log: Path) -> float:
 
 def train(work: Path, name: str, seed: int, log: Path) -> tuple[Path, float | None]:
     run = work / "runs" / name
-    if (run / "summary.json").is_file():
+    if (run / SUMMARY_FILE).is_file():
         return run, None
     seconds = fedtune(
         "run", "--set", f"run.output-dir={work / 'runs'}", "--set", f"run.name={name}",

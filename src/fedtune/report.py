@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.rundir import RunDirError, read_json, read_jsonl, read_run_config
+from fedtune.rundir import (
+    STATUS_FILE,
+    SUMMARY_FILE,
+    RunDirError,
+    read_metrics,
+    read_run_config,
+    read_status,
+    read_summary,
+)
 from fedtune.units import MIB
 
 REPORT_FILE = "report.png"
@@ -63,10 +71,9 @@ def read_curves(run_dir: str | Path) -> RunCurves:
     """
     path = Path(run_dir).expanduser().resolve()
     flat, _ = read_run_config(path)
-    metrics_file = path / "metrics.jsonl"
-    metrics = read_jsonl(metrics_file) if metrics_file.exists() else []
-    summary = read_json(path / "summary.json") if (path / "summary.json").exists() else {}
-    status = read_json(path / "status.json") if (path / "status.json").exists() else {}
+    metrics = read_metrics(path)
+    summary = read_summary(path) if (path / SUMMARY_FILE).exists() else {}
+    status = read_status(path) if (path / STATUS_FILE).exists() else {}
     heldout: dict[int, float] = {}
     probe: dict[int, float] = {}
     for key, values in (summary.get("server_eval") or {}).items():

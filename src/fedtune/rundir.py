@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from fedtune.provenance import file_sha256, git_commit, package_versions
 
@@ -49,6 +49,78 @@ FINISHED_STATES = ("completed", "stopped-budget", "stopped-privacy-budget")
 ENDED_STATES = (*FINISHED_STATES, "failed", "interrupted", "terminated")
 # States a live process writes; with a dead pid they mean the run was killed.
 LIVE_STATES = ("created", "resuming", "running")
+
+
+class StatusRow(TypedDict, total=False):
+    """status.json (docs/run-directory.md)."""
+
+    state: str
+    rounds_completed: int
+    pid: int
+    host: str
+    updated_at: str
+    error: str
+    resumable: bool
+    previous_state: str
+    previous_error: str
+
+
+class MetricsRow(TypedDict, total=False):
+    """One round of metrics.jsonl."""
+
+    round: int
+    attempts: int
+    clients: int
+    failed_clients: int
+    train_loss: float | None
+    examples: int
+    tokens: int
+    response_tokens: int
+    learning_rate: float
+    downlink_bytes: int
+    uplink_bytes: int
+    cumulative_bytes: int
+    probe_loss: float
+    heldout_loss: float
+    mmlu: dict[str, Any]
+    dp_epsilon: float | None
+    seconds: float
+
+
+class ClientRow(TypedDict, total=False):
+    """One client's reply (or why it was dropped) in one attempt of a round: clients.jsonl."""
+
+    round: int
+    attempt: int
+    node_id: int
+    partition_id: int
+    problem: str
+    train_loss: float
+    examples: int
+    num_examples: int
+    tokens: int
+    response_tokens: int
+    padded_tokens: int
+    learning_rate: float
+    seconds: float
+    skipped_rows: int
+    update_norm: float
+    ignored_metrics: list[str]
+
+
+class LedgerRow(TypedDict, total=False):
+    """One client message pair of one attempt: ledger.jsonl (the communication ledger)."""
+
+    round: int
+    attempt: int
+    node_id: int
+    partition_id: int
+    downlink_bytes: int
+    uplink_bytes: int
+    downlink_arrays: int
+    uplink_arrays: int
+    downlink_wire_bytes: int
+    uplink_wire_bytes: int
 
 
 class RunDirError(ValueError):
@@ -121,11 +193,31 @@ def read_run_config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     return config, doc.get("digest")
 
 
-def read_status(run_dir: Path) -> dict[str, Any]:
+def read_status(run_dir: Path) -> StatusRow:
     status = read_json(Path(run_dir) / STATUS_FILE)
     if not isinstance(status, dict) or "state" not in status:
         raise RunDirError(f"{STATUS_FILE} in {run_dir} has no state")
-    return status
+    return status  # type: ignore[return-value]
+
+
+def _log(run_dir: Path, name: str) -> list[Any]:
+    path = Path(run_dir) / name
+    return read_jsonl(path) if path.is_file() else []
+
+
+def read_metrics(run_dir: Path) -> list[MetricsRow]:
+    """metrics.jsonl, one row per round ([] before the first round)."""
+    return _log(run_dir, METRICS_FILE)
+
+
+def read_clients(run_dir: Path) -> list[ClientRow]:
+    """clients.jsonl, one row per client per attempt ([] before the first round)."""
+    return _log(run_dir, CLIENTS_FILE)
+
+
+def read_ledger(run_dir: Path) -> list[LedgerRow]:
+    """ledger.jsonl, the communication ledger ([] before the first round)."""
+    return _log(run_dir, LEDGER_FILE)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -242,7 +334,7 @@ class RunDirectory:
 
     # ---- status ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusRow:
         return read_status(self.path)
 
     def record_device(self) -> None:

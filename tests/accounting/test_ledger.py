@@ -10,10 +10,10 @@ from flwr.app import ArrayRecord, RecordDict
 from fedtune.accounting.ledger import (
     Ledger,
     LedgerEntry,
-    read_ledger,
     record_payload_bytes,
     record_wire_bytes,
 )
+from fedtune.rundir import read_ledger
 from fedtune.units import MIB, board_gb
 
 NPY_HEADER = 128  # bytes of the .npy header of each serialized array (shapes like adapters')
@@ -56,7 +56,7 @@ def test_ledger_totals_file_and_budget(tmp_path):
         1: {"downlink": 200, "uplink": 185},
         2: {"downlink": 100, "uplink": 100},
     }
-    rows = read_ledger(tmp_path / "ledger.jsonl")
+    rows = read_ledger(tmp_path)
     assert [r["node_id"] for r in rows] == [11, 12, 11]
     assert sum(r["downlink_bytes"] + r["uplink_bytes"] for r in rows) == 585
     assert not ledger.would_exceed(0, 10**12)  # 0 = no budget

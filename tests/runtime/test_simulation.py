@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedtune.accounting.ledger import read_ledger
+from fedtune.rundir import read_ledger
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
 
     # The ledger against the analytic figure: rounds × 2 directions × clients × message bytes.
     message = per_message_bytes(run_dir / "adapter" / "adapter_model.safetensors")
-    ledger = read_ledger(run_dir / "ledger.jsonl")
+    ledger = read_ledger(run_dir)
     assert len(ledger) == 2 * 3
     assert all(e["downlink_bytes"] == e["uplink_bytes"] == message for e in ledger)
     total = sum(e["downlink_bytes"] + e["uplink_bytes"] for e in ledger)

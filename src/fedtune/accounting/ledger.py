@@ -126,9 +126,3 @@ class Ledger:
             "downlink_wire_bytes": self.downlink_wire_bytes,
             "uplink_wire_bytes": self.uplink_wire_bytes,
         }
-
-
-def read_ledger(path: str | Path) -> list[dict[str, Any]]:
-    """All entries of a ledger file."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.provenance import file_sha256
-from fedtune.rundir import ADAPTER_DIR, RunDirError, read_run_config
+from fedtune.rundir import ADAPTER_DIR, CONFIG_FILE, RunDirError, read_run_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -62,7 +62,7 @@ def resolve_adapter(path: str | Path) -> AdapterSource:
     adapter = root
     if (root / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
         run_dir, adapter = root, root / ADAPTER_DIR
-        if (root / "config.json").is_file():
+        if (root / CONFIG_FILE).is_file():
             try:
                 run_model = str(read_run_config(root)[0]["model.name"])
             except (RunDirError, KeyError) as exc:

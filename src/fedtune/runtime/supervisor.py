@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.rundir import ENDED_STATES, FINISHED_STATES, RunDirectory, RunDirError
+from fedtune.rundir import ENDED_STATES, FINISHED_STATES, RunDirectory, RunDirError, StatusRow
 
 STOP_GRACE_S = 10.0
 EXIT_GRACE_S = 30.0
@@ -91,7 +91,7 @@ def _stop(proc: subprocess.Popen[bytes], tracked: dict[int, Any]) -> None:
     psutil.wait_procs(alive, timeout=STOP_GRACE_S / 2)
 
 
-def _state(run_dir: RunDirectory) -> dict[str, Any]:
+def _state(run_dir: RunDirectory) -> StatusRow:
     try:
         return run_dir.status()
     except (RunDirError, OSError):
