@@ -161,3 +161,15 @@ def test_digest_identifies_a_setup():
     # The same setup in another key order (a TOML file written by hand) is the same digest.
     assert build_config(dict(reversed(list(flat.items())))).digest() == build_config().digest()
     assert build_config().digest() != build_config({"model.lora.peft-lora-r": 4}).digest()
+
+
+def test_the_configuration_reference_is_generated_from_the_keys():
+    from fedtune.config import configuration_reference, describe_keys
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert text == configuration_reference(), (
+        "docs/configuration.md is stale: regenerate it with "
+        "python -c 'from fedtune.config import configuration_reference as r; "
+        'open("docs/configuration.md", "w").write(r())\''
+    )
+    assert all(f"| `{key}` |" in text for key, _, _ in describe_keys())

@@ -1045,3 +1045,29 @@ def describe_keys() -> Iterable[tuple[str, str, Any]]:
     """(key, doc, default) for every canonical key — for `fedtune run --list-keys`."""
     for key, (_, f) in _FIELD_BY_KEY.items():
         yield key, f.metadata["doc"], DEFAULTS[key]
+
+
+def configuration_reference() -> str:
+    """docs/configuration.md: every key with its default and meaning, section by section, then
+    the accepted aliases and the template keys that have no effect (tests keep the file equal)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/fedtune/config.py` (`fedtune.config.configuration_reference()`; a test",
+        "keeps this file equal to it). Every key is set with `--set KEY=VALUE`, in a `--config` TOML",
+        "file or with `flwr run . --run-config`; `fedtune run --list-keys` prints the same list.",
+    ]
+    section = ""
+    for key, doc, default in describe_keys():
+        head = key.split(".")[0] if "." in key else "run length"
+        if head != section:
+            section = head
+            lines += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
+        shown = json.dumps(default) if not isinstance(default, str) else f'"{default}"'
+        meaning = doc.replace("|", "\\|")
+        lines.append(f"| `{key}` | `{shown}` | {meaning} |")
+    lines += ["", "## Aliases", "", "| alias | means |", "|---|---|"]
+    lines += [f"| `{alias}` | `{key}` |" for alias, key in sorted(ALIASES.items())]
+    lines += ["", "## Template keys with no effect", "", "| key | why |", "|---|---|"]
+    lines += [f"| `{key}` | {why} |" for key, why in sorted(INERT_TEMPLATE_KEYS.items())]
+    return "\n".join(lines) + "\n"
