@@ -35,6 +35,25 @@ def flower_env(home: Path) -> dict[str, str]:
     )
 
 
+STOP_LOCAL = [sys.executable, "-m", "fedtune.cli", "federation", "stop-local"]
+
+
+def flwr_run(
+    env: dict[str, str], run_config: str, cwd: Path, timeout: int
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """`flwr run . --stream --run-config …` as a user types it, then `fedtune federation
+    stop-local` whatever happened: (the run, the stop)."""
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream",
+             "--run-config", run_config],
+            capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
+        )  # fmt: skip
+    finally:
+        stopped = subprocess.run(STOP_LOCAL, capture_output=True, text=True, env=env, timeout=60)
+    return done, stopped
+
+
 def test_flwr_run_with_flowers_defaults_and_template_keys(tmp_path, tiny_model_dir):
     # A fresh Flower home: nothing written by the test, Flower creates its default configuration
     # (a local simulation SuperLink with 2 SuperNodes); federation.num-clients is left at 0.
@@ -48,15 +67,7 @@ def test_flwr_run_with_flowers_defaults_and_template_keys(tmp_path, tiny_model_d
         f"train.seq-length=64 strategy.fraction-train=1.0 "
         f"eval.probe-examples=2 run.output-dir='{out}' run.name='flwr'"
     )
-    fedtune = [sys.executable, "-m", "fedtune.cli", "federation", "stop-local"]
-    try:
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream",
-             "--run-config", run_config],
-            capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path,
-        )  # fmt: skip
-    finally:
-        stopped = subprocess.run(fedtune, capture_output=True, text=True, env=env, timeout=60)
+    done, stopped = flwr_run(env, run_config, tmp_path, timeout=420)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
@@ -78,7 +89,7 @@ def test_flwr_run_with_flowers_defaults_and_template_keys(tmp_path, tiny_model_d
     from fedtune.runtime.flower_local import local_superlinks
 
     assert local_superlinks(home) == []
-    again = subprocess.run(fedtune, capture_output=True, text=True, env=env, timeout=60)
+    again = subprocess.run(STOP_LOCAL, capture_output=True, text=True, env=env, timeout=60)
     assert again.returncode == 0 and "no local SuperLink of" in again.stdout
 
 
@@ -90,15 +101,7 @@ def test_a_set_client_count_that_differs_fails_within_seconds(tmp_path, tiny_mod
         f"run.output-dir='{tmp_path / 'runs'}' run.name='wrong'"
     )
     started = time.monotonic()
-    try:
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream",
-             "--run-config", run_config],
-            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-        )  # fmt: skip
-    finally:
-        subprocess.run([sys.executable, "-m", "fedtune.cli", "federation", "stop-local"],
-                       capture_output=True, env=env, timeout=60)  # fmt: skip
+    done, _ = flwr_run(env, run_config, tmp_path, timeout=300)
     log = done.stdout + done.stderr
     assert time.monotonic() - started < 120, log[-3000:]  # not strategy.node-wait-s (300 s)
     assert "hold 2 partitions but federation.num-clients is 20" in log, log[-3000:]

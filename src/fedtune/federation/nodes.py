@@ -25,13 +25,18 @@ class ClientCountMismatch(ValueError):
     """The federation's nodes hold another number of partitions than federation.num-clients."""
 
 
+def simulation_size_command(supernodes: int) -> str:
+    """Flower's command that gives its local simulation federation `supernodes` SuperNodes."""
+    return f"flwr federation simulation-config --num-supernodes {supernodes}"
+
+
 def count_mismatch_message(nodes: int, configured: int) -> str:
     """Both numbers and the two ways to make them agree."""
     return (
         f"the federation's SuperNodes hold {nodes} partitions but federation.num-clients is "
         f'{configured}. Either run with --run-config "federation.num-clients={nodes}" (or 0: '
         f"as many clients as the federation has), or give the federation {configured} SuperNodes: "
-        f"`flwr federation simulation-config --num-supernodes {configured}` for Flower's local "
+        f"`{simulation_size_command(configured)}` for Flower's local "
         f"simulation, `fedtune federation up --nodes {configured}` for a local deployment"
     )
 

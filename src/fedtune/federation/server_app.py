@@ -602,7 +602,7 @@ def adopt_federation_size(grid: Grid, config: RunConfig) -> RunConfig:
     """`federation.num-clients = 0`: as many clients as the federation's SuperNodes hold
     partitions (asked of the first node to answer), said in the run's first lines."""
     from fedtune.config import FLOWERTUNE_CLIENTS, with_num_clients
-    from fedtune.federation.nodes import federation_clients
+    from fedtune.federation.nodes import federation_clients, simulation_size_command
 
     count = federation_clients(grid, config.to_flat(), config.strategy.node_wait_s, log_info)
     config = with_num_clients(config, count)
@@ -612,8 +612,8 @@ def adopt_federation_size(grid: Grid, config: RunConfig) -> RunConfig:
     )
     if count != FLOWERTUNE_CLIENTS:
         log_info(
-            f"fedtune: FlowerTune's job has {FLOWERTUNE_CLIENTS} clients: `flwr federation "
-            f"simulation-config --num-supernodes {FLOWERTUNE_CLIENTS}` before `flwr run .` "
+            f"fedtune: FlowerTune's job has {FLOWERTUNE_CLIENTS} clients: "
+            f"`{simulation_size_command(FLOWERTUNE_CLIENTS)}` before `flwr run .` "
             f"gives Flower's local simulation {FLOWERTUNE_CLIENTS} SuperNodes"
         )
     return config
