@@ -951,12 +951,13 @@ def _validate_strategy(config: RunConfig) -> None:
         "strategy.name",
         f"must be one of {', '.join(STRATEGIES)}, got {s.name!r}",
     )
-    # A fraction of a count that is the federation's is checked once the count is known.
-    sampled = 1 << 30 if fed.auto_clients and not fed.clients_per_round else fed.sampled_clients
+    # A fraction of a count that is the federation's is known (and checked) once the count is.
+    sampled = None if fed.auto_clients and not fed.clients_per_round else fed.sampled_clients
     _require(
-        1 <= s.min_clients <= sampled,
+        s.min_clients >= 1 and (sampled is None or s.min_clients <= sampled),
         "strategy.min-clients",
-        f"must be in [1, {sampled}] (the clients sampled per round), got {s.min_clients}",
+        ("must be >= 1" if sampled is None else f"must be in [1, {sampled}]")
+        + f" (the clients sampled per round), got {s.min_clients}",
     )
     lo = config.lora
     _require(
@@ -1004,14 +1005,16 @@ def _validate_strategy(config: RunConfig) -> None:
         key = f"strategy.{family}.num-malicious-nodes"
         _require(malicious >= 0, key, "must be >= 0")
         _require(
-            s.name != family or sampled >= malicious + 3,
+            s.name != family or sampled is None or sampled >= malicious + 3,
             key,
             f"{family} scores each reply by its distance to the n - f - 2 nearest others: it "
             f"needs at least f + 3 = {malicious + 3} clients a round, got {sampled}",
         )
     _require(
         s.multikrum_num_nodes_to_select >= 1
-        and (s.name != "multikrum" or s.multikrum_num_nodes_to_select <= sampled),
+        and (
+            s.name != "multikrum" or sampled is None or s.multikrum_num_nodes_to_select <= sampled
+        ),
         "strategy.multikrum.num-nodes-to-select",
         f"must be in [1, {sampled}] (the clients sampled per round)",
     )
