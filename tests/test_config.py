@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from fedtune.config import (
-    DEFAULTS,
     ConfigError,
+    app_config_table,
     build_config,
+    defaults,
     describe_keys,
     flatten,
     load_config_file,
@@ -21,14 +22,19 @@ from fedtune.config import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_defaults_are_the_flower_app_config():
-    tree = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert flatten(tree["tool"]["flwr"]["app"]["config"]) == DEFAULTS
+def test_the_flower_app_config_is_generated_from_the_keys():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert app_config_table() in text, (
+        "pyproject.toml's [tool.flwr.app.config] is stale: replace it with "
+        "python -c 'from fedtune.config import app_config_table as t; print(t())'"
+    )
+    tree = tomllib.loads(text)
+    assert flatten(tree["tool"]["flwr"]["app"]["config"]) == defaults()
 
 
 def test_every_key_is_documented():
     keys = list(describe_keys())
-    assert {key for key, _, _ in keys} == set(DEFAULTS)
+    assert {key for key, _, _ in keys} == set(defaults())
     assert all(doc for _, doc, _ in keys)
 
 
@@ -42,7 +48,7 @@ def test_baseline_preset_is_the_challenge_setup():
     config = build_config(load_config_file(ROOT / "configs" / "flowertune-baseline.toml"))
     assert config.model.quantization == 4
     assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (32, 64, 0.075)
-    assert config.federation.num_rounds == 200 and config.federation.sampled_clients == 2
+    assert config.federation.num_rounds == 200 and config.sampled_clients == 2
     assert (config.train.local_steps, config.train.batch_size, config.train.seq_length) == (
         10,
         16,
@@ -127,12 +133,12 @@ def test_bad_values_name_the_key(overrides, message):
 
 
 def test_clients_per_round_from_fraction_or_count():
-    assert build_config({"federation.num-clients": 20}).federation.sampled_clients == 2
+    assert build_config({"federation.num-clients": 20}).sampled_clients == 2
     # 0 (the default): the federation's count, so a fraction is known only once it is.
     assert build_config().federation.auto_clients
-    assert build_config({"strategy.clients-per-round": 4}).federation.sampled_clients == 4
-    assert build_config({"federation.num-clients": 30}).federation.sampled_clients == 3
-    assert build_config({"strategy.clients-per-round": 5}).federation.sampled_clients == 5
+    assert build_config({"strategy.clients-per-round": 4}).sampled_clients == 4
+    assert build_config({"federation.num-clients": 30}).sampled_clients == 3
+    assert build_config({"strategy.clients-per-round": 5}).sampled_clients == 5
 
 
 def test_cli_values_are_toml_values():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedtune.config import ConfigError, build_config, codec_specs
+from fedtune.compression.settings import codec_specs
+from fedtune.config import ConfigError, build_config
 from fedtune.federation.node_state import NodeStateStore
 
 pytestmark = pytest.mark.unit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtune.federation.flexlora import average_update, factors_for_rank
+from fedtune.federation.strategies.flexlora import average_update, factors_for_rank
 
 pytestmark = pytest.mark.unit
 
@@ -48,7 +48,7 @@ def test_bad_inputs_are_refused():
 
 
 def test_the_thin_path_equals_the_dense_one():
-    from fedtune.federation.flexlora import stacked_update, truncated_factors
+    from fedtune.federation.strategies.flexlora import stacked_update, truncated_factors
 
     rng = np.random.default_rng(1)
     ranks, weights, alpha = [2, 4], [3.0, 5.0], 8.0
@@ -66,7 +66,7 @@ def test_the_thin_path_equals_the_dense_one():
 
 
 def test_empty_directions_start_as_fresh_lora_components():
-    from fedtune.federation.flexlora import truncated_factors
+    from fedtune.federation.strategies.flexlora import truncated_factors
 
     rng = np.random.default_rng(2)
     filler = rng.standard_normal((4, 7))
@@ -182,7 +182,7 @@ def test_flexlora_aggregates_the_products_of_clients_of_different_ranks(task_ide
 
 
 def test_flexlora_refuses_tensors_that_are_not_lora_factors():
-    from fedtune.federation.flexlora import module_pairs
+    from fedtune.federation.strategies.flexlora import module_pairs
 
     assert module_pairs(["x.lora_A.weight", "x.lora_B.weight"]) == [
         ("x.lora_A.weight", "x.lora_B.weight")

@@ -161,9 +161,9 @@ def test_a_count_of_zero_is_the_federations():
     config = build_config({"federation.num-clients": 0})
     assert config.federation.auto_clients
     with pytest.raises(ConfigError, match="resolve it first"):
-        _ = config.federation.sampled_clients
-    assert with_num_clients(config, 2).federation.sampled_clients == 1  # 0.1 of 2, at least 1
-    assert with_num_clients(config, 20).federation.sampled_clients == 2
+        _ = config.sampled_clients
+    assert with_num_clients(config, 2).sampled_clients == 1  # 0.1 of 2, at least 1
+    assert with_num_clients(config, 20).sampled_clients == 2
     with pytest.raises(ConfigError, match="3 clients per round but only 2"):
         with_num_clients(build_config({"strategy.clients-per-round": 3}), 2)
     assert (

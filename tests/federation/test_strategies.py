@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,18 @@ def _krum_scores(clients, f):
     return np.asarray(scores)
 
 
+def _settings(config):
+    """Every strategy.* value, named as attributes (strategy.fedadam.beta-1 → fedadam_beta_1)."""
+    flat = config.to_flat()
+    return SimpleNamespace(
+        **{
+            k.removeprefix("strategy.").replace(".", "_").replace("-", "_"): v
+            for k, v in flat.items()
+            if k.startswith("strategy.")
+        }
+    )
+
+
 class Reference:
     """The papers' update rules, in float64."""
 
@@ -155,7 +169,7 @@ def test_aggregate_equals_the_numpy_reference_over_two_rounds(name):
         {"strategy.name": name, "strategy.clients-per-round": 5, **SETTINGS.get(name, {})}
     )
     strategy = build_strategy(config)
-    reference = Reference(name, config.strategy)
+    reference = Reference(name, _settings(config))
     rng = np.random.default_rng(7)
     size = sum(int(np.prod(s)) for s in SHAPES.values())
     x = rng.standard_normal(size).astype(np.float32).astype(np.float64)

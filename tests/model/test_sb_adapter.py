@@ -11,7 +11,6 @@ import torch
 
 from fedtune.config import build_config
 from fedtune.data.pipeline import sb_init_examples
-from fedtune.model import sb
 from fedtune.model.adapters import (
     adapter_state,
     frozen_digest,
@@ -20,6 +19,7 @@ from fedtune.model.adapters import (
     to_peft,
     travelling_keys,
 )
+from fedtune.model.variants import sb
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +30,7 @@ def setup(smollm2_tokenizer, tiny_llama):
     config = build_config(
         {"model.lora.variant": "sb", "model.lora.sb-init-examples": 4, "train.seq-length": 48}
     )
-    examples = sb_init_examples(smollm2_tokenizer, config)
+    examples = sb_init_examples(smollm2_tokenizer, config, sb.SbVariant().init_examples(config))
     return config, examples, smollm2_tokenizer.pad_token_id, tiny_llama
 
 

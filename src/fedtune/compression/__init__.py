@@ -12,6 +12,9 @@ Public API:
   - parse_spec: a CodecSpec from its spec string
 - message: a direction's codec applied to an adapter message
   - MessageCodec: encodes an adapter into a message's ArrayRecord and decodes it back
+- settings: the codecs `compress.*` configures, checked whenever a configuration is built
+  - check_codecs: the configuration check (registered with fedtune.config)
+  - codec_specs: the (downlink, uplink) codec specs of a configuration
 """
 
-__all__: list[str] = ["codecs", "message"]
+__all__: list[str] = ["codecs", "message", "settings"]

@@ -95,7 +95,7 @@ SB_INIT_DATA = "embedded:alpaca-gpt4-sample"
 
 
 def sb_init_examples(
-    tokenizer: PreTrainedTokenizerBase, config: RunConfig
+    tokenizer: PreTrainedTokenizerBase, config: RunConfig, wanted: int
 ) -> list[TokenizedExample]:
     """The public examples whose gradient sets the r×r adapter's frozen factors: a seeded draw
     from the embedded Alpaca-GPT4 sample (on every node, offline), without its held-out rows
@@ -106,7 +106,6 @@ def sb_init_examples(
     rows = load_local_rows(resolve_data(SB_INIT_DATA)).shuffle(seed=config.data.seed)
     if config.data.name == SB_INIT_DATA and config.data.heldout_examples:
         rows, _ = split_heldout(rows, config.data.heldout_examples, 1)
-    wanted = config.lora.sb_init_examples
     examples: list[TokenizedExample] = []
     for start in range(0, len(rows), 4 * wanted):  # rows whose response survives the cut
         chunk = rows.select(range(start, min(len(rows), start + 4 * wanted)))

@@ -14,7 +14,6 @@ same examples, in the same order, as the client of that partition in a simulatio
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json
@@ -80,7 +79,7 @@ def write_split(config: RunConfig, out: Path) -> dict[str, Any]:
     manifest = {
         "data": config.data.name,
         "num_nodes": count,
-        "data_settings": dataclasses.asdict(config.data),
+        "data_settings": config.data.model_dump(),
         "nodes": nodes,
         "heldout": heldout,
     }

@@ -23,8 +23,15 @@ Public API:
   - make_server_app: a ServerApp bound to a resolved config and run directory
   - open_run: a new run directory, or the existing one checked for resuming
   - preflight: checks the model and data sources before anything is written
-- strategies: Flower strategies by name
-  - STRATEGIES: the strategy names `strategy.name` accepts
+- strategies: aggregation strategies, one module each, registered by name
+  - STRATEGIES: the registry `strategy.name` selects from
+  - Strategy: what a strategy is (its settings, how it is built, what it checks)
+  - build_strategy: the configured Flower strategy
+  - get_strategy: the registered strategy of a name
+  - register_strategy: makes a strategy selectable
+  - restore_strategy_state: puts back a strategy's saved state
+  - strategies: every registered strategy
+  - strategy_state: a strategy's state between rounds, as tensors
 - worker_link: the ClientApp's side of a node worker, and its wire format
   - WorkerError: the node's worker could not be reached, or failed the message
   - receive: reads one frame from the socket

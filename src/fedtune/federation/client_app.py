@@ -19,7 +19,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.compression.message import MessageCodec
-from fedtune.config import RunConfig, build_config, client_rank, codec_specs
+from fedtune.compression.settings import codec_specs
+from fedtune.config import RunConfig, build_config, client_rank
 from fedtune.federation.messages import (
     ARRAYS,
     CONTROL,
@@ -30,6 +31,8 @@ from fedtune.federation.messages import (
     RUN_CONTEXT,
     STRATEGY_CONFIG,
 )
+from fedtune.federation.strategies import get_strategy
+from fedtune.model.variants import get_variant
 
 app = ClientApp()
 
@@ -53,7 +56,15 @@ MODEL_LOADS = [0]  # base models this process has loaded (a warm node worker rep
 
 def _model_key(config: RunConfig) -> tuple[Any, ...]:
     # (data and sequence length: the r×r adapter's factors come from tokenized examples)
-    return (config.model, config.lora, config.train.seed, config.data, config.train.seq_length)
+    # (and a variant's own settings, e.g. how many examples set the r×r adapter's factors)
+    return (
+        config.model,
+        config.lora,
+        config.train.seed,
+        config.data,
+        config.train.seq_length,
+        config.extensions,
+    )
 
 
 def get_worker(config: RunConfig) -> ClientWorker:
@@ -76,7 +87,8 @@ def get_worker(config: RunConfig) -> ClientWorker:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     tokenizer = load_tokenizer(source)
-    init = sb_init_examples(tokenizer, config) if config.lora.variant == "sb" else None
+    wanted = get_variant(config.lora.variant).init_examples(config)
+    init = sb_init_examples(tokenizer, config, wanted) if wanted else None
     peft_model = prepare_adapter(
         model, config.lora, config.train.seed, init, tokenizer.pad_token_id
     )
@@ -135,7 +147,7 @@ def local_train(msg: Message, context: Context) -> Message:
     load_adapter_state(worker.model, received.to_torch_state_dict(), keys=travelling)
     scaffold = (
         ScaffoldClient(msg, context, worker, travelling, layout, partition_id, server_round)
-        if config.strategy.name == "scaffold"
+        if get_strategy(config.strategy.name).control_variates
         else None
     )
     data_path = context.node_config.get("data-path")
@@ -159,9 +171,7 @@ def local_train(msg: Message, context: Context) -> Message:
         max_grad_norm=train.max_grad_norm,
         weight_decay=train.weight_decay,
         device=worker.device,
-        proximal_mu=(
-            config.strategy.fedprox_proximal_mu if config.strategy.name == "fedprox" else 0.0
-        ),
+        proximal_mu=get_strategy(config.strategy.name).proximal_mu(config),
         gradient_correction=scaffold.correction if scaffold else None,
     )
     metrics: dict[str, int | float | list[int] | list[float]] = {
@@ -344,7 +354,7 @@ def _warm(msg: Message, context: Context) -> Message | None:
         return None
     from fedtune.federation.worker_link import forward
 
-    timeout = run_config(msg).federation.round_timeout_s
+    timeout = run_config(msg).strategy.round_timeout_s
     return cast(Message, forward(str(path), msg, context, timeout_s=timeout))
 
 

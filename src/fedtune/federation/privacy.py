@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
-NOISE_MODES = ("server", "client")
-MAX_NOISE_MULTIPLIER = 1e6  # beyond it the accountant's arithmetic overflows (and ε is ~0 anyway)
+from fedtune.config import ACCOUNTING as ACCOUNTING
+from fedtune.config import MAX_NOISE_MULTIPLIER as MAX_NOISE_MULTIPLIER
+from fedtune.config import NOISE_MODES as NOISE_MODES
+
 # Each accounting mode's neighbouring relation and the L2 sensitivity, in units of the clipping norm
 # C, of what a round releases under it (the sum of the clipped updates; see docs/privacy.md):
 # removing one client's data takes at most C off the sum, replacing it moves the sum by up to 2C.
@@ -42,7 +44,10 @@ RELATIONS = {
     "no-amplification": ("add-or-remove-one", 1.0),
     "without-replacement": ("replace-one", 2.0),
 }
-ACCOUNTING = tuple(RELATIONS)
+if tuple(RELATIONS) != ACCOUNTING:  # the modes dp.accounting accepts (fedtune.config)
+    raise ImportError(
+        f"privacy relations {tuple(RELATIONS)} differ from dp.accounting's {ACCOUNTING}"
+    )
 
 
 def clip_update(

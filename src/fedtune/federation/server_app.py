@@ -20,12 +20,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.accounting.ledger import Ledger, array_record_bytes
 from fedtune.compression.message import MessageCodec
+from fedtune.compression.settings import codec_specs
 from fedtune.config import (
     ConfigError,
     RunConfig,
     build_config,
     client_rank,
-    codec_specs,
     config_differences,
 )
 from fedtune.data.partition_report import PartitionReport
@@ -38,8 +38,9 @@ from fedtune.federation.rounds import (
     log_info,
     run_round,
 )
-from fedtune.federation.strategies import build_strategy
+from fedtune.federation.strategies import build_strategy, get_strategy
 from fedtune.model.adapters import frozen_digest, to_peft, travelling_keys
+from fedtune.model.variants import get_variant
 from fedtune.rundir import LEDGER_FILE, RunDirectory, now_utc, read_run_config
 
 app = ServerApp()
@@ -131,7 +132,8 @@ def init_global_adapter(config: RunConfig) -> tuple[GlobalAdapter, ServerEvaluat
         source, dtype=config.model.dtype, quantization=config.model.quantization, device=device
     )
     tokenizer = load_tokenizer(source)
-    init = sb_init_examples(tokenizer, config) if config.lora.variant == "sb" else None
+    wanted = get_variant(config.lora.variant).init_examples(config)
+    init = sb_init_examples(tokenizer, config, wanted) if wanted else None
     peft_model = prepare_adapter(
         model, config.lora, config.train.seed, init, tokenizer.pad_token_id
     )
@@ -275,11 +277,15 @@ def round_context(
             if k in travelling
         },
         frozen_sha256=frozen_digest(adapter.state, travelling),
-        rank_of=functools.partial(client_rank, config.lora) if s.name == "flexlora" else None,
-        clients_per_round=fed.sampled_clients,
+        rank_of=(
+            functools.partial(client_rank, config.lora)
+            if get_strategy(s.name).heterogeneous_ranks
+            else None
+        ),
+        clients_per_round=config.sampled_clients,
         min_clients=s.min_clients,
         max_retries=s.max_retries,
-        round_timeout_s=fed.round_timeout_s,
+        round_timeout_s=s.round_timeout_s,
         byte_budget=config.run.byte_budget,
         norm_ratio=config.validate.update_norm_ratio,
         norm_window=config.validate.norm_window_rounds,
@@ -336,7 +342,7 @@ def run_federation(
         )
         + f", {array_record_bytes(ArrayRecord({k: state.arrays[k] for k in ctx.expected_spec})):,} "
         f"bytes per uncompressed message; {config.strategy.name}, "
-        f"{fed.sampled_clients} of {fed.num_clients} clients per round, {fed.num_rounds} rounds"
+        f"{config.sampled_clients} of {fed.num_clients} clients per round, {fed.num_rounds} rounds"
     )
     run_dir.set_status("running", rounds_completed=state.round)
     elapsed_before = state.elapsed_s
@@ -345,7 +351,7 @@ def run_federation(
         progress.note(f"before training: {describe_eval(state.server_eval['0'])}")
     while state.round < fed.num_rounds and state.stopped is None:
         server_round = state.round + 1
-        progress.begin_round(server_round, fed.sampled_clients)
+        progress.begin_round(server_round, config.sampled_clients)
         round_started = time.perf_counter()
         try:
             result = run_round(ctx, state, server_round)
@@ -458,7 +464,7 @@ def finish(
         "state": state_name,
         "rounds_completed": state.round,
         "rounds_planned": fed.num_rounds,
-        "clients_per_round": fed.sampled_clients,
+        "clients_per_round": config.sampled_clients,
         "num_clients": fed.num_clients,
         "strategy": config.strategy.name,
         "codecs": dict(
@@ -608,7 +614,7 @@ def adopt_federation_size(grid: Grid, config: RunConfig) -> RunConfig:
     config = with_num_clients(config, count)
     log_info(
         f"fedtune: federation.num-clients = 0: the federation's SuperNodes hold {count} "
-        f"partitions, so {count} clients, {config.federation.sampled_clients} a round"
+        f"partitions, so {count} clients, {config.sampled_clients} a round"
     )
     if count != FLOWERTUNE_CLIENTS:
         log_info(

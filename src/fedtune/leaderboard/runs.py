@@ -39,6 +39,7 @@ from fedtune.leaderboard.submission import (
     Setup,
     SubmissionPayload,
 )
+from fedtune.model.variants import variant_label
 from fedtune.provenance import file_sha256
 from fedtune.rundir import (
     FINISHED_STATES,
@@ -347,11 +348,7 @@ def _setup(
         setup["clients_per_round"] = clients_per_round
     setup["strategy"] = str(summary.get("strategy") or config.get("strategy.name", "fedavg"))
     variant = str(config.get("model.lora.variant", "lora"))
-    kind = (
-        "DoRA"
-        if config.get("model.lora.use-dora")
-        else {"ffa": "FFA-LoRA", "sb": "Fed-SB r×r"}.get(variant, "LoRA")
-    )
+    kind = "DoRA" if config.get("model.lora.use-dora") else variant_label(variant)
     setup["adapter"] = (
         f"{kind} r={config.get('model.lora.peft-lora-r')} "
         f"alpha={config.get('model.lora.peft-lora-alpha')} on {config.get('model.lora.target-modules')}"

@@ -29,6 +29,12 @@ Public API:
   - local_path: the directory or hub id `from_pretrained` reads
   - pick_device: `cuda` when available, else `cpu`
   - resolve_model: classifies `model.name` and checks what can be checked offline
+- variants: adapter variants (lora, ffa, sb), one module each, registered by name
+  - ADAPTER_VARIANTS: the registry `model.lora.variant` selects from
+  - AdapterVariant: what a variant is (travelling tensors, set-up, freezing, PEFT form)
+  - get_variant: the registered variant of a name
+  - register_variant: makes a variant selectable
+  - variant_label: how the board names a variant
 """
 
-__all__: list[str] = ["adapters", "loading"]
+__all__: list[str] = ["adapters", "loading", "variants"]

@@ -63,37 +63,22 @@ def use_rank(model: PeftModel, lora: LoraConfig, rank: int, seed: int) -> None:
     """Make the adapter of rank `rank` the one that trains: the model's own (named `default`)
     at `lora.r`, else a second adapter of that rank added to the same base model (seeded) the
     first time it is asked for. FlexLoRA's clients of different ranks share one base model."""
-    import dataclasses
-
     import torch
 
     name = "default" if rank == lora.r else f"rank-{rank}"
     if name not in model.peft_config:
         torch.manual_seed(seed)
-        model.add_adapter(name, peft_config(dataclasses.replace(lora, r=rank)))
+        model.add_adapter(name, peft_config(lora.model_copy(update={"r": rank})))
     if model.active_adapter != name:
         model.set_adapter(name)
 
 
 def travelling_keys(variant: str, keys: Any) -> list[str]:
-    """The adapter tensors that train, travel and are aggregated, in the adapter's order:
-    all of them for `lora`; all but the A factors for `ffa` (FFA-LoRA)."""
-    if variant == "ffa":
-        return [k for k in keys if ".lora_A." not in k]
-    if variant == "sb":
-        from fedtune.model.sb import CORE
+    """The adapter tensors that train, travel and are aggregated, in the adapter's order (the
+    registered variant's: all of them for `lora`; all but the A factors for `ffa`)."""
+    from fedtune.model.variants import get_variant
 
-        return [k for k in keys if k.endswith(CORE)]
-    return list(keys)
-
-
-def freeze_for_variant(model: PeftModel, variant: str) -> None:
-    """FFA-LoRA and the r×r adapter: the A factors keep their values (no gradient, no update)."""
-    if variant not in ("ffa", "sb"):
-        return
-    for name, parameter in model.named_parameters():
-        if ".lora_A." in name:
-            parameter.requires_grad_(False)
+    return get_variant(variant).travelling(keys)
 
 
 def frozen_digest(state: Mapping[str, Any], travelling: list[str]) -> str:
@@ -115,26 +100,22 @@ def frozen_digest(state: Mapping[str, Any], travelling: list[str]) -> str:
 def prepare_adapter(
     model: PreTrainedModel, lora: LoraConfig, seed: int, init_examples: Any = None, pad_id: int = 0
 ) -> PeftModel:
-    """The adapter a variant trains: attach (seeded), then for `sb` set A and B from the first
-    gradient on `init_examples`, then freeze what the variant keeps fixed."""
-    peft_model = attach_adapter(model, lora, seed)
-    if lora.variant == "sb":
-        from fedtune.model import sb
+    """The adapter a variant trains: attach (seeded), let the variant set it up (`sb`: A and B
+    from the first gradient on `init_examples`), then freeze what the variant keeps fixed."""
+    from fedtune.model.variants import get_variant
 
-        if not init_examples:
-            raise ValueError("the sb variant needs examples for its first gradient")
-        sb.install(peft_model, sb.init_gradients(peft_model, list(init_examples or []), pad_id))
-    freeze_for_variant(peft_model, lora.variant)
+    variant = get_variant(lora.variant)
+    peft_model = attach_adapter(model, lora, seed)
+    variant.initialise(peft_model, list(init_examples or []), pad_id)
+    variant.freeze(peft_model)
     return peft_model
 
 
 def to_peft(state: Mapping[str, Any], variant: str) -> dict[str, Any]:
     """The adapter as PEFT saves and loads it (the r×r adapter merged to plain LoRA)."""
-    if variant == "sb":
-        from fedtune.model.sb import peft_state
+    from fedtune.model.variants import get_variant
 
-        return peft_state(state)
-    return dict(state)
+    return get_variant(variant).to_peft(state)
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:

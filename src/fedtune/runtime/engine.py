@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     from flwr.simulation import run_simulation
 
-    backend = backend_config(config.federation.sampled_clients, args.client_cpus, args.client_gpus)
+    backend = backend_config(config.sampled_clients, args.client_cpus, args.client_gpus)
     if not args.verbose:
         backend["init_args"]["logging_level"] = "error"
         backend["init_args"]["log_to_driver"] = False

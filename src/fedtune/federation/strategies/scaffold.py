@@ -18,14 +18,16 @@ ledger: SCAFFOLD doubles a round's bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
 import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
+from fedtune.config import RunConfig, Section, setting
 from fedtune.federation.messages import CONTROL, CONTROL_DELTA
+from fedtune.federation.strategies.base import Strategy, register_strategy
 
 
 class Scaffold(FedAvg):
@@ -94,3 +96,30 @@ class Scaffold(FedAvg):
         self.sent = MappingProxyType({})
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return ArrayRecord({k: Array(v) for k, v in new_arrays.items()}), metrics
+
+
+class ScaffoldSettings(Section):
+    server_learning_rate: float = setting(
+        "strategy.scaffold.server-learning-rate",
+        1.0,
+        "SCAFFOLD: η_g, the step from the global adapter towards the clients' mean.",
+        gt=0,
+    )
+
+
+class ScaffoldStrategy(Strategy):
+    name = "scaffold"
+    section = ScaffoldSettings
+    control_variates = True
+
+    def build(
+        self, config: RunConfig, common: dict[str, Any], initial: Mapping[str, Any]
+    ) -> FedAvg:
+        return Scaffold(
+            **common,
+            num_clients=config.federation.num_clients,
+            server_learning_rate=config.params(ScaffoldSettings).server_learning_rate,
+        )
+
+
+register_strategy(ScaffoldStrategy())

@@ -20,12 +20,16 @@ r and α — which `fedtune eval`, `leaderboard submit` and PEFT load as any LoR
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from fedtune.config import ConfigError, Int, RunConfig, Section, setting
+from fedtune.model.variants.base import AdapterVariant, freeze_a_factors, register_variant
+
 if TYPE_CHECKING:
     import torch
+    from peft import PeftModel
 
 CORE = ".lora_B.core"
 BASIS = ".lora_B.basis"
@@ -144,3 +148,43 @@ def peft_state(state: Mapping[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+class SbSettings(Section):
+    init_examples: Int = setting(
+        "model.lora.sb-init-examples",
+        16,
+        "Public examples (embedded Alpaca-GPT4 sample, held-out rows excluded) whose gradient "
+        "sets the sb variant's frozen A and B.",
+        ge=1,
+    )
+
+
+class SbVariant(AdapterVariant):
+    name = "sb"
+    label = "Fed-SB r×r"
+    section = SbSettings
+
+    def travelling(self, keys: Iterable[str]) -> list[str]:
+        return [k for k in keys if k.endswith(CORE)]
+
+    def init_examples(self, config: RunConfig) -> int:
+        return config.params(SbSettings).init_examples
+
+    def initialise(self, model: PeftModel, examples: list[Any], pad_id: int) -> None:
+        if not examples:
+            raise ValueError("the sb variant needs examples for its first gradient")
+        install(model, init_gradients(model, examples, pad_id))
+
+    def freeze(self, model: PeftModel) -> None:
+        freeze_a_factors(model)
+
+    def to_peft(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        return peft_state(state)
+
+    def check(self, config: RunConfig) -> None:
+        if config.lora.use_dora:
+            raise ConfigError("model.lora.variant: sb does not combine with model.lora.use-dora")
+
+
+register_variant(SbVariant())

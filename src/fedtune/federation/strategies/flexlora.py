@@ -28,6 +28,9 @@ from typing import Any, cast
 import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
+from fedtune.config import ConfigError, RunConfig
+from fedtune.federation.strategies.base import Strategy, register_strategy
+
 A_KEY, B_KEY = ".lora_A.weight", ".lora_B.weight"
 
 
@@ -249,3 +252,27 @@ class FlexLoRA(FedAvg):
             )
         arrays = ArrayRecord({k: Array(result[k]) for k in states[0]})
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+class FlexLoRAStrategy(Strategy):
+    """Clients train at their own ranks (model.lora.client-ranks); the server keeps the
+    global at model.lora.peft-lora-r."""
+
+    name = "flexlora"
+    heterogeneous_ranks = True
+
+    def build(
+        self, config: RunConfig, common: dict[str, Any], initial: Mapping[str, Any]
+    ) -> FedAvg:
+        return FlexLoRA(**common, alpha=config.lora.alpha, rank=config.lora.r, initial=initial)
+
+    def check(self, config: RunConfig) -> None:
+        super().check(config)
+        if config.lora.variant != "lora" or config.lora.use_dora:
+            raise ConfigError(
+                "strategy.name: flexlora aggregates plain LoRA factors: it needs "
+                "model.lora.variant=lora without model.lora.use-dora"
+            )
+
+
+register_strategy(FlexLoRAStrategy())
