@@ -199,7 +199,7 @@ def local_train(msg: Message, context: Context) -> Message:
 
 
 class ScaffoldClient:
-    """SCAFFOLD's client side (see `federation/scaffold.py`): the gradient correction c − cᵢ for
+    """SCAFFOLD's client side (see `federation/strategies/scaffold.py`): the gradient correction c − cᵢ for
     this round, and after training cᵢ⁺ (the mean raw gradient) kept in the node's state and
     Δcᵢ = cᵢ⁺ − cᵢ for the reply."""
 
