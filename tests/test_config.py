@@ -124,6 +124,15 @@ def test_later_sources_win():
         ({"train.training-arguments.lr-scheduler-type": "cosine"}, "only 'constant' is supported"),
         ({"run.name": "../escape"}, "run.name: may hold letters"),
         ({"train.seq-length": 4}, "train.seq-length: must be >= 16, got 4"),
+        ({"model.quantization": False}, "model.quantization: expected an integer, got False"),
+        ({"dp.delta": True}, "dp.delta: expected a number, got True"),
+        ({"data.name": ""}, "data.name: must not be empty"),
+        (
+            {"data.partitioner": "dirichet"},
+            "got 'dirichet' (did you mean 'dirichlet'?)",
+        ),
+        ({"strategy.name": "fedadm"}, "got 'fedadm' (did you mean 'fedadam'?)"),
+        ({"model.lora.client-ranks": "4,x"}, "model.lora.client-ranks: 'x' is not an integer"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -179,3 +188,13 @@ def test_the_configuration_reference_is_generated_from_the_keys():
         'open("docs/configuration.md", "w").write(r())\''
     )
     assert all(f"| `{key}` |" in text for key, _, _ in describe_keys())
+
+
+def test_a_whole_number_written_as_a_float_is_the_integer():
+    config = build_config({"num-server-rounds": 4.0, "model.quantization": 0.0})
+    assert config.federation.num_rounds == 4 and type(config.federation.num_rounds) is int
+    assert config.digest() == build_config({"num-server-rounds": 4}).digest()
+    # and an integer given for a number is stored as the number (the digest is of the values)
+    assert (
+        type(build_config({"dp.delta": 1e-5, "train.weight-decay": 0}).train.weight_decay) is float
+    )

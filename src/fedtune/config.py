@@ -135,9 +135,11 @@ def _error_text(section: type[Section], error: Any) -> str:
         return f"{alias}: {message}"
     info = next(f for f in section.model_fields.values() if f.alias == alias)
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    wording = str(extra.get("message") or "")
+    wording, hint = str(extra.get("message") or ""), ""
     if kind == "literal_error":
-        wording = wording or f"must be {_quoted(get_args(info.annotation))}"
+        choices = get_args(info.annotation)
+        wording = wording or f"must be {_quoted(choices)}"
+        hint = _nearest(str(value), [str(c) for c in choices])
     elif not wording:
         bounds = {}
         for item in info.metadata:
@@ -146,7 +148,7 @@ def _error_text(section: type[Section], error: Any) -> str:
                     bounds[bound] = getattr(item, bound)
         wording = f"must be {_range(bounds)}" if bounds else message
     note = f" {extra['note']}" if extra.get("note") else ""
-    return f"{alias}: {wording}{note}, got {value!r}"
+    return f"{alias}: {wording}{note}, got {value!r}{hint}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -796,6 +798,7 @@ class Registry(Generic[E]):
         if name not in self._items:
             raise ConfigError(
                 f"{self.selector}: must be one of {', '.join(self._items)}, got {name!r}"
+                + _nearest(str(name), list(self._items))
             )
         return self._items[name]
 
@@ -1038,9 +1041,13 @@ def with_num_clients(config: RunConfig, count: int) -> RunConfig:
     return build_config({**config.to_flat(), "federation.num-clients": count})
 
 
-def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, list(_key_map()) + list(ALIASES), n=1)
+def _nearest(given: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(given, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _suggest(name: str) -> str:
+    return _nearest(name, list(_key_map()) + list(ALIASES))
 
 
 def _require(ok: bool, name: str, message: str) -> None:
