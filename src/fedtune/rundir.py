@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from fedtune.provenance import file_sha256, git_commit, package_versions
 
@@ -121,6 +121,34 @@ class LedgerRow(TypedDict, total=False):
     uplink_arrays: int
     downlink_wire_bytes: int
     uplink_wire_bytes: int
+
+
+class SummaryRow(TypedDict, total=False):
+    """summary.json: what a finished (or stopped) run did (docs/run-directory.md)."""
+
+    state: str
+    rounds_completed: int
+    rounds_planned: int
+    clients_per_round: int
+    num_clients: int
+    strategy: str
+    codecs: dict[str, str]
+    adapter_parameters: int
+    adapter_tensors: int
+    message_payload_bytes: int
+    communication: dict[str, Any]
+    final_train_loss: float | None
+    final_heldout_loss: float | None
+    dropped_replies: int
+    retried_rounds: int
+    resumes: list[dict[str, Any]]
+    server_eval: dict[str, Any]
+    adapter: str
+    adapter_sha256: str
+    config_digest: str
+    seconds: float
+    privacy: dict[str, Any] | None
+    checkpoint_seconds: dict[str, Any]
 
 
 class RunDirError(ValueError):
@@ -220,11 +248,11 @@ def read_ledger(run_dir: Path) -> list[LedgerRow]:
     return _log(run_dir, LEDGER_FILE)
 
 
-def read_summary(run_dir: Path) -> dict[str, Any]:
+def read_summary(run_dir: Path) -> SummaryRow:
     summary = read_json(Path(run_dir) / SUMMARY_FILE)
     if not isinstance(summary, dict):
         raise RunDirError(f"{SUMMARY_FILE} in {run_dir} is not a JSON object")
-    return summary
+    return cast(SummaryRow, summary)
 
 
 def read_environment(run_dir: Path) -> dict[str, Any]:
@@ -518,7 +546,7 @@ class RunDirectory:
             raise RunDirError(f"resume point {folder} is damaged (tensors missing or changed)")
         return state, load_file(str(tensors_file))
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: SummaryRow) -> None:
         write_json_atomic(self.path / SUMMARY_FILE, summary)
 
 

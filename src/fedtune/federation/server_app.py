@@ -41,7 +41,7 @@ from fedtune.federation.rounds import (
 from fedtune.federation.strategies import build_strategy, get_strategy
 from fedtune.model.adapters import frozen_digest, to_peft, travelling_keys
 from fedtune.model.variants import get_variant
-from fedtune.rundir import LEDGER_FILE, RunDirectory, now_utc, read_run_config
+from fedtune.rundir import LEDGER_FILE, RunDirectory, SummaryRow, now_utc, read_run_config
 
 app = ServerApp()
 
@@ -302,7 +302,7 @@ def round_context(
 
 def run_federation(
     grid: Grid, config: RunConfig, run_dir: RunDirectory, progress: Progress
-) -> dict[str, Any]:
+) -> SummaryRow:
     """Run (or continue) every round; write metrics, ledger, checkpoints and the final adapter.
 
     Returns:
@@ -451,7 +451,7 @@ def finish(
     state: LoopState,
     ledger: Ledger,
     strategy: Any,
-) -> dict[str, Any]:
+) -> SummaryRow:
     """The final adapter, summary.json and the final status."""
     fed = config.federation
     state_name = f"stopped-{state.stopped}" if state.stopped else "completed"
@@ -460,7 +460,7 @@ def finish(
         to_peft(state.arrays.to_torch_state_dict(), config.lora.variant),
         adapter.peft_config,
     )
-    summary = {
+    summary: SummaryRow = {
         "state": state_name,
         "rounds_completed": state.round,
         "rounds_planned": fed.num_rounds,

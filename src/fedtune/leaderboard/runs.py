@@ -47,6 +47,7 @@ from fedtune.rundir import (
     METRICS_FILE,
     STATUS_FILE,
     RunDirError,
+    SummaryRow,
     read_environment,
     read_jsonl,
     read_run_config,
@@ -65,7 +66,7 @@ def _count(row: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
-def check_ledger(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
+def check_ledger(run_dir: Path, summary: SummaryRow) -> list[dict[str, Any]]:
     """Check the ledger against summary.json (and metrics.jsonl if present); return per-round rows.
 
     Returns:
@@ -130,7 +131,7 @@ def _check_metrics(run_dir: Path, per_round: dict[int, dict[str, int]]) -> dict[
     return losses
 
 
-def check_adapter(run_dir: Path, summary: dict[str, Any], results: EvalResults) -> Adapter:
+def check_adapter(run_dir: Path, summary: SummaryRow, results: EvalResults) -> Adapter:
     """The run's final adapter, checked on disk and against what was evaluated.
 
     Raises:
@@ -339,7 +340,7 @@ def _generations(results: EvalResults) -> SubmissionPayload:
 
 
 def _setup(
-    config: dict[str, Any], num_rounds: int, clients_per_round: int, summary: dict[str, Any]
+    config: dict[str, Any], num_rounds: int, clients_per_round: int, summary: SummaryRow
 ) -> Setup:
     setup: Setup = {"dataset": str(config.get("data.name", "")), "rounds": num_rounds}
     if isinstance(config.get("federation.num-clients"), int):
