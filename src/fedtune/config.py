@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import re
 import tomllib
@@ -1222,15 +1223,23 @@ def configuration_reference() -> str:
         "`--config` TOML file or with `flwr run . --run-config`; `fedtune run --list-keys` prints",
         "the same list.",
     ]
-    section = ""
-    for name, doc, default in describe_keys():
-        head = name.split(".")[0] if "." in name else "run length"
-        if head != section:
-            section = head
-            lines += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
-        shown = json.dumps(default) if not isinstance(default, str) else f'"{default}"'
-        meaning = doc.replace("|", "\\|")
-        lines.append(f"| `{name}` | `{shown}` | {meaning} |")
+    for attr, section in _ordered_sections():
+        fields = list(section.declared())
+        # named by the keys' common prefix (model.lora), an extension's with its module
+        parts = [alias.split(".")[:-1] for alias, _, _ in fields]
+        shared = itertools.takewhile(lambda p: len(set(p)) == 1, zip(*parts, strict=False))
+        title = ".".join(p[0] for p in shared) or attr
+        if not attr:
+            title += f" (`{section.__module__}`)"
+        lines += ["", f"## {title}", ""]
+        intro = " ".join((section.__doc__ or "").split()) if section.__doc__ else ""
+        if intro and not intro.startswith(("Usage docs", "A base class")):
+            lines += [intro, ""]
+        lines += ["| key | default | meaning |", "|---|---|---|"]
+        for alias, name, default in fields:
+            shown = json.dumps(default) if not isinstance(default, str) else f'"{default}"'
+            meaning = str(section.model_fields[name].description).replace("|", "\\|")
+            lines.append(f"| `{alias}` | `{shown}` | {meaning} |")
     lines += ["", "## Aliases", "", "| alias | means |", "|---|---|"]
     lines += [f"| `{alias}` | `{name}` |" for alias, name in sorted(ALIASES.items())]
     lines += ["", "## Template keys with no effect", "", "| key | why |", "|---|---|"]
