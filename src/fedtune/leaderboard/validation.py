@@ -1,32 +1,16 @@
 """Checking a submission (the JSON the API and `submit` exchange) and turning it into an entry.
 
-A submission is refused, with the field and the reason, when it is malformed (missing or unknown
-fields, wrong types, out-of-range numbers, integers beyond a float's range, over-long text, control
-characters, characters that show as nothing: `fedtune.leaderboard.invisible`), when it does not
+A submission's shape and ranges (missing or unknown fields, wrong types, out-of-range numbers,
+integers beyond a float's range, over-long text, control characters, characters that show as
+nothing: `fedtune.leaderboard.invisible`) are declared once, as the types of
+`fedtune.leaderboard.submission`, and checked by its strict `PAYLOAD` adapter. What is checked here
+is what no type can say: a submission is refused, with the field and the reason, when it does not
 add up (category scores that disagree with the per-subject counts, an Average that is not the mean
-of the three categories, per-round bytes that do not sum to the total), when the evaluation is
-partial (a scored subject missing, or a category with fewer questions than the test split), or when
+of the three categories, per-round bytes that do not sum to the total, a DP ε the board's
+accountant does not give), when the evaluation is partial (a scored subject missing, or a category
+with fewer questions than the test split), when its files do not re-score to its claims, or when
 it breaks the rules of its track. Text that merely looks like HTML is accepted, and escaped
 wherever it is shown.
-
-The shape (the types in `fedtune.leaderboard.submission`, from which every allowed key is taken;
-every key below the top level is optional unless stated):
-
-    {"team": str, "code_url": "https://…", "base_model": str, "track": "general-nlp" | "open",
-     "date": "YYYY-MM-DD",
-     "scores": {"stem": %, "social_sciences": %, "humanities": %, "average": %},   # required
-     "communication": {"total_bytes": int, "downlink_bytes": int, "uplink_bytes": int},
-     "evaluation": {"protocol": str, "protocol_version": str, "split": "test",
-                    "subjects": {subject: {"correct": int, "total": int}},        # required
-                    "answer_distribution": {letter: int}, "extra": {name: number}},
-     "adapter": {"location": str, "sha256": hex64, "config": {PEFT adapter_config.json}},
-     "setup": {"dataset": str, "num_clients": int, "rounds": int, "clients_per_round": int,
-               "strategy": str, "adapter": str, "codec_downlink": str, "codec_uplink": str},
-     "provenance": {...}, "config": {key: scalar},
-     "rounds": [{"round": int, "train_loss": float | null, "downlink_bytes": int,
-                 "uplink_bytes": int}],
-     "generations": {"stem": b64, "social_sciences": b64, "humanities": b64},
-     "predictions": b64}
 
 `generations` carries the official evaluation's own output files, one per category (base64 of the
 file, gzip-compressed or not). With them the board scores the entry itself: each file must answer
@@ -60,13 +44,11 @@ import gzip
 import hashlib
 import json
 import math
-import re
-import sys
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+
+from pydantic import ValidationError
 
 from fedtune.evaluation.dataset import EMBEDDED, load_split
 from fedtune.evaluation.metrics import board_mean, percent
@@ -90,9 +72,10 @@ from fedtune.evaluation.subjects import (
     SCORED_CATEGORIES,
     SUBJECT_CATEGORY,
 )
-from fedtune.leaderboard.entry import GENERAL_NLP, PENDING, SUBMITTED, TRACKS, Entry, today_utc
-from fedtune.leaderboard.invisible import describe, first_invisible
+from fedtune.leaderboard.entry import GENERAL_NLP, PENDING, SUBMITTED, Entry, today_utc
+from fedtune.leaderboard.submission import MAX_ROUNDS as MAX_ROUNDS  # the list's cap, re-exported
 from fedtune.leaderboard.submission import (
+    PAYLOAD,
     Adapter,
     Communication,
     Evaluation,
@@ -102,7 +85,8 @@ from fedtune.leaderboard.submission import (
     Setup,
     SubjectCount,
     SubmissionPayload,
-    keys,
+    problem,
+    shortened,
 )
 from fedtune.units import MIB
 
@@ -115,11 +99,6 @@ OFFICIAL_PROTOCOL = "flowertune"
 # A full submission with 5,000 rounds is ~0.5 MiB; the three generation files of the official
 # evaluation, gzipped and in base64, ~1.5–3 MiB.
 MAX_BODY_BYTES = 16 * MIB
-MAX_ROUNDS = 5000
-MAX_NAME_CHARS = 100
-MAX_URL_CHARS = 500
-MAX_TEXT_CHARS = 4000
-MAX_ITEMS = 1000
 # The board recomputes a DP ε with one accountant event per distinct release size (clients
 # aggregated in a round), each ~0.2 s of Python for sampling without replacement (dp-accounting's
 # RDP at its 156 orders; rounds of one size are that event composed n times, which is free). A run
@@ -130,11 +109,7 @@ MAX_RELEASE_SIZES = 32
 # numbers by as much again. 0.01 points is below what the board shows.
 SCORE_TOLERANCE = 0.01
 
-TOP_LEVEL_KEYS = keys(SubmissionPayload)
 GZIP_MAGIC = b"\x1f\x8b"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SHORT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_FLOAT_MAX = sys.float_info.max
 
 
 class SubmissionError(ValueError):
@@ -186,15 +161,8 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
     Raises:
         SubmissionError: the first problem found, naming the field.
     """
-    obj = _mapping(payload, "")
-    unknown = sorted(set(obj) - TOP_LEVEL_KEYS)
-    if unknown:
-        raise SubmissionError(
-            unknown[0], f"unknown field; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}"
-        )
-    track = _text(obj, "track", "", 20, required=False) or GENERAL_NLP
-    if track not in TRACKS:
-        raise SubmissionError("track", f"must be one of {', '.join(TRACKS)}, got {track!r}")
+    obj = _shaped(payload)
+    track = obj.get("track", GENERAL_NLP)
     if "generations" in obj and "predictions" in obj:
         raise SubmissionError("predictions", "send generation files or predictions, not both")
     rescored = (
@@ -209,16 +177,16 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
     # What is stored is what the counts give, never the claim (which only had to agree with them
     # to the board's precision): no one gains a tie by adding 0.0099 to each score.
     scores = _scores_from_counts(evaluation["subjects"])
-    communication = _communication(obj.get("communication"))
-    rounds = _rounds(obj.get("rounds"), communication["total_bytes"])
+    communication = _communication(obj["communication"])
+    rounds = _rounds(obj.get("rounds", []), communication["total_bytes"])
     details: dict[str, Any] = {
         "evaluation": evaluation,
         "communication": communication,
         "rounds": rounds,
-        "adapter": _adapter(obj.get("adapter")),
-        "setup": _setup(obj.get("setup"), rounds),
-        "provenance": _plain(obj.get("provenance", {}), "provenance", depth=3),
-        "config": _plain(obj.get("config", {}), "config", depth=1),
+        "adapter": _adapter(obj.get("adapter", {})),
+        "setup": _setup(obj.get("setup", {}), rounds),
+        "provenance": obj.get("provenance", {}),
+        "config": obj.get("config", {}),
     }
     if track == GENERAL_NLP:
         check_general_nlp_rules(details)
@@ -226,9 +194,9 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
     if unverifiable:
         details["verification"] = {"reason": unverifiable}
     entry = Entry(
-        team=_name(obj, "team"),
-        code_url=_url(obj.get("code_url")),
-        base_model=_name(obj, "base_model"),
+        team=obj["team"],
+        code_url=obj["code_url"],
+        base_model=obj["base_model"],
         track=track,
         comm_bytes=communication["total_bytes"],
         average=scores["average"],
@@ -240,6 +208,15 @@ def check_submission(payload: Any, *, today: str | None = None) -> Submission:
         details=details,
     )
     return Submission(entry, {c: r.stored for c, r in (rescored or {}).items()})
+
+
+def _shaped(payload: Any) -> SubmissionPayload:
+    """The submission as its types declare it (text stripped, numbers as floats), or refused with
+    the first field they do not allow."""
+    try:
+        return PAYLOAD.validate_python(payload)
+    except ValidationError as exc:
+        raise SubmissionError(*problem(exc.errors()[0])) from None
 
 
 def _unverifiable(rescored: bool, adapter: Mapping[str, Any]) -> str:
@@ -311,7 +288,7 @@ def rescore_generations(files: Mapping[str, bytes]) -> dict[str, _Rescored]:
     unknown = sorted(set(files) - set(SCORED_CATEGORIES))
     if unknown:
         raise SubmissionError(
-            f"generations.{_short(unknown[0])}",
+            f"generations.{shortened(unknown[0])}",
             f"not a scored category; expected {', '.join(SCORED_CATEGORIES)}",
         )
     rescored: dict[str, _Rescored] = {}
@@ -368,11 +345,9 @@ def rescore_predictions_by_category(rows: list[dict[str, Any]], where: str) -> d
     return rescored
 
 
-def _predictions(value: Any) -> dict[str, _Rescored]:
-    if not isinstance(value, str):
-        raise SubmissionError("predictions", "must be the predictions file in base64 (a string)")
+def _predictions(text: str) -> dict[str, _Rescored]:
     try:
-        raw = base64.b64decode(value, validate=True)
+        raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise SubmissionError("predictions", "not valid base64") from None
     try:
@@ -427,17 +402,15 @@ def recheck(entry: Entry, files: Mapping[str, bytes]) -> list[str]:
     return problems
 
 
-def _generations(value: Any) -> dict[str, _Rescored]:
-    obj = _mapping(value, "generations", required=True)
+def _generations(encoded: Mapping[str, str]) -> dict[str, _Rescored]:
     files: dict[str, bytes] = {}
-    for category, text in obj.items():
-        where = f"generations.{_short(category)}"
-        if not isinstance(text, str):
-            raise SubmissionError(where, "must be the file in base64 (a string)")
+    for category, text in encoded.items():
         try:
-            files[str(category)] = base64.b64decode(text, validate=True)
+            files[category] = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise SubmissionError(where, "not valid base64") from None
+            raise SubmissionError(
+                f"generations.{shortened(category)}", "not valid base64"
+            ) from None
     return rescore_generations(files)
 
 
@@ -445,19 +418,24 @@ def _rescored_percent(item: _Rescored) -> float:
     return percent(item.result.correct, item.result.rows)
 
 
-def _scores(value: Any, rescored: Mapping[str, _Rescored] | None = None) -> dict[str, float]:
-    if rescored is not None and value is None:
+def _scores(value: Scores | None, rescored: Mapping[str, _Rescored] | None) -> dict[str, float]:
+    if value is None:
+        if rescored is None:
+            raise SubmissionError(
+                "scores",
+                "missing: the scores (a JSON object) are needed without generation files or "
+                "predictions to re-score",
+            )
         scores = {c: _rescored_percent(rescored[c]) for c in SCORED_CATEGORIES}
         return {**scores, "average": board_mean(scores)}
-    obj = _mapping(value, "scores", required=True)
-    _no_unknown(obj, "scores", keys(Scores))
-    scores = {}
-    for category in SCORED_CATEGORIES:
-        value = _percent(obj.get(category), f"scores.{category}", required=True)
-        assert value is not None  # required=True raises instead
-        scores[category] = value
+    claimed = {
+        "stem": value["stem"],
+        "social_sciences": value["social_sciences"],
+        "humanities": value["humanities"],
+    }
+    scores = {c: claimed[c] for c in SCORED_CATEGORIES}
     mean = sum(scores.values()) / len(scores)
-    given = _percent(obj.get("average"), "scores.average", required=False)
+    given = value.get("average")
     if given is not None and abs(given - mean) > SCORE_TOLERANCE:
         raise SubmissionError(
             "scores.average",
@@ -489,39 +467,36 @@ def _scores_from_counts(subjects: Mapping[str, Mapping[str, int]]) -> dict[str, 
 
 
 def _evaluation(
-    value: Any, scores: Mapping[str, float], rescored: Mapping[str, _Rescored] | None = None
+    value: Evaluation | None,
+    scores: Mapping[str, float],
+    rescored: Mapping[str, _Rescored] | None,
 ) -> dict[str, Any]:
-    obj = _mapping(value, "evaluation", required=rescored is None)
-    _no_unknown(obj, "evaluation", keys(Evaluation))
-    split = _text(obj, "split", "evaluation", 20, required=False) or "test"
-    if split != "test":
-        raise SubmissionError(
-            "evaluation.split", f"the board scores the MMLU test split, got {split!r}"
-        )
-    shots = _int(obj["shots"], "evaluation.shots", minimum=0) if "shots" in obj else None
     if rescored is not None:
-        return _rescored_evaluation(obj, shots, rescored)
-    subjects = _subjects(obj.get("subjects"))
+        return _rescored_evaluation(value or {}, rescored)
+    needed = "missing: needed without generation files or predictions to re-score"
+    if value is None:
+        raise SubmissionError("evaluation", needed)
+    for key in ("subjects", "protocol"):
+        if key not in value:
+            raise SubmissionError(f"evaluation.{key}", needed)
+    subjects = _subjects(value["subjects"])
     _check_complete_and_consistent(subjects, scores)
     evaluated = sum(s["total"] for s in subjects.values())
     return {
-        "protocol": _text(obj, "protocol", "evaluation", MAX_NAME_CHARS, required=True),
-        "protocol_version": _text(
-            obj, "protocol_version", "evaluation", MAX_NAME_CHARS, required=False
-        ),
-        "split": split,
-        **({"shots": shots} if shots is not None else {}),
+        "protocol": value["protocol"],
+        "protocol_version": value.get("protocol_version", ""),
+        "split": value.get("split", "test"),
+        **({"shots": value["shots"]} if "shots" in value else {}),
         "subjects": subjects,
-        "answer_distribution": _answer_distribution(obj.get("answer_distribution"), evaluated),
-        "extra": _extra(obj.get("extra")),
+        "answer_distribution": _answer_distribution(value.get("answer_distribution"), evaluated),
+        "extra": dict(value.get("extra", {})),
     }
 
 
-def _rescored_evaluation(
-    obj: Mapping[str, Any], shots: int | None, rescored: Mapping[str, _Rescored]
-) -> dict[str, Any]:
+def _rescored_evaluation(value: Evaluation, rescored: Mapping[str, _Rescored]) -> dict[str, Any]:
     """The evaluation of an entry with generation files: every count from the files."""
-    protocol = _text(obj, "protocol", "evaluation", MAX_NAME_CHARS, required=False)
+    protocol = value.get("protocol", "")
+    shots = value.get("shots")
     by_predictions = next(iter(rescored.values())).format == "predictions"
     if by_predictions:
         if protocol not in ("", "loglik"):
@@ -543,8 +518,8 @@ def _rescored_evaluation(
             subjects[subject] = {"correct": correct, "total": rows}
         for letter, count in item.result.predicted_letters.items():
             letters[letter] = letters.get(letter, 0) + count
-    if "subjects" in obj:
-        claimed = _subjects(obj["subjects"])
+    if "subjects" in value:
+        claimed = _subjects(value["subjects"])
         for subject in sorted(set(claimed) | set(subjects)):
             if claimed.get(subject) != subjects.get(subject):
                 raise SubmissionError(
@@ -553,8 +528,8 @@ def _rescored_evaluation(
                     f"{subjects.get(subject)}",
                 )
     evaluated = sum(s["total"] for s in subjects.values())
-    if "answer_distribution" in obj:
-        claimed_letters = _answer_distribution(obj["answer_distribution"], evaluated)
+    if "answer_distribution" in value:
+        claimed_letters = _answer_distribution(value["answer_distribution"], evaluated)
         if {k: v for k, v in claimed_letters.items() if v} != {
             k: v for k, v in letters.items() if v
         }:
@@ -564,15 +539,13 @@ def _rescored_evaluation(
             )
     return {
         "protocol": "loglik" if by_predictions else OFFICIAL_PROTOCOL,
-        "protocol_version": _text(
-            obj, "protocol_version", "evaluation", MAX_NAME_CHARS, required=False
-        ),
+        "protocol_version": value.get("protocol_version", ""),
         "split": "test",
         **({"shots": shots} if by_predictions and shots is not None else {}),
         **({} if by_predictions else {"shots": 0}),
         "subjects": subjects,
         "answer_distribution": letters,
-        "extra": _extra(obj.get("extra")),
+        "extra": dict(value.get("extra", {})),
         "rescored": {
             category: {
                 "format": item.format,
@@ -585,19 +558,14 @@ def _rescored_evaluation(
     }
 
 
-def _subjects(value: Any) -> dict[str, dict[str, int]]:
-    obj = _mapping(value, "evaluation.subjects", required=True)
+def _subjects(cells: Mapping[str, SubjectCount]) -> dict[str, dict[str, int]]:
     subjects: dict[str, dict[str, int]] = {}
-    for name, counts in obj.items():
-        where = f"evaluation.subjects.{_short(name)}"
-        if name not in SUBJECT_CATEGORY:
-            raise SubmissionError(where, "not an MMLU subject")
-        item = _mapping(counts, where, required=True)
-        _no_unknown(item, where, keys(SubjectCount))
-        total = _int(item.get("total"), f"{where}.total", minimum=1)
-        correct = _int(item.get("correct"), f"{where}.correct", minimum=0)
+    for name, cell in cells.items():
+        correct, total = cell["correct"], cell["total"]
         if correct > total:
-            raise SubmissionError(where, f"{correct} correct out of {total} questions")
+            raise SubmissionError(
+                f"evaluation.subjects.{name}", f"{correct} correct out of {total} questions"
+            )
         subjects[name] = {"correct": correct, "total": total}
     return subjects
 
@@ -631,16 +599,8 @@ def _check_complete_and_consistent(
             )
 
 
-def _answer_distribution(value: Any, evaluated: int) -> dict[str, int]:
-    obj = _mapping(value, "evaluation.answer_distribution", required=False)
-    if len(obj) > 16:
-        raise SubmissionError("evaluation.answer_distribution", "more than 16 answers")
-    counts = {}
-    for key, count in obj.items():
-        where = f"evaluation.answer_distribution.{_short(key)}"
-        if not _SHORT_KEY.match(str(key)):
-            raise SubmissionError(where, "answer labels are short names like A, B, none")
-        counts[str(key)] = _int(count, where, minimum=0)
+def _answer_distribution(counts: Mapping[str, int] | None, evaluated: int) -> dict[str, int]:
+    counts = dict(counts or {})
     if counts and sum(counts.values()) != evaluated:
         raise SubmissionError(
             "evaluation.answer_distribution",
@@ -649,27 +609,15 @@ def _answer_distribution(value: Any, evaluated: int) -> dict[str, int]:
     return counts
 
 
-def _extra(value: Any) -> dict[str, float]:
-    obj = _mapping(value, "evaluation.extra", required=False)
-    if len(obj) > 64:
-        raise SubmissionError("evaluation.extra", "more than 64 figures")
-    extra = {}
-    for key, number in obj.items():
-        where = f"evaluation.extra.{_short(key)}"
-        if not _SHORT_KEY.match(str(key)):
-            raise SubmissionError(where, "names are letters, digits and _.:- (at most 64)")
-        extra[str(key)] = _finite(number, where)
-    return extra
-
-
-def _communication(value: Any) -> dict[str, int]:
-    obj = _mapping(value, "communication", required=True)
-    _no_unknown(obj, "communication", keys(Communication))
-    total = _int(obj.get("total_bytes"), "communication.total_bytes", minimum=1)
+def _communication(value: Communication) -> dict[str, int]:
+    total = value["total_bytes"]
     result = {"total_bytes": total}
-    if "downlink_bytes" in obj or "uplink_bytes" in obj:
-        down = _int(obj.get("downlink_bytes"), "communication.downlink_bytes", minimum=0)
-        up = _int(obj.get("uplink_bytes"), "communication.uplink_bytes", minimum=0)
+    sent = [k for k in ("downlink_bytes", "uplink_bytes") if k in value]
+    if len(sent) == 1:
+        other = "uplink_bytes" if sent == ["downlink_bytes"] else "downlink_bytes"
+        raise SubmissionError(f"communication.{other}", f"missing: {sent[0]} is given")
+    if sent:
+        down, up = value["downlink_bytes"], value["uplink_bytes"]
         if down + up != total:
             raise SubmissionError(
                 "communication.total_bytes",
@@ -679,31 +627,18 @@ def _communication(value: Any) -> dict[str, int]:
     return result
 
 
-def _rounds(value: Any, total_bytes: int) -> list[dict[str, Any]]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise SubmissionError("rounds", "must be a list of per-round records")
-    if len(value) > MAX_ROUNDS:
-        raise SubmissionError("rounds", f"{len(value):,} rounds; at most {MAX_ROUNDS:,}")
+def _rounds(records: list[RoundRecord], total_bytes: int) -> list[dict[str, Any]]:
     rounds: list[dict[str, Any]] = []
-    for i, item in enumerate(value):
-        where = f"rounds[{i}]"
-        obj = _mapping(item, where, required=True)
-        _no_unknown(obj, where, keys(RoundRecord))
-        number = _int(obj.get("round"), f"{where}.round", minimum=1)
-        if rounds and number <= rounds[-1]["round"]:
-            raise SubmissionError(f"{where}.round", "rounds must be listed in increasing order")
-        loss = obj.get("train_loss")
+    for i, record in enumerate(records):
+        if rounds and record["round"] <= rounds[-1]["round"]:
+            raise SubmissionError(f"rounds[{i}].round", "rounds must be listed in increasing order")
         rounds.append(
             {
-                "round": number,
-                "train_loss": None if loss is None else _finite(loss, f"{where}.train_loss"),
-                "downlink_bytes": _int(
-                    obj.get("downlink_bytes"), f"{where}.downlink_bytes", minimum=0
-                ),
-                "uplink_bytes": _int(obj.get("uplink_bytes"), f"{where}.uplink_bytes", minimum=0),
-                "clients": _int(obj.get("clients", 0), f"{where}.clients", minimum=0),
+                "round": record["round"],
+                "train_loss": record.get("train_loss"),
+                "downlink_bytes": record["downlink_bytes"],
+                "uplink_bytes": record["uplink_bytes"],
+                "clients": record.get("clients", 0),
             }
         )
     summed = sum(r["downlink_bytes"] + r["uplink_bytes"] for r in rounds)
@@ -715,85 +650,43 @@ def _rounds(value: Any, total_bytes: int) -> list[dict[str, Any]]:
     return rounds
 
 
-MAX_ADAPTER_CONFIG_KEYS = 200
-
-
-def _adapter(value: Any) -> dict[str, Any]:
-    obj = _mapping(value, "adapter", required=False)
-    _no_unknown(obj, "adapter", keys(Adapter))
-    adapter: dict[str, Any] = {}
-    location = _text(obj, "location", "adapter", MAX_URL_CHARS, required=False)
-    if location:
-        adapter["location"] = location
-    digest = _text(obj, "sha256", "adapter", 64, required=False)
-    if digest:
-        if not _SHA256.match(digest):
-            raise SubmissionError("adapter.sha256", "must be 64 lower-case hex digits")
-        adapter["sha256"] = digest
-    if "config" in obj:
-        config = _mapping(obj["config"], "adapter.config", required=True)
-        if len(config) > MAX_ADAPTER_CONFIG_KEYS:
-            raise SubmissionError("adapter.config", f"more than {MAX_ADAPTER_CONFIG_KEYS} keys")
-        peft_type = config.get("peft_type")
-        if not isinstance(peft_type, str) or not peft_type:
-            raise SubmissionError("adapter.config.peft_type", "PEFT's adapter_config.json names it")
-        adapter["config"] = _plain(config, "adapter.config", depth=3)
-        if "sha256" not in adapter:
-            raise SubmissionError("adapter.sha256", "a config needs the weights' sha256 beside it")
+def _adapter(value: Adapter) -> dict[str, Any]:
+    # Empty text is no value: "location": "" is no location.
+    adapter = _in_order(value, ("location", "sha256", "config"))
+    if "config" in adapter and "sha256" not in adapter:
+        raise SubmissionError("adapter.sha256", "a config needs the weights' sha256 beside it")
     return adapter
 
 
-def _setup(value: Any, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    obj = _mapping(value, "setup", required=False)
-    texts = ("dataset", "strategy", "adapter", "codec_downlink", "codec_uplink")
-    _no_unknown(obj, "setup", keys(Setup))
-    setup: dict[str, Any] = {}
-    for key in texts:
-        text = _text(obj, key, "setup", MAX_URL_CHARS, required=False)
-        if text:
-            setup[key] = text
-    for key in ("num_clients", "rounds", "clients_per_round"):
-        if key in obj:
-            setup[key] = _int(obj[key], f"setup.{key}", minimum=1)
-    if "privacy" in obj:
-        setup["privacy"] = _privacy(obj["privacy"], setup.get("num_clients"), rounds)
+def _setup(value: Setup, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    # Empty text is no value: a run that does not name its data set has none to show.
+    setup = _in_order(value, SETUP_ORDER)
+    if "privacy" in value:
+        setup["privacy"] = _privacy(value["privacy"], setup.get("num_clients"), rounds)
     return setup
 
 
-def _privacy(value: Any, population: int | None, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+# The order the entry page shows the setup in: text, then counts.
+SETUP_ORDER = ("dataset", "strategy", "adapter", "codec_downlink", "codec_uplink",
+               "num_clients", "rounds", "clients_per_round")  # fmt: skip
+
+
+def _in_order(section: Mapping[str, object], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The section's `keys` that hold a value (empty text holds none), in that order."""
+    return {k: section[k] for k in keys if section.get(k, "") != ""}
+
+
+def _privacy(
+    value: Privacy, population: int | None, rounds: list[dict[str, Any]]
+) -> dict[str, Any]:
     """A DP claim the board can recompute: ε from σ, δ, the accounting, the population and
     each round's release, by the same accountant; a claim that differs is refused."""
     from types import SimpleNamespace
 
-    from fedtune.federation.privacy import (
-        ACCOUNTING,
-        MAX_NOISE_MULTIPLIER,
-        NOISE_MODES,
-        privacy_spent,
-    )
+    from fedtune.federation.privacy import privacy_spent
 
     where = "setup.privacy"
-    obj = _mapping(value, where, required=True)
-    _no_unknown(obj, where, keys(Privacy))
-    noise = _text(obj, "noise", where, 20, required=True)
-    accounting = _text(obj, "accounting", where, 40, required=True)
-    if noise not in NOISE_MODES:
-        raise SubmissionError(f"{where}.noise", f"must be one of {', '.join(NOISE_MODES)}")
-    if accounting not in ACCOUNTING:
-        raise SubmissionError(f"{where}.accounting", f"must be one of {', '.join(ACCOUNTING)}")
-    sigma = _finite(obj.get("noise_multiplier"), f"{where}.noise_multiplier")
-    clip = _finite(obj.get("clipping_norm"), f"{where}.clipping_norm")
-    delta = _finite(obj.get("delta"), f"{where}.delta")
-    if not 0 <= sigma <= MAX_NOISE_MULTIPLIER or clip <= 0 or not 0 < delta < 1:
-        raise SubmissionError(
-            where,
-            f"needs 0 <= noise_multiplier <= {MAX_NOISE_MULTIPLIER:g}, clipping_norm > 0, "
-            "0 < delta < 1",
-        )
-    releases = obj.get("releases")
-    if not isinstance(releases, list) or len(releases) > MAX_ROUNDS:
-        raise SubmissionError(f"{where}.releases", "must be a list: clients per round's release")
-    counts = [_int(n, f"{where}.releases[{i}]", minimum=1) for i, n in enumerate(releases)]
+    noise, accounting, counts = value["noise"], value["accounting"], value["releases"]
     if population is None or not rounds:
         raise SubmissionError(
             where, "ε is recomputed from setup.num_clients and the per-round records: send both"
@@ -816,180 +709,30 @@ def _privacy(value: Any, population: int | None, rounds: list[dict[str, Any]]) -
             f"{sizes} distinct release sizes; at most {MAX_RELEASE_SIZES} (the board recomputes ε "
             "once per distinct number of clients aggregated)",
         )
+    sigma, clip, delta = value["noise_multiplier"], value["clipping_norm"], value["delta"]
     dp = SimpleNamespace(noise=noise, noise_multiplier=sigma, clipping_norm=clip, delta=delta,
                          accounting=accounting)  # fmt: skip
     epsilon = privacy_spent(dp, population, counts)["epsilon"]
-    claimed = obj.get("epsilon")
+    claimed = value.get("epsilon")
     if not math.isfinite(epsilon):
         if claimed is not None:
             raise SubmissionError(f"{where}.epsilon", "without noise ε is infinite: send null")
         recomputed = None
+    elif claimed is None:
+        raise SubmissionError(f"{where}.epsilon", f"missing; the accountant gives {epsilon:.6f}")
     else:
-        got = _finite(claimed, f"{where}.epsilon")
-        if abs(got - epsilon) > 1e-6 * max(1.0, epsilon):
+        if abs(claimed - epsilon) > 1e-6 * max(1.0, epsilon):
             raise SubmissionError(
-                f"{where}.epsilon", f"claims {got:.6f}; the accountant gives {epsilon:.6f}"
+                f"{where}.epsilon", f"claims {claimed:.6f}; the accountant gives {epsilon:.6f}"
             )
         recomputed = epsilon
     return {"noise": noise, "noise_multiplier": sigma, "clipping_norm": clip, "delta": delta,
-            "accounting": accounting, "releases": counts, "epsilon": recomputed}  # fmt: skip
+            "accounting": accounting, "releases": list(counts), "epsilon": recomputed}  # fmt: skip
 
 
-# --- primitives -----------------------------------------------------------------------------------
-
-
-def _mapping(value: Any, where: str, required: bool = True) -> Mapping[str, Any]:
-    if value is None and not required:
-        return {}
-    if not isinstance(value, Mapping):
-        what = where if where else "the submission"
-        raise SubmissionError(where, f"{what} must be a JSON object")
-    return value
-
-
-def _no_unknown(obj: Mapping[str, Any], where: str, allowed: frozenset[str]) -> None:
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise SubmissionError(
-            f"{where}.{_short(unknown[0])}", f"unknown field; allowed: {', '.join(sorted(allowed))}"
-        )
-
-
-def _short(key: Any) -> str:
-    text = str(key)
-    return text if len(text) <= 40 else text[:40] + "…"
-
-
-def _clean(text: str, where: str, max_chars: int) -> str:
-    text = text.strip()
-    if len(text) > max_chars:
-        raise SubmissionError(where, f"{len(text):,} characters; at most {max_chars:,}")
-    for ch in text:
-        # Control and bidi-override characters garble terminals and can disguise a name.
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
-            raise SubmissionError(where, f"contains the control character {describe(ch)}")
-    # Characters drawn as nothing (variation selectors, Hangul fillers, the braille blank, …)
-    # would let "ZeroOne.AI" plus one of them pass for ZeroOne.AI.
-    hidden = first_invisible(text)
-    if hidden is not None:
-        raise SubmissionError(
-            where,
-            f"contains the invisible character {describe(hidden)}, drawn as nothing or a blank",
-        )
-    return text
-
-
-def _text(obj: Mapping[str, Any], key: str, section: str, max_chars: int, required: bool) -> str:
-    where = f"{section}.{key}" if section else key
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise SubmissionError(where, "missing")
-        return ""
-    if not isinstance(value, str):
-        raise SubmissionError(where, "must be a string")
-    return _clean(value, where, max_chars)
-
-
-def _name(obj: Mapping[str, Any], key: str) -> str:
-    text = _text(obj, key, "", MAX_NAME_CHARS, required=True)
-    if not text:
-        raise SubmissionError(key, "must not be empty")
-    return text
-
-
-def _url(value: Any) -> str:
-    if value is None:
-        raise SubmissionError("code_url", "missing")
-    if not isinstance(value, str):
-        raise SubmissionError("code_url", "must be a string")
-    url = _clean(value, "code_url", MAX_URL_CHARS)
-    parts = urlsplit(url)
-    # Only web links: a javascript: or data: URL in an href would run in readers' browsers.
-    if parts.scheme not in ("http", "https") or not parts.netloc or re.search(r"[\s<>\"'`]", url):
-        raise SubmissionError("code_url", f"must be an http(s) URL of the code, got {url!r}")
-    return url
-
-
-def _date(value: Any, today: str) -> str:
+def _date(value: str | None, today: str) -> str:
     if value is None:
         return today
-    if not isinstance(value, str):
-        raise SubmissionError("date", "must be an ISO date string (YYYY-MM-DD)")
-    try:
-        day = dt.date.fromisoformat(value)
-    except ValueError:
-        raise SubmissionError("date", f"not an ISO date (YYYY-MM-DD): {value!r}") from None
-    if day > dt.date.fromisoformat(today) + dt.timedelta(days=1):
+    if dt.date.fromisoformat(value) > dt.date.fromisoformat(today) + dt.timedelta(days=1):
         raise SubmissionError("date", f"{value} is in the future")
-    return day.isoformat()
-
-
-def _finite(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SubmissionError(where, "must be a number")
-    _in_float_range(value, where)
-    if not math.isfinite(value):
-        raise SubmissionError(where, "must be a finite number")
-    return float(value)
-
-
-def _in_float_range(value: int | float, where: str) -> None:
-    """JSON integers have no bound: one beyond ±1.8e308 cannot become a float (OverflowError)."""
-    if isinstance(value, int) and not -_FLOAT_MAX <= value <= _FLOAT_MAX:
-        digits = int(abs(value).bit_length() * math.log10(2)) + 1  # str() stops at 4,300 digits
-        raise SubmissionError(
-            where,
-            f"an integer of about {digits:,} digits, beyond ±{_FLOAT_MAX:.2g}, the range of a number",
-        )
-
-
-def _percent(value: Any, where: str, required: bool) -> float | None:
-    if value is None:
-        if required:
-            raise SubmissionError(where, "missing")
-        return None
-    number = _finite(value, where)
-    if not 0.0 <= number <= 100.0:
-        raise SubmissionError(where, f"{number} is not a percentage in [0, 100]")
-    return number
-
-
-def _int(value: Any, where: str, minimum: int) -> int:
-    if value is None:
-        raise SubmissionError(where, "missing")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SubmissionError(where, "must be an integer")
-    if value < minimum:
-        raise SubmissionError(where, f"{value:,} is below {minimum}")
-    if value >= 2**63:  # SQLite's INTEGER
-        raise SubmissionError(where, f"{value:,} is too large")
     return value
-
-
-def _plain(value: Any, where: str, depth: int) -> Any:
-    """Bounded plain JSON: objects (depth-limited) of strings, numbers, booleans and null."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        _in_float_range(value, where)
-        return _finite(value, where) if isinstance(value, float) else value
-    if isinstance(value, str):
-        return _clean(value, where, MAX_TEXT_CHARS)
-    if isinstance(value, Mapping):
-        if depth <= 0:
-            raise SubmissionError(where, "nested too deeply")
-        if len(value) > MAX_ITEMS:
-            raise SubmissionError(where, f"more than {MAX_ITEMS:,} keys")
-        result = {}
-        for key, item in value.items():
-            name = _clean(str(key), f"{where} key", 200)
-            result[name] = _plain(item, f"{where}.{_short(name)}", depth - 1)
-        return result
-    if isinstance(value, list):
-        if depth <= 0:
-            raise SubmissionError(where, "nested too deeply")
-        if len(value) > MAX_ITEMS:
-            raise SubmissionError(where, f"more than {MAX_ITEMS:,} items")
-        return [_plain(item, f"{where}[{i}]", depth - 1) for i, item in enumerate(value)]
-    raise SubmissionError(where, f"unsupported value of type {type(value).__name__}")
