@@ -21,10 +21,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.leaderboard.entry import TRACKS
-from fedtune.leaderboard.submission import SubmissionPayload
+
+if TYPE_CHECKING:
+    from fedtune.leaderboard.submission import SubmissionPayload
 
 _DATA_DIR_HELP = "leaderboard data directory (default: $FEDTUNE_LEADERBOARD_DIR or ~/.local/share/fedtune/leaderboard)"  # noqa: E501
 
