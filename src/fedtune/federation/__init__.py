@@ -12,9 +12,6 @@ Public API:
   - get_worker: the cached model, tokenizer and partitions of a model setup
   - local_train: trains the received global adapter for one round and replies
 - privacy: client-level differential privacy, DP-FedAvg with fixed clipping
-  - ACCOUNTING: the accounting modes `dp.accounting` accepts
-  - MAX_NOISE_MULTIPLIER: the largest noise multiplier accepted
-  - NOISE_MODES: where the noise is added, `dp.noise`
   - privacy_spent: the (ε, δ) a run has spent after its releases
 - progress: live progress of a federated run, one line per round
   - stderr_emit: writes a progress line to stderr

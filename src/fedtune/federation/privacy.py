@@ -33,9 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.config import ACCOUNTING as ACCOUNTING
-from fedtune.config import MAX_NOISE_MULTIPLIER as MAX_NOISE_MULTIPLIER
-from fedtune.config import NOISE_MODES as NOISE_MODES
+from fedtune.config import ACCOUNTING
 
 # Each accounting mode's neighbouring relation and the L2 sensitivity, in units of the clipping norm
 # C, of what a round releases under it (the sum of the clipped updates; see docs/privacy.md):

@@ -50,8 +50,8 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 # pydantic reads TypedDicts from typing_extensions before Python 3.12.
 from typing_extensions import TypedDict, is_typeddict
 
+from fedtune.config import ACCOUNTING, MAX_NOISE_MULTIPLIER, NOISE_MODES
 from fedtune.evaluation.subjects import SUBJECT_CATEGORY
-from fedtune.federation.privacy import ACCOUNTING, MAX_NOISE_MULTIPLIER, NOISE_MODES
 from fedtune.leaderboard.entry import TRACKS
 from fedtune.leaderboard.invisible import describe, first_invisible
 
