@@ -12,6 +12,7 @@ Test tiers (markers declared in pyproject.toml, assigned here at collection):
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -42,9 +43,50 @@ INTEGRATION_FIXTURES = frozenset({"embedded_source", "live_server"})
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
+# With pytest-xdist (scripts/test runs the suite in two worker processes), the tests of a module run
+# on one worker, one after another, so that module-scoped fixtures are made once — except in these
+# modules, whose tests each start a Flower engine or federation of their own and share only session
+# fixtures made once for all workers (tests/federation/conftest.py): each of their tests is handed
+# out on its own.
+SPREAD_MODULES = frozenset(
+    {
+        "tests/federation/test_disk.py",
+        "tests/federation/test_faults.py",
+        "tests/federation/test_resume.py",
+        "tests/runtime/test_chain.py",
+        "tests/runtime/test_deployment_faults.py",
+        "tests/runtime/test_flwr_run.py",
+        "tests/runtime/test_simulation.py",
+    }
+)
+# Tests whose assertions ride on timing that another worker's processes could upset (a restarted
+# simulation worker back within a retry; health checks answered within 200 ms): with pytest-xdist,
+# each runs alone — the other worker waits between two of its own tests — and they come last.
+RUN_ALONE = frozenset(
+    {
+        "tests/federation/test_faults.py::test_bad_replies_are_dropped_with_their_reasons",
+        "tests/leaderboard/test_responsive.py::"
+        "test_health_checks_answer_within_200_ms_while_heavy_submissions_are_checked",
+    }
+)
+# The folders in OFFLINE_ENV, recorded for pytest-xdist's workers: they inherit the environment of
+# the process that started them, and each replaces that process's folders with its own.
+_TMP_VARIABLE = "FEDTUNE_TESTS_TMP"
+
+
+def is_xdist_worker(config: pytest.Config) -> bool:
+    """This process is one of pytest-xdist's workers."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    inherited = os.environ.get(_TMP_VARIABLE) if is_xdist_worker(config) else None
     for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+        if inherited and os.environ.get(key, "").startswith(inherited):
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
+    os.environ[_TMP_VARIABLE] = str(_TMP)
     (_TMP / "ray").mkdir(parents=True, exist_ok=True)
 
 
@@ -57,6 +99,71 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         if not any(item.get_closest_marker(tier) for tier in ("integration", "slow")):
             item.add_marker(pytest.mark.unit)
+    if is_xdist_worker(config):
+        _schedule_for_workers(items)
+
+
+def work_unit(nodeid: str) -> str:
+    """What pytest-xdist hands to one worker as a whole: a test of SPREAD_MODULES or RUN_ALONE,
+    else a module."""
+    module = nodeid.split("::", 1)[0]
+    return nodeid if module in SPREAD_MODULES or nodeid in RUN_ALONE else module
+
+
+def _schedule_for_workers(items: list[pytest.Item]) -> None:
+    """Order the work units heaviest first — a slow test weighs 100 (as does a test of
+    SPREAD_MODULES), an integration test 3, a unit test 1 — so that the long tests start early and
+    the short ones fill the gaps at the end. The workers report this order; the scheduler below
+    hands the units out in it."""
+    weights: dict[str, int] = {}
+    for item in items:
+        unit = work_unit(item.nodeid)
+        slow = unit == item.nodeid or item.get_closest_marker("slow")
+        weight = 100 if slow else 3 if item.get_closest_marker("integration") else 1
+        weights[unit] = weights.get(unit, 0) + weight
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(work_unit(item.nodeid), index)
+    items.sort(
+        key=lambda item: (
+            item.nodeid in RUN_ALONE,
+            -weights[work_unit(item.nodeid)],
+            first[work_unit(item.nodeid)],
+        )
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """With pytest-xdist, a test of RUN_ALONE holds a lock that every other test shares: it starts
+    once the other worker's test has ended, and the other worker starts no test until it is done.
+    (Setup and teardown included, so no session fixture is made meanwhile either.)"""
+    if not is_xdist_worker(item.config):
+        return (yield)
+    folder = Path(item.config.option.basetemp).parent  # the session's, above the workers'
+    with open(folder / "run-alone.gate", "a") as gate, open(folder / "run-alone.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)  # the gate: while a RUN_ALONE test waits, no test starts
+        fcntl.flock(lock, fcntl.LOCK_EX if item.nodeid in RUN_ALONE else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist's default `--dist load`, in work units (`work_unit`), in the workers' order."""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist asked for by name
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order the workers collected
+    return WorkUnitScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
