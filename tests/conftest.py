@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.setdefault(key, value)
     os.environ[_TMP_VARIABLE] = str(_TMP)
     (_TMP / "ray").mkdir(parents=True, exist_ok=True)
+    if is_xdist_worker(config):
+        _share_the_cores(int(config.workerinput["workercount"]))
+
+
+def _share_the_cores(workers: int) -> None:
+    """Each pytest-xdist worker's torch (and the processes it starts) uses its share of the cores:
+    two workers with a thread per core each would keep twice as many threads as cores busy, and
+    torch's threads spin while they wait for one another (a test on the embedded model took ~4x
+    as long beside another worker's Flower run). A value set by the user is kept."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker

@@ -60,15 +60,26 @@ class Run:
     """One `fedtune run` process with its own Ray temp dir (to find its processes afterwards)."""
 
     def __init__(
-        self, tmp: Path, name: str, model_dir: Path, *sets: str, faults=(), resume=False, wrap=True
+        self,
+        tmp: Path,
+        name: str,
+        model_dir: Path,
+        *sets: str,
+        faults=(),
+        resume=False,
+        wrap=True,
+        client_cpus: int | None = None,
     ):
         self.out = tmp / "runs"
         self.dir = self.out / name
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="ft-ray-", dir="/tmp"))
         self.pidfile = tmp / f"{name}.pid"
-        # One core per client, so a round's clients train in parallel workers (two on a 2-core
-        # machine): the fault runs need a hung or crashing client to hold up only its own worker.
-        args = [sys.executable, "-m", "fedtune.cli", "run", "--client-cpus", "1"]
+        # One simulation worker for the whole machine by default: a round's clients train one
+        # after another in it, and the run starts one worker process instead of one per core.
+        # A run whose hung or crashing client must hold up only its own worker asks for one core
+        # per client (`client_cpus=1`: two workers on a 2-core machine).
+        cpus = client_cpus or os.cpu_count() or 1
+        args = [sys.executable, "-m", "fedtune.cli", "run", "--client-cpus", str(cpus)]
         if resume:
             args += ["--resume", str(self.dir)]
         else:

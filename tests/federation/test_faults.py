@@ -31,7 +31,8 @@ def test_bad_replies_are_dropped_with_their_reasons(tiny_model_dir_module, tmp_p
         {"round": 3, "partition": 2, "kind": "sleep", "seconds": 45},
         {"round": 4, "partition": 0, "kind": "crash"},
     ]
-    run = Run(tmp_path, "faults", tiny_model_dir_module, *EVERYONE, faults=faults)
+    # One worker per core: the sleeping client and the crashing one hold up only their own.
+    run = Run(tmp_path, "faults", tiny_model_dir_module, *EVERYONE, faults=faults, client_cpus=1)
     code, err = run.wait()
     assert code == 0, err[-4000:]
     problems = {

@@ -187,7 +187,14 @@ def _kill_after_round_2_then_resume(
     config = _run_config(tiny_model_dir, out, 4, "train.save-every-round=1", *extra)
     first = _flwr_run(state, config, tmp_path, log)
     try:
-        _wait(lambda: len(_lines(run_dir / "metrics.jsonl")) >= 2, deadline, "round 2", first)
+        # Round 2's resume point, not only its log line: a checkpoint writes the logs first.
+        pointer = run_dir / "checkpoints" / "resume-point"
+        _wait(
+            lambda: pointer.exists() and pointer.read_text().strip() >= "state-00002",
+            deadline,
+            "round 2's resume point",
+            first,
+        )
         # The ServerApp's process: the one the run directory's status names.
         pid = json.loads((run_dir / "status.json").read_text())["pid"]
         assert "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
