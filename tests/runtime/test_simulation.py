@@ -138,36 +138,36 @@ def test_tiny_model_three_clients_two_rounds(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_byte_budget_stops_before_crossing(tmp_path, tiny_model_dir):
-    # One round of 1 client costs 2 messages; allow 1.5 rounds' worth: round 2 must not start.
-    probe, probe_dir = fedtune_run(
-        tmp_path / "probe",
+    from flwr.app import ArrayRecord
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.accounting.ledger import array_record_bytes
+    from fedtune.config import build_config, parse_assignment
+    from fedtune.model.adapters import adapter_state, attach_adapter
+
+    sets = [
         f"model.name={tiny_model_dir}",
         "federation.num-clients=2",
         "strategy.clients-per-round=1",
-        "num-server-rounds=1",
         "train.local-steps=1",
         "train.batch-size=1",
         "train.seq-length=64",
-    )
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    round_bytes = json.loads((probe_dir / "summary.json").read_text())["communication"][
-        "total_bytes"
     ]
+    # One round of 1 client costs 2 messages: the adapter down, the trained adapter up, each the
+    # ArrayRecord of its fp32 tensors (made here from the same model and settings).
+    config = build_config(dict(parse_assignment(item) for item in sets))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    state = adapter_state(attach_adapter(base, config.lora, config.train.seed))
+    round_bytes = 2 * array_record_bytes(ArrayRecord(state))
+    # Allow 1.5 rounds' worth: round 2 must not start.
     done, run_dir = fedtune_run(
-        tmp_path,
-        f"model.name={tiny_model_dir}",
-        "federation.num-clients=2",
-        "strategy.clients-per-round=1",
-        "num-server-rounds=3",
-        "train.local-steps=1",
-        "train.batch-size=1",
-        "train.seq-length=64",
-        f"run.byte-budget={round_bytes * 3 // 2}",
+        tmp_path, *sets, "num-server-rounds=3", f"run.byte-budget={round_bytes * 3 // 2}"
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stopping before round 2" in done.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state"] == "stopped-budget" and summary["rounds_completed"] == 1
+    # The ledger paid exactly the one round it allowed, as computed above.
     assert summary["communication"]["total_bytes"] == round_bytes <= round_bytes * 3 // 2
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
