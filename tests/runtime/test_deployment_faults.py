@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.rundir import RunDirectory
 from fedtune.runtime.local import (
     _alive,
     _group_alive,
@@ -188,13 +189,11 @@ def _kill_after_round_2_then_resume(
     first = _flwr_run(state, config, tmp_path, log)
     try:
         # Round 2's resume point, not only its log line: a checkpoint writes the logs first.
-        pointer = run_dir / "checkpoints" / "resume-point"
-        _wait(
-            lambda: pointer.exists() and pointer.read_text().strip() >= "state-00002",
-            deadline,
-            "round 2's resume point",
-            first,
-        )
+        def resume_round() -> int:
+            point = RunDirectory(run_dir).read_resume_point()
+            return int(point[0]["round"]) if point else 0
+
+        _wait(lambda: resume_round() >= 2, deadline, "round 2's resume point", first)
         # The ServerApp's process: the one the run directory's status names.
         pid = json.loads((run_dir / "status.json").read_text())["pid"]
         assert "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
