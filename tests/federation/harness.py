@@ -24,6 +24,7 @@ TINY_RUN = (
     "train.seq-length=64",
     "train.save-every-round=2",
     "eval.probe-examples=2",
+    "data.heldout-examples=8",  # scored before round 1 and after the last (200 by default)
 )
 
 # Setups the resume tests compare: each stateful strategy, FFA-LoRA (only B travels), and a

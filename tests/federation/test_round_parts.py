@@ -4,6 +4,7 @@ seeded sampling, strategy state save/restore, resume points and status writes.""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from fedtune.federation.nodes import (
     NodeDirectory,
     NodeWaitTimeout,
     PartitionSampler,
+    exchange,
     federation_clients,
 )
 from fedtune.federation.strategies import build_strategy, restore_strategy_state, strategy_state
@@ -99,22 +101,95 @@ class FakeGrid:
     def get_node_ids(self):
         return [*self.partitions, *self.refusing]
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
+        """Flower's grids give each message an id as it is pushed; the answers wait for a pull."""
         from flwr.app import Error
 
-        replies = []
+        self.waiting = getattr(self, "waiting", {})
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{len(self.asked)}"
             node = message.metadata.dst_node_id
             self.asked.append(node)
             if node in self.refusing:
-                replies.append(Message(Error(code=0, reason=self.refusing[node]), reply_to=message))
-                continue
-            record = MetricRecord(
-                {"partition-id": self.partitions[node], "num-partitions": self.total}
+                reply = Message(Error(code=0, reason=self.refusing[node]), reply_to=message)
+            else:
+                record = MetricRecord(
+                    {"partition-id": self.partitions[node], "num-partitions": self.total}
+                )
+                reply = Message(RecordDict({"node": record}), reply_to=message)
+            self.waiting[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
+
+
+class _Clock:
+    """A monotonic clock that advances only when the code under test sleeps."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.pauses: list[float] = []
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.pauses.append(seconds)
+        self.now += seconds
+
+
+class _LateGrid(FakeGrid):
+    """A reply becomes visible only on the `late`-th pull after its message was pushed."""
+
+    def __init__(self, late: dict[int, int], **kwargs):
+        super().__init__(**kwargs)
+        self.late = late  # node → pulls before its reply shows (absent: never answers)
+        self.pulls = 0
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        shown = []
+        for i in list(message_ids):
+            reply = self.waiting.get(i)
+            if reply is not None and self.pulls >= self.late.get(reply.metadata.src_node_id, 1e9):
+                shown.append(self.waiting.pop(i))
+        return shown
+
+
+def test_exchange_asks_soon_then_less_often_and_stops_at_its_timeout(monkeypatch):
+    from flwr.app import ConfigRecord, MessageType
+
+    from fedtune.federation import nodes as module
+
+    def ask(grid, node_ids, timeout_s):
+        messages = [
+            Message(
+                RecordDict({"q": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY
             )
-            reply = Message(RecordDict({"node": record}), reply_to=message)
-            replies.append(reply)
-        return replies
+            for n in node_ids
+        ]
+        return exchange(grid, messages, timeout_s)
+
+    clock = _Clock()
+    monkeypatch.setattr(module, "time", clock)
+    # Three nodes; the replies show on the 1st, 4th and 9th pull: all three, each once.
+    grid = _LateGrid({1: 1, 2: 4, 3: 9}, partitions={1: 0, 2: 1, 3: 2}, total=3)
+    replies = ask(grid, [1, 2, 3], timeout_s=60)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
+    assert grid.pulls == 9 and len(clock.pauses) == 8
+    # The first pause is short, each later one longer, none longer than the cap.
+    assert clock.pauses[0] == module.REPLY_POLL_FIRST_S
+    assert all(b > a or b == module.REPLY_POLL_MAX_S for a, b in itertools.pairwise(clock.pauses))
+    assert max(clock.pauses) == module.REPLY_POLL_MAX_S
+    # A node that never answers: the wait ends at the timeout, with the replies that came.
+    clock.now, clock.pauses = 0.0, []
+    grid = _LateGrid({1: 2}, partitions={1: 0, 4: 3}, total=4)
+    replies = ask(grid, [1, 4], timeout_s=5)
+    assert [r.metadata.src_node_id for r in replies] == [1]
+    assert clock.now == pytest.approx(5.0) and sum(clock.pauses) == pytest.approx(5.0)
 
 
 def test_node_directory_maps_partitions_and_bounds_the_wait():

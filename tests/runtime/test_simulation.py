@@ -152,6 +152,8 @@ def test_byte_budget_stops_before_crossing(tmp_path, tiny_model_dir):
         "train.local-steps=1",
         "train.batch-size=1",
         "train.seq-length=64",
+        "eval.probe-examples=2",
+        "data.heldout-examples=8",
     ]
     # One round of 1 client costs 2 messages: the adapter down, the trained adapter up, each the
     # ArrayRecord of its fp32 tensors (made here from the same model and settings).
@@ -210,6 +212,8 @@ def test_local_dp_stops_before_passing_its_epsilon(tmp_path, tiny_model_dir):
         "dp.noise-multiplier=2.0",
         "dp.noise=client",
         "dp.max-epsilon=3.5",
+        "eval.probe-examples=2",
+        "data.heldout-examples=8",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stopping before round 3: its release would take ε to 4.011" in done.stderr

@@ -34,7 +34,7 @@ from fedtune.accounting.ledger import (
 from fedtune.compression.codecs import CodecSpec
 from fedtune.compression.message import MessageCodec
 from fedtune.federation.messages import ARRAYS, MAX_EXAMPLES, RUN_CONFIG, RUN_CONTEXT, WEIGHT_KEY
-from fedtune.federation.nodes import NodeDirectory, PartitionSampler
+from fedtune.federation.nodes import NodeDirectory, PartitionSampler, exchange
 from fedtune.federation.strategies import restore_strategy_state, strategy_state
 from fedtune.federation.updates import (
     ClientUpdate,
@@ -288,7 +288,7 @@ def expected_uplink_bytes(ctx: RoundContext, state: LoopState, arrays: Any) -> i
 
 def send(ctx: RoundContext, messages: list[Any]) -> dict[int, Any]:
     """Send and wait at most the round timeout; replies by node id."""
-    replies = ctx.grid.send_and_receive(messages, timeout=ctx.round_timeout_s)
+    replies = exchange(ctx.grid, messages, ctx.round_timeout_s)
     return {reply.metadata.src_node_id: reply for reply in replies}
 
 

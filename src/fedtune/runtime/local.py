@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,14 @@ def up(
             _wait_health(address, ca.ca_cert if ca else None, superlink, timeout_s), 2
         )
         _write_connection(flwr_home, connection, address, ca.ca_cert if ca else None)
+        # Each node's key registered with the SuperLink (one `flwr` process each, all at once).
+        keys = (
+            [make_node_key(directory / "keys", f"node-{i}") for i in range(nodes)] if auth else []
+        )
+        with ThreadPoolExecutor(max_workers=max(len(keys), 1)) as pool:
+            answers = list(pool.map(
+                lambda key: flwr_cli(["supernode", "register", str(key[1]), connection], env), keys
+            ))  # fmt: skip
         for i in range(nodes):
             name = f"node-{i}"
             node = [str(bin_dir / "flower-supernode"), "--superlink", address,
@@ -266,10 +275,8 @@ def up(
             node += ["--root-certificates", str(ca.ca_cert)] if ca else ["--insecure"]
             node_id = None
             if auth:
-                private, public = make_node_key(directory / "keys", name)
-                answer = flwr_cli(["supernode", "register", str(public), connection], env)
-                node_id = int(answer["node-id"])
-                node += ["--auth-supernode-private-key", str(private)]
+                node_id = int(answers[i]["node-id"])
+                node += ["--auth-supernode-private-key", str(keys[i][0])]
             config = f"partition-id={i} num-partitions={nodes}"
             if files[i] is not None:
                 config += f' data-path="{files[i]}"'
@@ -440,20 +447,23 @@ def _write_connection(flwr_home: Path, name: str, address: str, ca: Path | None)
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def _stop_group(pgid: int, timeout_s: float) -> str:
-    """SIGTERM a process group, SIGKILL it after `timeout_s`; how it ended."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
+def _stop_groups(pgids: list[int], timeout_s: float) -> list[str]:
+    """SIGTERM process groups all at once, SIGKILL those left after `timeout_s`; how each
+    ended. Together, because each takes its own time to shut down (a SuperNode says goodbye
+    to its SuperLink first): the slowest sets the wait, not their sum."""
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while any(_group_alive(g) for g in pgids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if not _group_alive(pgid):
-        return "stopped"
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    while _group_alive(pgid) and time.monotonic() < deadline + 10:
+    stubborn = [g for g in pgids if _group_alive(g)]
+    for pgid in stubborn:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    while any(_group_alive(g) for g in stubborn) and time.monotonic() < deadline + 10:
         time.sleep(0.1)
-    return f"killed after {timeout_s:.0f} s"
+    return [f"killed after {timeout_s:.0f} s" if g in stubborn else "stopped" for g in pgids]
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
@@ -509,23 +519,30 @@ def down(directory: Path, timeout_s: float = 20.0) -> list[str]:
     directory = directory.resolve()
     state = read_state(directory)
     report = []
-    ordered = sorted(state.get("processes", []), key=lambda p: p["role"] == "superlink")
-    for process in ordered:
-        pgid = process["pgid"]
-        if not _group_alive(pgid):
-            report.append(f"{process['name']} (pid {process['pid']}): not running")
-            continue
+    processes = state.get("processes", [])
+    # The nodes together, then the SuperLink they were connected to.
+    for batch in (
+        [p for p in processes if p["role"] != "superlink"],
+        [p for p in processes if p["role"] == "superlink"],
+    ):
+        live = [p for p in batch if _group_alive(p["pgid"])]
         # Flower starts a ServerApp in a session of its own: found now, stopped after its parent.
-        detached = _detached_descendants(pgid)
-        how = _stop_group(pgid, timeout_s)
-        for pid in detached:
-            try:
-                group = os.getpgid(pid)
-            except ProcessLookupError:
-                continue  # it ended with its parent
-            name = _command_name(pid)
-            how += f"; its detached {name} (pid {pid}) {_stop_group(group, timeout_s)}"
-        report.append(f"{process['name']} (pid {process['pid']}): {how}")
+        detached = {p["pid"]: _detached_descendants(p["pgid"]) for p in live}
+        stopped = _stop_groups([p["pgid"] for p in live], timeout_s)
+        hows = dict(zip([p["pid"] for p in live], stopped, strict=True))
+        for process in batch:
+            if process["pid"] not in hows:
+                report.append(f"{process['name']} (pid {process['pid']}): not running")
+                continue
+            how = hows[process["pid"]]
+            for pid in detached[process["pid"]]:
+                try:
+                    group = os.getpgid(pid)
+                except ProcessLookupError:
+                    continue  # it ended with its parent
+                name = _command_name(pid)
+                how += f"; its detached {name} (pid {pid}) {_stop_groups([group], timeout_s)[0]}"
+            report.append(f"{process['name']} (pid {process['pid']}): {how}")
     state["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     state["processes"] = []
     _write_state(directory, state)
