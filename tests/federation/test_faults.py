@@ -48,7 +48,8 @@ def test_bad_replies_are_dropped_with_their_reasons(tiny_model_dir_module, tmp_p
         (2, 1): "metric 'train-loss' missing",
         (2, 2): None,
         (2, 3): "metric 'num-examples' is -333",
-        (3, 0): "metric 'num-examples' is 1,000,000,000,000, more than the 200 rows",
+        # 999 rows, 8 held out, in 4 partitions: partition 0 holds 248.
+        (3, 0): "metric 'num-examples' is 1,000,000,000,000, more than the 248 rows",
         (3, 1): "metric 'train-loss' is not finite",
         (3, 2): "no reply within strategy.round-timeout-s",
         (3, 3): None,
