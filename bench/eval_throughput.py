@@ -95,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--per-subject", type=int, default=10, help="questions per scored subject")
+    parser.add_argument(
+        "--sample", type=int, help="a stratified sample of about N questions instead"
+    )
+    parser.add_argument("--limit", type=int, help="only the first N questions of the selection")
+    parser.add_argument(
+        "--no-full-split",
+        action="store_true",
+        help="count the work on the sample only, not on the whole scored split",
+    )
     parser.add_argument("--chunks", type=int, default=2, help="alternation chunks")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -111,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype=args.dtype, device=device)
     model.eval()
-    questions = list(select(limit_per_subject=args.per_subject, seed=args.seed).questions)
+    chosen = {"sample": args.sample} if args.sample else {"limit_per_subject": args.per_subject}
+    questions = list(select(seed=args.seed, **chosen).questions)[: args.limit]
     tokens = [len(flowertune.encode_prompt(tokenizer, q)) for q in questions]
     plan = BatchPlan.for_device(device)
     load_before = os.getloadavg()
@@ -143,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     loglik_s = time.perf_counter() - started
     worst = max_logit_difference(model, tokenizer, questions[:: max(1, len(questions) // 64)])
 
-    full = list(select().questions)
     work = {
         "sample": work_tokens([flowertune.encode_prompt(tokenizer, q) for q in questions], plan),
-        "full_scored_split": work_tokens(
-            [flowertune.encode_prompt(tokenizer, q) for q in full], plan
-        ),
     }
+    if not args.no_full_split:
+        full = list(select().questions)
+        work["full_scored_split"] = work_tokens(
+            [flowertune.encode_prompt(tokenizer, q) for q in full], plan
+        )
 
     n = len(questions)
     report = {

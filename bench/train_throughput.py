@@ -60,10 +60,12 @@ def pick_rows(count: int, seed: int) -> list[dict[str, str]]:
     return [rows[i] for i in draw_examples(len(rows), count, seed)]
 
 
-def run_fedtune(rows, tokenizer, source, steps, batch, seq, checkpointing) -> dict:
+def run_fedtune(
+    rows, tokenizer, source, steps, batch, seq, checkpointing, device="cpu", dtype="float32"
+) -> dict:
     config = build_config()
     examples, stats = tokenize_rows(tokenizer, rows, seq)
-    model = load_model(source)
+    model = load_model(source, dtype=dtype, device=device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -79,7 +81,10 @@ def run_fedtune(rows, tokenizer, source, steps, batch, seq, checkpointing) -> di
         learning_rate=2e-4,
         seed=0,
         pad_id=tokenizer.pad_token_id,
+        device=device,
     )
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     return {
         "tokens": result.tokens,
@@ -91,7 +96,9 @@ def run_fedtune(rows, tokenizer, source, steps, batch, seq, checkpointing) -> di
     }
 
 
-def run_reference(rows, tokenizer, source, steps, batch, seq, checkpointing) -> dict:
+def run_reference(
+    rows, tokenizer, source, steps, batch, seq, checkpointing, device="cpu", dtype="float32"
+) -> dict:
     """TRL's SFTTrainer with the FlowerTune template's arguments (prompt/completion, response loss)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -101,7 +108,7 @@ def run_reference(rows, tokenizer, source, steps, batch, seq, checkpointing) -> 
     data = Dataset.from_list(
         [{"prompt": format_prompt(r["instruction"]), "completion": r["output"]} for r in rows]
     )
-    model = load_model(source)
+    model = load_model(source, dtype=dtype, device=device)
     args = SFTConfig(
         output_dir=str(RESULTS / "trl-tmp"),
         per_device_train_batch_size=batch,
@@ -114,8 +121,8 @@ def run_reference(rows, tokenizer, source, steps, batch, seq, checkpointing) -> 
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
-        bf16=False,
+        use_cpu=device == "cpu",
+        bf16=dtype == "bfloat16",
         fp16=False,
         completion_only_loss=True,
         packing=False,

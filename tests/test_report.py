@@ -82,3 +82,29 @@ def test_report_command_prints_a_table_and_refuses_a_non_run(tmp_path):
         text=True,
     )
     assert done.returncode == 2 and "config.json is missing" in done.stderr
+
+
+def test_quality_under_budget_and_the_ratio_to_the_reference(tmp_path):
+    reference = fake_run(tmp_path, "fp32", [2.0, 1.8, 1.6, 1.5], 1000)  # 1,500 bytes a round
+    cheap = fake_run(tmp_path, "int4", [2.0, 1.7, 1.55, 1.45], 100, codec="int4")  # 150
+    rows, _ = compare_runs([reference, cheap], tmp_path / "cmp.png", budget=3000)
+    # Within 3,000 bytes the reference got through 2 rounds (1.6); the int4 run through all 3.
+    assert [r["quality_under_budget"] for r in rows] == [1.6, 1.45]
+    # Cost-to-target 1.5: 4,500 and 450 bytes, so 10× fewer than the reference's 4,500 total.
+    assert [r["fewer_bytes"] for r in rows] == [1.0, 10.0]
+    rows, _ = compare_runs([reference, cheap], tmp_path / "cmp.png")
+    assert rows[0]["budget"] == 45  # default: a hundredth of the reference's total
+    assert [r["quality_under_budget"] for r in rows] == [2.0, 2.0]  # only round 0 fits
+
+
+def test_report_command_takes_a_budget_with_a_unit(tmp_path):
+    a = fake_run(tmp_path, "a", [2.0, 1.8, 1.7], 1000)
+    b = fake_run(tmp_path, "b", [2.0, 1.9, 1.75], 10, codec="int8")
+    command = [sys.executable, "-m", "fedtune.cli", "report", str(a), str(b), "--out",
+               str(tmp_path / "r.png")]  # fmt: skip
+    done = subprocess.run([*command, "--budget", "2KiB"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "within 2,048 bytes (2.0 KiB)" in done.stdout
+    assert "best under budget" in done.stdout and "1.8000" in done.stdout
+    done = subprocess.run([*command, "--budget", "two"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--budget" in done.stderr

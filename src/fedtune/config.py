@@ -422,7 +422,7 @@ class CompressConfig(Section):
     downlink: str = setting(
         "compress.downlink",
         "fp32",
-        "Codec of the server → client adapter: fp32 (as sent today), fp16, bf16, int8, int4, "
+        "Codec of the server → client adapter: fp32 (as sent today), fp16, bf16, int8, int4, int2, "
         "optionally with top-k=F and zstd, comma-separated (e.g. 'int8,zstd').",
     )
     uplink: str = setting(
@@ -432,12 +432,15 @@ class CompressConfig(Section):
         "change from the global adapter received), e.g. 'delta,top-k=0.05,int8,zstd'.",
     )
     block_size: Int = setting(
-        "compress.block-size", 64, "Values per fp16 scale in int8/int4 block quantization.", ge=1
+        "compress.block-size",
+        64,
+        "Values per fp16 scale in int8/int4/int2 block quantization.",
+        ge=1,
     )
     stochastic_rounding: bool = setting(
         "compress.stochastic-rounding",
         False,
-        "Round int8/int4 values stochastically (unbiased, seeded) instead of to the nearest.",
+        "Round int8/int4/int2 values stochastically (unbiased, seeded) instead of to the nearest.",
     )
     error_feedback: bool = setting(
         "compress.error-feedback",

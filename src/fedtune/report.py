@@ -3,8 +3,10 @@
 - `plot_run(run_dir)` → `run_dir/report.png`: train, probe and held-out loss by round (round 0 is
   the server's evaluation before training), and cumulative bytes down and up.
 - `compare_runs(run_dirs)` → rows of a table and a PNG: held-out loss against rounds and against
-  cumulative bytes (log scale), so two configurations compare at a glance; `bytes_to_target` is the
-  cumulative bytes at the end of the first round whose held-out loss reached the target.
+  cumulative bytes (log scale), so two configurations compare at a glance; each row's
+  Cost-to-Target (`bytes_to_target`: the cumulative bytes at the end of the first round whose
+  held-out loss reached the target) and Quality-under-Budget (`quality_under_budget`: the lowest
+  held-out loss within the byte budget), as `fedtune.accounting.targets` defines them.
 
 Figures are drawn with matplotlib's object API (no pyplot, no display needed).
 """
@@ -16,6 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.accounting.targets import (
+    CurvePoint,
+    cost_to_target,
+    curve,
+    fewer_bytes,
+    quality_under_budget,
+)
 from fedtune.rundir import (
     STATUS_FILE,
     SUMMARY_FILE,
@@ -25,7 +34,7 @@ from fedtune.rundir import (
     read_status,
     read_summary,
 )
-from fedtune.units import MIB
+from fedtune.units import MIB, human_bytes, parse_bytes
 
 REPORT_FILE = "report.png"
 
@@ -54,13 +63,23 @@ class RunCurves:
     def final_heldout(self) -> float | None:
         return self.heldout[max(self.heldout)] if self.heldout else None
 
+    @property
+    def cumulative_bytes(self) -> list[int]:
+        """Down + up sent by the end of each round of `rounds`."""
+        return [d + u for d, u in zip(self.downlink, self.uplink, strict=True)]
+
+    @property
+    def points(self) -> list[CurvePoint]:
+        """The held-out loss by cumulative bytes (round 0: before training, 0 bytes)."""
+        return curve(self.rounds, self.cumulative_bytes, self.heldout)
+
     def bytes_to(self, target: float) -> int | None:
-        """Cumulative bytes when the held-out loss first reached `target` (None: never)."""
-        for index, server_round in enumerate(self.rounds):
-            loss = self.heldout.get(server_round)
-            if loss is not None and loss <= target:
-                return self.downlink[index] + self.uplink[index]
-        return None
+        """Cost-to-Target: cumulative bytes when the held-out loss first reached `target`."""
+        return cost_to_target(self.points, target)
+
+    def best_within(self, budget: int) -> float | None:
+        """Quality-under-Budget: the lowest held-out loss within `budget` bytes."""
+        return quality_under_budget(self.points, budget)
 
 
 def read_curves(run_dir: str | Path) -> RunCurves:
@@ -162,20 +181,28 @@ def plot_run(run_dir: str | Path) -> Path:
 
 
 def compare_runs(
-    run_dirs: list[str | Path], out: str | Path, target: float | None = None
+    run_dirs: list[str | Path],
+    out: str | Path,
+    target: float | None = None,
+    budget: int | None = None,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Table rows and a PNG comparing runs by held-out loss against rounds and against bytes.
 
     Args:
-        target: held-out loss for `bytes_to_target`; default: the first run's final held-out loss.
+        target: held-out loss for Cost-to-Target; default: the first run's final held-out loss.
+        budget: bytes for Quality-under-Budget; default: a hundredth of the first run's total.
     Raises:
         RunDirError: a directory that is not a run.
     """
     runs = [read_curves(d) for d in run_dirs]
     if target is None:
         target = runs[0].final_heldout
+    if budget is None:
+        budget = default_budget(runs[0].total_bytes)
+    reference_bytes = runs[0].total_bytes
     rows = []
     for run in runs:
+        cost = run.bytes_to(target) if target is not None else None
         rows.append(
             {
                 "run": run.name,
@@ -186,7 +213,10 @@ def compare_runs(
                 "rounds": len(run.rounds),
                 "total_bytes": run.total_bytes,
                 "final_heldout_loss": run.final_heldout,
-                "bytes_to_target": run.bytes_to(target) if target is not None else None,
+                "bytes_to_target": cost,
+                "fewer_bytes": fewer_bytes(reference_bytes, cost),
+                "budget": budget,
+                "quality_under_budget": run.best_within(budget),
             }
         )
     figure = _figure(11, 4.2)
@@ -229,12 +259,16 @@ def format_table(rows: list[dict[str, Any]], target: float | None) -> str:
         "rounds",
         "bytes",
         "held-out",
-        "bytes to target",
+        "cost to target",
+        "× fewer",
+        "best under budget",
     ]
     lines = [header]
     for row in rows:
         held = row["final_heldout_loss"]
         reach = row["bytes_to_target"]
+        fewer = row["fewer_bytes"]
+        best = row["quality_under_budget"]
         lines.append(
             [
                 row["run"],
@@ -246,6 +280,8 @@ def format_table(rows: list[dict[str, Any]], target: float | None) -> str:
                 f"{row['total_bytes']:,}",
                 f"{held:.4f}" if held is not None else "n/a",
                 f"{reach:,}" if reach is not None else "not reached",
+                f"{fewer:,.1f}" if fewer is not None else "–",
+                f"{best:.4f}" if best is not None else "n/a",
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -253,8 +289,18 @@ def format_table(rows: list[dict[str, Any]], target: float | None) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
     )
     if target is not None:
-        text += f"\ntarget held-out loss: {target:.4f}"
+        text += f"\ncost to target: bytes until the held-out loss reached {target:.4f}"
+        text += f" (× fewer: {rows[0]['run']}'s total over it)"
+    if rows:
+        budget = rows[0]["budget"]
+        text += f"\nbest under budget: lowest held-out loss within {budget:,} bytes"
+        text += f" ({human_bytes(budget)})"
     return text
+
+
+def default_budget(reference_bytes: int) -> int:
+    """Quality-under-Budget's default: a hundredth of the reference's total bytes."""
+    return max(reference_bytes // 100, 1)
 
 
 def register(subparsers: Any) -> None:
@@ -268,7 +314,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--target",
         type=float,
-        help="held-out loss for 'bytes to target' (default: the first run's final held-out loss)",
+        help="held-out loss for Cost-to-Target (default: the first run's final held-out loss)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=parse_bytes,
+        help="bytes for Quality-under-Budget, e.g. 2000000, 1.5MiB or 0.1GB (the board's GB); "
+        "default: a hundredth of the first run's total",
     )
     parser.set_defaults(handler=handle_report)
 
@@ -277,7 +329,7 @@ def handle_report(args: Any) -> int:
     import sys
 
     try:
-        rows, path = compare_runs(args.run_dirs, args.out, args.target)
+        rows, path = compare_runs(args.run_dirs, args.out, args.target, args.budget)
     except RunDirError as exc:
         print(f"fedtune report: error: {exc}", file=sys.stderr)
         return 2

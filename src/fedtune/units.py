@@ -35,3 +35,27 @@ def format_gb(num_bytes: int) -> str:
     if 0 < gb < 0.05:
         return f"{gb:.2g} GB"
     return f"{board_gb(num_bytes):.1f} GB"
+
+
+UNITS = {"b": 1, "kib": KIB, "mib": MIB, "gib": 1024**3, "kb": 1000, "mb": 1000**2,
+         "gb": BYTES_PER_GB}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """ "2000000", "1.5MiB", "0.1GB" (the board's GB, a GiB) → bytes; decimal kB and MB as SI.
+
+    Raises:
+        ValueError: not a number with an optional unit, or negative.
+    """
+    raw = text.strip().replace(" ", "").lower()
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number) :] or "b"
+    if unit not in UNITS:
+        raise ValueError(f"{text!r}: unit must be one of B, KiB, MiB, GiB, kB, MB, GB")
+    try:
+        value = float(number) * UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a byte count") from None
+    if not value >= 0:
+        raise ValueError(f"{text!r}: a byte count cannot be negative")
+    return int(value)

@@ -60,7 +60,7 @@ def test_fp32_payload_is_lossless():
         assert np.array_equal(back[key], values)
 
 
-@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7), ("int2", 1)])
 @pytest.mark.parametrize("block", [64, 16])
 def test_block_quantization_is_within_half_a_step(fmt, levels, block):
     tensors = adapter()
@@ -88,6 +88,24 @@ def test_stochastic_rounding_is_seeded_unbiased_and_within_one_step():
     assert abs(float(back.mean()) - 0.3) < 0.01  # unbiased; round-to-nearest would give 2/7
 
 
+def test_int2_is_ternary_packed_four_a_byte_and_unbiased_with_stochastic_rounding():
+    # Every code −1, 0, +1 in every slot of a byte, and a tail that does not fill its byte.
+    values = {"w": np.array([[1.0, -1.0, 0.0, 0.4, -0.6, 0.2, 1.0]], dtype=np.float32)}
+    spec = parse_spec("int2", block_size=64)
+    blob = encode_payload(values, spec)
+    assert len(blob) == 8 + 2 + 2  # header, one fp16 scale, 7 codes in 2 bytes
+    back = decode_payload(blob, spec, shapes(values))["w"]
+    assert back.tolist() == [[1.0, -1.0, 0.0, 0.0, -1.0, 0.0, 1.0]]
+    # Stochastic: 0.3 of the scale becomes +1 about 30 % of the time, 0 otherwise; mean kept.
+    values = {"w": np.full((1, 4096), 0.3, dtype=np.float32)}
+    values["w"][0, 0] = 1.0
+    spec = parse_spec("int2", stochastic=True, block_size=4096)
+    back = decode_payload(encode_payload(values, spec, np.random.default_rng(3)), spec,
+                          shapes(values))["w"][0, 1:]  # fmt: skip
+    assert set(np.unique(back).tolist()) == {0.0, 1.0}
+    assert abs(float(back.mean()) - 0.3) < 0.02
+
+
 def test_top_k_keeps_exactly_the_largest_entries():
     tensors = adapter()
     _, _, back = round_trip("top-k=0.1,fp32", tensors)
@@ -101,8 +119,10 @@ def test_top_k_keeps_exactly_the_largest_entries():
 
 
 @pytest.mark.parametrize(
-    "text", ["fp32", "fp16", "bf16", "int8", "int4", "top-k=0.05,int8", "top-k=0.3,bf16"]
-)
+    "text",
+    ["fp32", "fp16", "bf16", "int8", "int4", "int2", "top-k=0.05,int8", "top-k=0.3,bf16",
+     "top-k=0.1,int2"],
+)  # fmt: skip
 def test_payload_size_is_what_is_serialized(text):
     tensors = adapter()
     spec = parse_spec(text, block_size=32)
@@ -119,6 +139,7 @@ def test_payload_size_is_what_is_serialized(text):
             "bf16": 2 * count,
             "int8": count + 2 * math.ceil(count / 32),
             "int4": math.ceil(count / 2) + 2 * math.ceil(count / 32),
+            "int2": math.ceil(count / 4) + 2 * math.ceil(count / 32),
         }[spec.values]
     assert len(blob) == expected
     if not spec.identity:  # (identity sends the plain arrays: the board's own message)
@@ -131,6 +152,7 @@ def test_quantized_and_sparse_payloads_are_much_smaller_than_fp32():
     fp32 = len(encode_payload(tensors, parse_spec("fp32")))
     assert len(encode_payload(tensors, parse_spec("int8"))) < fp32 / 3.5
     assert len(encode_payload(tensors, parse_spec("int4"))) < fp32 / 6.5
+    assert len(encode_payload(tensors, parse_spec("int2"))) < fp32 / 12
     assert len(encode_payload(tensors, parse_spec("top-k=0.05,int8,zstd"))) < fp32 / 20
 
 

@@ -7,10 +7,12 @@ A codec is a chain of small stages, written as a spec string such as `delta,top-
 - `top-k=F`: per tensor, keep the ⌈F·n⌉ entries of largest magnitude; their indices travel
   (uint16 when the tensor has at most 65,536 entries, else uint32), the rest are zero.
 - one value format for the dense tensor or the kept values: `fp32` (lossless, the default),
-  `fp16`, `bf16` (round to nearest even), `int8` or `int4`: symmetric block quantization with one
-  fp16 scale per `compress.block-size` values (scale = the block's largest magnitude / 127 or / 7,
-  rounded up to fp16), round to nearest or, with `compress.stochastic-rounding`, stochastically
-  (unbiased; seeded per round and client, so runs stay reproducible). int4 packs two per byte.
+  `fp16`, `bf16` (round to nearest even), `int8`, `int4` or `int2`: symmetric block quantization
+  with one fp16 scale per `compress.block-size` values (scale = the block's largest magnitude / 127,
+  / 7 or / 1, rounded up to fp16), round to nearest or, with `compress.stochastic-rounding`,
+  stochastically (unbiased; seeded per round and client, so runs stay reproducible). int4 packs two
+  codes per byte; int2 is ternary (−1, 0, +1 times the scale) in two bits, four per byte — with
+  stochastic rounding and error feedback it is an unbiased 2.25-bit code.
 - `zstd` or `zstd=L`: lossless Zstandard over the whole payload (level L, default 3).
 
 Error feedback (`compress.error-feedback`, uplink, with a lossy codec): the client adds the residual
@@ -41,8 +43,9 @@ STYPE = "fedtune.codec"
 PAYLOAD_KEY = "fedtune.codec"
 MAGIC = b"FT"
 FORMAT_VERSION = 1
-VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
-QUANT_LEVELS = {"int8": 127, "int4": 7}
+VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "int2")
+QUANT_LEVELS = {"int8": 127, "int4": 7, "int2": 1}  # symmetric: codes −L..L
+QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}  # bits a code takes on the wire
 
 
 class CodecError(ValueError):
@@ -182,13 +185,17 @@ def _quantize(values: np.ndarray, spec: CodecSpec, rng: np.random.Generator | No
     else:
         q = np.rint(scaled)
     q = np.clip(q, -levels, levels).astype(np.int8)
-    if spec.values == "int8":
+    bits = QUANT_BITS[spec.values]
+    if bits == 8:
         body = q.tobytes()
-    else:  # int4: two per byte, offset to 1..15
-        nibbles = (q + 8).astype(np.uint8)
-        if nibbles.size % 2:
-            nibbles = np.append(nibbles, np.uint8(8))
-        body = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    else:  # 8 // bits codes per byte, the first in the low bits, each offset to 0..2L
+        per_byte = 8 // bits
+        codes = np.full(math.ceil(q.size / per_byte) * per_byte, levels, dtype=np.uint8)
+        codes[: q.size] = (q + levels).astype(np.uint8)
+        packed = np.zeros(codes.size // per_byte, dtype=np.uint8)
+        for slot in range(per_byte):
+            packed |= codes[slot::per_byte] << (slot * bits)
+        body = packed.tobytes()
     return scales.astype("<f2").tobytes() + body
 
 
@@ -198,7 +205,7 @@ def _value_bytes(count: int, spec: CodecSpec) -> int:
     if spec.values in ("fp16", "bf16"):
         return 2 * count
     scales = 2 * math.ceil(count / spec.block_size)
-    return scales + (count if spec.values == "int8" else math.ceil(count / 2))
+    return scales + math.ceil(count * QUANT_BITS[spec.values] / 8)
 
 
 def _encode_values(values: np.ndarray, spec: CodecSpec, rng: np.random.Generator | None) -> bytes:
@@ -222,13 +229,15 @@ def _decode_values(data: bytes, count: int, spec: CodecSpec) -> np.ndarray:
     blocks = math.ceil(count / spec.block_size)
     scales = np.frombuffer(data, dtype="<f2", count=blocks).astype(np.float32)
     body = np.frombuffer(data, dtype=np.uint8, offset=2 * blocks)
-    if spec.values == "int8":
+    width, levels = QUANT_BITS[spec.values], QUANT_LEVELS[spec.values]
+    if width == 8:
         q = body[:count].view(np.int8).astype(np.float32)
     else:
-        nibbles = np.empty(body.size * 2, dtype=np.int16)
-        nibbles[0::2] = body & 0x0F
-        nibbles[1::2] = body >> 4
-        q = (nibbles[:count] - 8).astype(np.float32)
+        per_byte = 8 // width
+        codes = np.empty(body.size * per_byte, dtype=np.int16)
+        for slot in range(per_byte):
+            codes[slot::per_byte] = (body >> (slot * width)) & ((1 << width) - 1)
+        q = (codes[:count] - levels).astype(np.float32)
     return q * np.repeat(scales, spec.block_size)[:count]
 
 

@@ -1,0 +1,375 @@
+"""Fewer bytes at equal quality, over seeds and partitions: methods against fp32 LoRA references.
+
+The regime (per run; `REGIME`): the embedded SmolLM2-135M-Instruct on Dolly-15k (embedded, with its
+8 categories), 20 clients, 4 a round, 20 rounds, 2 local steps of 2 examples of at most 128 tokens,
+the held-out loss on 32 held-out rows after every round. Two partitionings of the same rows — `iid`
+and `dirichlet` (α = 0.5 over the categories) — and three seeds (`train.seed` and `data.seed`
+together: the adapter's start, the example order and, for dirichlet, the partition).
+
+Configurations (`CONFIGS`): the references — fp32 FedAvg LoRA at r = 8 and at r = 32 (equal
+capacity to the r×r adapter at r = 32) — and the methods, each an adapter variant and codecs of
+fedtune's registries. Stages, each resumable (a finished run is read, an interrupted one resumed):
+
+1. `sweep`: every configuration at each learning rate of `LEARNING_RATES` on the first seed, iid;
+   the rate with the lowest final held-out loss is chosen, by this script, and recorded.
+2. `grid`: every configuration at its chosen rate, on both partitionings and every seed.
+3. `mmlu`: 1,000 MMLU questions (log-likelihood, 0-shot) for each configuration's first-seed iid
+   run: a guard that the bytes saved did not cost accuracy (within one standard error).
+4. `report` (always last): per partitioning, the best reference is the one with the lower mean
+   final held-out loss; each seed's target is that reference's final held-out loss in that seed;
+   each configuration's Cost-to-Target (`fedtune.accounting.targets`) against it and the ratio
+   reference total bytes / cost, mean ± std over the seeds that reached it (and how many did).
+
+    .venv/bin/python bench/comm_grid.py                      # everything: hours on 2 CPU cores
+    .venv/bin/python bench/comm_grid.py --stage sweep --max-minutes 60   # a slice, then stop
+    .venv/bin/python bench/comm_grid.py --stage report       # JSON, PNG and table from what ran
+
+Writes bench/results/comm_grid.json and comm_grid.png; runs live under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedtune.accounting.targets import cost_to_target, fewer_bytes, quality_under_budget
+from fedtune.report import read_curves
+from fedtune.rundir import SUMMARY_FILE, read_summary
+from fedtune_runs import run_logged  # beside this script
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+REGIME = [
+    "data.name=embedded:dolly-15k",
+    "federation.num-clients=20",
+    "strategy.clients-per-round=4",
+    "num-server-rounds=20",
+    "train.local-steps=2",
+    "train.batch-size=2",
+    "train.seq-length=128",
+    "data.heldout-examples=32",
+    "eval.heldout-every-rounds=1",
+    "eval.probe-examples=0",
+    "train.save-every-round=5",
+]
+PARTITIONS: dict[str, list[str]] = {
+    "iid": [],
+    "dirichlet": [
+        "data.partitioner=dirichlet",
+        "data.partition-by=category",
+        "data.dirichlet-alpha=0.5",
+    ],
+}
+SEEDS = (1, 2, 3)
+LEARNING_RATES = (1e-3, 2e-3, 4e-3)  # train.learning-rate-max; the minimum is a tenth of it
+
+SB32 = ["model.lora.variant=sb", "model.lora.peft-lora-r=32", "model.lora.peft-lora-alpha=64"]
+EF = ["compress.error-feedback=true", "compress.stochastic-rounding=true"]
+CONFIGS: dict[str, list[str]] = {
+    # References: fp32 both ways, FedAvg.
+    "lora-r8": [],
+    "lora-r32": ["model.lora.peft-lora-r=32", "model.lora.peft-lora-alpha=64"],
+    # The r×r adapter at r = 32: only R (32×32 per module) travels.
+    "sb32-int8": [*SB32, "compress.downlink=int8,zstd", "compress.uplink=delta,int8,zstd"],
+    "sb32-int4-ef": [*SB32, "compress.downlink=int8,zstd", "compress.uplink=delta,int4,zstd", *EF],
+    "sb32-int2-ef": [*SB32, "compress.downlink=int4,zstd", "compress.uplink=delta,int2,zstd", *EF],
+    # Sparse updates of R: a quarter of each R's delta, 4-bit, error feedback.
+    "sb32-top25-int4-ef": [
+        *SB32,
+        "compress.downlink=int8,zstd",
+        "compress.uplink=delta,top-k=0.25,int4,zstd",
+        *EF,
+    ],
+    # Lower rank, fewest bytes: r = 16 at 2 bits.
+    "sb16-int2-ef": [
+        "model.lora.variant=sb",
+        "model.lora.peft-lora-r=16",
+        "model.lora.peft-lora-alpha=32",
+        "compress.downlink=int4,zstd",
+        "compress.uplink=delta,int2,zstd",
+        *EF,
+    ],
+}
+REFERENCES = ("lora-r8", "lora-r32")
+
+
+def rate_name(rate: float) -> str:
+    return f"lr{rate:g}"
+
+
+def run_name(config: str, partition: str, seed: int, rate: float) -> str:
+    return f"{config}.{partition}.s{seed}.{rate_name(rate)}"
+
+
+def settings(config: str, partition: str, seed: int, rate: float) -> list[str]:
+    return [
+        *REGIME,
+        *PARTITIONS[partition],
+        f"train.seed={seed}",
+        f"data.seed={seed}",
+        f"train.learning-rate-max={rate:g}",
+        f"train.learning-rate-min={rate / 10:g}",
+        *CONFIGS[config],
+    ]
+
+
+class Budget:
+    """Stops starting runs once --max-minutes have passed (a run in progress finishes)."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.deadline = time.monotonic() + 60 * minutes if minutes else math.inf
+
+    def left(self) -> bool:
+        return time.monotonic() < self.deadline
+
+
+def ensure_run(out: Path, name: str, sets: list[str], budget: Budget) -> Path | None:
+    """The finished run directory `name`: trained now (or resumed) if it is not yet; None when
+    the time budget ran out first."""
+    run_dir = out / name
+    if (run_dir / SUMMARY_FILE).exists():
+        return run_dir
+    if not budget.left():
+        return None
+    command = [sys.executable, "-m", "fedtune.cli", "run"]
+    if run_dir.exists():  # an interrupted run continues where it stopped
+        command += ["--resume", str(run_dir)]
+    else:
+        for item in [*sets, f"run.output-dir={out}", f"run.name={name}"]:
+            command += ["--set", item]
+    print(f"[{name}] training …", flush=True)
+    seconds = run_logged(command, out / f"{name}.log")
+    print(f"[{name}] done in {seconds:.0f} s", flush=True)
+    return run_dir
+
+
+def describe_run(run_dir: Path) -> dict[str, Any]:
+    curves = read_curves(run_dir)
+    summary = read_summary(run_dir)
+    return {
+        "run": run_dir.name,
+        "total_bytes": curves.total_bytes,
+        "final_heldout_loss": curves.final_heldout,
+        "curve": [[p.round, p.bytes, p.loss] for p in curves.points],
+        "seconds": summary.get("seconds"),
+        "codecs": summary.get("codecs"),
+    }
+
+
+def chosen_rates(out: Path, configs: list[str]) -> dict[str, dict[str, Any]]:
+    """Each configuration's sweep (final held-out loss by rate, first seed, iid) and the rate
+    with the lowest one; configurations whose sweep is incomplete are left out."""
+    chosen = {}
+    for config in configs:
+        losses = {}
+        for rate in LEARNING_RATES:
+            run_dir = out / run_name(config, "iid", SEEDS[0], rate)
+            if (run_dir / SUMMARY_FILE).exists():
+                losses[rate] = read_curves(run_dir).final_heldout
+        if len(losses) == len(LEARNING_RATES) and all(v is not None for v in losses.values()):
+            best = min(losses, key=lambda r: losses[r])
+            chosen[config] = {"rate": best, "sweep": {rate_name(r): v for r, v in losses.items()}}
+    return chosen
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(out: Path, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report: per partitioning and configuration, the runs at the chosen rate and their
+    Cost-to-Target against the best reference of the same seed."""
+    partitions: dict[str, Any] = {}
+    for partition in PARTITIONS:
+        runs: dict[str, dict[int, dict[str, Any]]] = {}
+        for config, pick in chosen.items():
+            for seed in SEEDS:
+                run_dir = out / run_name(config, partition, seed, pick["rate"])
+                if (run_dir / SUMMARY_FILE).exists():
+                    runs.setdefault(config, {})[seed] = describe_run(run_dir)
+        complete_refs = [r for r in REFERENCES if len(runs.get(r, {})) == len(SEEDS)]
+        if not complete_refs:
+            partitions[partition] = {"configs": runs, "best_reference": None}
+            continue
+        best = min(
+            complete_refs,
+            key=lambda r: statistics.fmean(runs[r][s]["final_heldout_loss"] for s in SEEDS),
+        )
+        rows = {}
+        for config, by_seed in runs.items():
+            costs, ratios, finals, budgeted = [], [], [], []
+            for seed, run in by_seed.items():
+                reference = runs[best][seed]
+                points = [_point(p) for p in run["curve"]]
+                cost = cost_to_target(points, reference["final_heldout_loss"])
+                run["cost_to_target"] = cost
+                run["fewer_bytes"] = fewer_bytes(reference["total_bytes"], cost)
+                run["quality_under_budget"] = quality_under_budget(
+                    points, reference["total_bytes"] // 200
+                )
+                finals.append(run["final_heldout_loss"])
+                budgeted.append(run["quality_under_budget"])
+                if cost is not None:
+                    costs.append(cost)
+                    ratios.append(run["fewer_bytes"])
+            ratio_mean, ratio_std = mean_std([r for r in ratios if math.isfinite(r)])
+            final_mean, final_std = mean_std(finals)
+            rows[config] = {
+                "seeds": len(by_seed),
+                "reached": len(costs),
+                "total_bytes_mean": statistics.fmean(r["total_bytes"] for r in by_seed.values()),
+                "final_heldout_mean": final_mean,
+                "final_heldout_std": final_std,
+                "cost_to_target_mean": statistics.fmean(costs) if costs else None,
+                "fewer_bytes_mean": ratio_mean,
+                "fewer_bytes_std": ratio_std,
+                "quality_under_half_percent_budget_mean": statistics.fmean(budgeted)
+                if all(b is not None for b in budgeted) and budgeted
+                else None,
+                "runs": by_seed,
+            }
+        partitions[partition] = {"best_reference": best, "configs": rows}
+    return partitions
+
+
+def _point(values: list[Any]) -> Any:
+    from fedtune.accounting.targets import CurvePoint
+
+    return CurvePoint(int(values[0]), int(values[1]), float(values[2]))
+
+
+def run_mmlu(out: Path, chosen: dict[str, dict[str, Any]], budget: Budget) -> dict[str, Any]:
+    scores = {}
+    for config, pick in chosen.items():
+        run_dir = out / run_name(config, "iid", SEEDS[0], pick["rate"])
+        if not (run_dir / SUMMARY_FILE).exists():
+            continue
+        found = sorted((run_dir / "eval").glob("mmlu_loglik_0shot_*.json"))
+        if not found and budget.left():
+            command = [sys.executable, "-m", "fedtune.cli", "eval", "--adapter", str(run_dir),
+                       "--protocol", "loglik", "--sample", "1000", "--no-progress"]  # fmt: skip
+            print(f"[{run_dir.name}] MMLU (1,000 questions, log-likelihood) …", flush=True)
+            run_logged(command, out / f"{run_dir.name}.mmlu.log")
+            found = sorted((run_dir / "eval").glob("mmlu_loglik_0shot_*.json"))
+        if found:
+            result = json.loads(found[-1].read_text())
+            scores[config] = {
+                "average": round(100 * result["average"], 2),
+                "stderr": round(100 * result["average_stderr"], 2),
+                "questions": result["n_questions"],
+            }
+    return scores
+
+
+def draw(report: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    parts = [p for p, v in report["partitions"].items() if v.get("configs")]
+    if not parts:
+        return
+    figure = Figure(figsize=(6 * len(parts), 4.5), dpi=110, layout="constrained")
+    axes = figure.subplots(1, len(parts), squeeze=False)[0]
+    for axis, partition in zip(axes, parts, strict=True):
+        view = report["partitions"][partition]
+        for config, row in view["configs"].items():
+            run = row["runs"][min(row["runs"])]  # the first seed's curve
+            xs = [max(p[1], 1) for p in run["curve"]]
+            axis.plot(xs, [p[2] for p in run["curve"]], marker="o", markersize=2, label=config)
+        best = view.get("best_reference")
+        if best:
+            first = view["configs"][best]["runs"][min(view["configs"][best]["runs"])]
+            axis.axhline(first["final_heldout_loss"], color="grey", linestyle=":", linewidth=1)
+        axis.set(xscale="log", xlabel="cumulative bytes (log)", ylabel="held-out loss",
+                 title=f"{partition} (first seed; dotted: best reference's final)")  # fmt: skip
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="x-small")
+    figure.savefig(path)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    for partition, view in report["partitions"].items():
+        print(f"\n{partition}: best reference {view.get('best_reference')}")
+        print(f"{'config':<20}{'seeds':>6}{'reached':>8}{'total bytes':>14}{'final held-out':>18}"
+              f"{'× fewer (mean ± std)':>24}")  # fmt: skip
+        for config, row in (view.get("configs") or {}).items():
+            if "final_heldout_mean" not in row:
+                continue
+            fewer = (
+                f"{row['fewer_bytes_mean']:,.0f} ± {row['fewer_bytes_std']:,.0f}"
+                if row["fewer_bytes_mean"] is not None
+                else "not reached"
+            )
+            print(
+                f"{config:<20}{row['seeds']:>6}{row['reached']:>8}"
+                f"{row['total_bytes_mean']:>14,.0f}"
+                f"{row['final_heldout_mean']:>11.4f} ± {row['final_heldout_std']:.4f}"
+                f"{fewer:>24}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stage", choices=("all", "sweep", "grid", "mmlu", "report"),
+                        default="all")  # fmt: skip
+    parser.add_argument("--only", help="comma-separated configurations (default: all)")
+    parser.add_argument("--max-minutes", type=float, help="start no run after this long")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-comm-grid")
+    parser.add_argument("--json", type=Path, default=RESULTS / "comm_grid.json")
+    args = parser.parse_args(argv)
+    configs = args.only.split(",") if args.only else list(CONFIGS)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r} (known: {', '.join(CONFIGS)})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.max_minutes)
+    if args.stage in ("all", "sweep"):
+        for config in configs:
+            for rate in LEARNING_RATES:
+                name = run_name(config, "iid", SEEDS[0], rate)
+                ensure_run(args.out, name, settings(config, "iid", SEEDS[0], rate), budget)
+    chosen = chosen_rates(args.out, list(CONFIGS))
+    if args.stage in ("all", "grid"):
+        for seed in SEEDS:  # a seed at a time: a slice of the grid covers every configuration
+            for partition in PARTITIONS:
+                for config in configs:
+                    if config in chosen:
+                        rate = chosen[config]["rate"]
+                        name = run_name(config, partition, seed, rate)
+                        ensure_run(args.out, name, settings(config, partition, seed, rate), budget)
+    mmlu = run_mmlu(args.out, chosen, budget if args.stage in ("all", "mmlu") else Budget(1e-9))
+    report = {
+        "benchmark": "comm_grid",
+        "machine": f"{os.cpu_count()} CPU cores",
+        "regime": REGIME,
+        "partitions_settings": PARTITIONS,
+        "seeds": list(SEEDS),
+        "learning_rates": list(LEARNING_RATES),
+        "configs_settings": CONFIGS,
+        "references": list(REFERENCES),
+        "chosen": chosen,
+        "partitions": summarise(args.out, chosen),
+        "mmlu_loglik_1000": mmlu,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    draw(report, args.json.with_suffix(".png"))
+    print_table(report)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
