@@ -52,6 +52,7 @@ def _resume(tmp_path, name, model_dir, reference):
         ("between-rounds", "scaffold-ffa"),
         ("in-checkpoint", "fedadam-compressed"),
         ("between-rounds", "dp-central"),
+        ("between-rounds", "sb-int2-ef"),
     ],
 )
 def test_sigkill_then_resume(where, setup, reference_run, tiny_model_dir_module, tmp_path):
@@ -153,6 +154,43 @@ def test_a_compressed_run_pays_for_what_it_serializes(reference_run):
     trained = {e["partition_id"] for e in ledger}
     kept = {p.name for p in (run_dir / "node-state").iterdir()}
     assert kept == {f"partition-{p}" for p in trained}
+
+
+def test_the_r_by_r_adapter_at_two_bits_pays_for_what_it_serializes(reference_run):
+    """Only R travels: int2 down (ternary, four codes a byte, an fp16 scale per 64), a quarter of
+    each R's delta up (uint16 indices, int2 values, zstd); the ledger holds those bytes exactly."""
+    import math
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+    from safetensors.numpy import load_file
+
+    from fedtune.accounting.ledger import array_record_bytes
+    from fedtune.federation.rounds import zstd_bound
+
+    run_dir = reference_run("sb-int2-ef")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["codecs"] == {
+        "downlink": "int2 (blocks of 64, stochastic)",
+        "uplink": "delta,top-k=0.25,int2,zstd=3 (blocks of 64, stochastic) + error feedback",
+    }
+    snapshot = load_file(str(run_dir / "checkpoints" / "round-00002" / "adapter_model.safetensors"))
+    ranks = [v.shape[0] for k, v in snapshot.items() if k.endswith("lora_A.weight")]
+    cores = [r * r for r in ranks]  # one r×r matrix per adapted module
+    # The uncompressed message, as the board counts it, holds R alone (fp32, .npy headers).
+    fp32_r = ArrayRecord(
+        {f"r{i}": Array(np.zeros((r, r), np.float32)) for i, r in enumerate(ranks)}
+    )
+    assert summary["message_payload_bytes"] == array_record_bytes(fp32_r)
+    down = 8 + sum(math.ceil(n / 4) + 2 * math.ceil(n / 64) for n in cores)
+    kept = [math.ceil(0.25 * n) for n in cores]
+    up = 8 + sum(2 * k + math.ceil(k / 4) + 2 * math.ceil(k / 64) for k in kept)
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    assert {e["downlink_bytes"] for e in ledger} == {down}
+    assert all(0 < e["uplink_bytes"] <= zstd_bound(up) for e in ledger)
+    assert summary["communication"]["total_bytes"] == sum(
+        e["downlink_bytes"] + e["uplink_bytes"] for e in ledger
+    )
 
 
 def test_ffa_lora_sends_only_b_and_keeps_a_at_its_seeded_start_and_scaffold_pays_twice(
