@@ -20,6 +20,9 @@ Defaults, and why:
   waits for an operator even when reproduced; `ceiling.<track>` sets a track's ceiling outright.
 - `max-adapter-mib` 512: an 8B model's LoRA r = 32 on q, v in fp32 is ~80 MiB; all seven linear
   projections at r = 64 ~450 MiB.
+- `target-heldout-loss` unset: Cost-to-Target needs a target that the entries' held-out losses can
+  be compared against (the same base model, data and held-out rows); the operator who runs such a
+  board sets it, and the board then shows and sorts by each entry's bytes to reach it.
 """
 
 from __future__ import annotations
@@ -62,6 +65,13 @@ class Policy(BaseModel):
     )
     max_adapter_mib: int = Field(
         512, ge=1, le=16384, description="largest adapter weights file accepted, MiB"
+    )
+    target_heldout_loss: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="held-out loss of the board's 'To target' column: the bytes an entry's "
+        "curve sent until it reached it (unset: no column)",
     )
 
     @property

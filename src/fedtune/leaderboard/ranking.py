@@ -13,9 +13,11 @@ listed after every ranked row, unranked, in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from fedtune.accounting.targets import CurvePoint, cost_to_target
 from fedtune.leaderboard.entry import TRACK_TITLES, Entry, board_date
 from fedtune.leaderboard.reference import ReferenceRow
 from fedtune.units import format_gb
@@ -148,3 +150,20 @@ def pareto_front(entries: Iterable[Entry]) -> list[Entry]:
             front.append(entry)
             best = entry.average
     return front
+
+
+def round_curve(rounds: Sequence[Mapping[str, Any]]) -> list[CurvePoint]:
+    """An entry's rounds (its submission's `rounds`) as a curve: the cumulative bytes at the end
+    of each round that carries a held-out loss."""
+    points, sent = [], 0
+    for row in sorted(rounds, key=lambda r: int(r["round"])):
+        sent += int(row["downlink_bytes"]) + int(row["uplink_bytes"])
+        if row.get("heldout_loss") is not None:
+            points.append(CurvePoint(int(row["round"]), sent, float(row["heldout_loss"])))
+    return points
+
+
+def bytes_to_target(rounds: Sequence[Mapping[str, Any]], target: float) -> int | None:
+    """Cost-to-Target of an entry: the bytes its federation had sent when its held-out loss first
+    reached `target` (None: never, or no held-out losses submitted)."""
+    return cost_to_target(round_curve(rounds), target)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -107,15 +108,22 @@ def check_ledger(run_dir: Path, summary: SummaryRow) -> list[dict[str, Any]]:
                 f"ledger and summary disagree: the ledger's {key} add up to {value:,}, "
                 f"summary.json says {comm.get(key)!r}"
             )
-    losses = _check_metrics(run_dir, per_round)
-    return [{"round": r, **per_round[r], "train_loss": losses.get(r)} for r in sorted(per_round)]
+    losses, heldout = _check_metrics(run_dir, per_round)
+    return [
+        {"round": r, **per_round[r], "train_loss": losses.get(r), "heldout_loss": heldout.get(r)}
+        for r in sorted(per_round)
+    ]
 
 
-def _check_metrics(run_dir: Path, per_round: dict[int, dict[str, int]]) -> dict[int, float | None]:
+def _check_metrics(
+    run_dir: Path, per_round: dict[int, dict[str, int]]
+) -> tuple[dict[int, float | None], dict[int, float]]:
+    """Each round's train loss (None where it has none) and, where scored, held-out loss."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
-        return {}
+        return {}, {}
     losses: dict[int, float | None] = {}
+    heldout: dict[int, float] = {}
     for row in read_jsonl(path):
         number = row.get("round")
         if number not in per_round:
@@ -128,7 +136,10 @@ def _check_metrics(run_dir: Path, per_round: dict[int, dict[str, int]]) -> dict[
                 )
         loss = row.get("train_loss")
         losses[number] = float(loss) if isinstance(loss, int | float) else None
-    return losses
+        scored = row.get("heldout_loss")
+        if isinstance(scored, int | float) and math.isfinite(scored):
+            heldout[number] = float(scored)
+    return losses, heldout
 
 
 def check_adapter(run_dir: Path, summary: SummaryRow, results: EvalResults) -> Adapter:
@@ -273,18 +284,23 @@ def build_submission(
             "evaluation_file": str(results.path.relative_to(run_dir)),
         },
         "config": {k: v for k, v in config.items() if not isinstance(v, dict | list)},
-        "rounds": [
-            RoundRecord(
-                round=r["round"],
-                train_loss=r["train_loss"],
-                downlink_bytes=r["downlink_bytes"],
-                uplink_bytes=r["uplink_bytes"],
-                clients=r["clients"],
-            )
-            for r in rounds
-        ],
+        "rounds": [_round_record(r) for r in rounds],
         **_generations(results),
     }
+
+
+def _round_record(row: dict[str, Any]) -> RoundRecord:
+    """One round of the submission; its held-out loss where the run scored one."""
+    record = RoundRecord(
+        round=row["round"],
+        train_loss=row["train_loss"],
+        downlink_bytes=row["downlink_bytes"],
+        uplink_bytes=row["uplink_bytes"],
+        clients=row["clients"],
+    )
+    if row["heldout_loss"] is not None:
+        record["heldout_loss"] = row["heldout_loss"]
+    return record
 
 
 def generation_files(results: EvalResults) -> dict[str, Path]:

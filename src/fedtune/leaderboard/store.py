@@ -505,6 +505,20 @@ class Store:
             rows = db.execute(query + " ORDER BY id", args).fetchall()
         return [_entry(row) for row in rows]
 
+    def round_curves(self) -> dict[int, list[dict[str, Any]]]:
+        """Entry id → its submitted `rounds`, for the shown entries whose rounds carry held-out
+        losses (what the board's Cost-to-Target column reads; SQLite picks them out of the
+        details, so the board still decodes no entry's whole details)."""
+        with self.connect() as db:
+            rows = db.execute(
+                "SELECT id, json_extract(details, '$.rounds') FROM entries WHERE moderation = ? "
+                "AND EXISTS (SELECT 1 FROM json_each(details, '$.rounds') "
+                "WHERE json_extract(value, '$.heldout_loss') IS NOT NULL) "
+                "ORDER BY id",
+                (SHOWN,),
+            ).fetchall()
+        return {int(entry_id): json.loads(text) for entry_id, text in rows}
+
     def count(self) -> int:
         """The number of stored entries."""
         with self.connect() as db:

@@ -19,8 +19,8 @@ errors into the field and the reason a refusal names.
                "privacy": {"noise", "noise_multiplier", "clipping_norm", "delta", "accounting",
                            "releases": [int], "epsilon": number | null}},
      "provenance": {...}, "config": {key: scalar},
-     "rounds": [{"round": int, "train_loss": number | null, "downlink_bytes": int,
-                 "uplink_bytes": int, "clients": int}],
+     "rounds": [{"round": int, "train_loss": number | null, "heldout_loss": number | null,
+                 "downlink_bytes": int, "uplink_bytes": int, "clients": int}],
      "generations": {"stem": b64, "social_sciences": b64, "humanities": b64},
      "predictions": b64}
 
@@ -331,6 +331,9 @@ class RoundRecord(TypedDict):
 
     round: Positive
     train_loss: NotRequired[float | None]
+    # The held-out loss after the round, where the run scored it: the curve that Cost-to-Target
+    # reads (self-reported, as the bytes are).
+    heldout_loss: NotRequired[Annotated[float, Field(ge=0)] | None]
     downlink_bytes: Count
     uplink_bytes: Count
     clients: NotRequired[Count]

@@ -632,15 +632,16 @@ def _rounds(records: list[RoundRecord], total_bytes: int) -> list[dict[str, Any]
     for i, record in enumerate(records):
         if rounds and record["round"] <= rounds[-1]["round"]:
             raise SubmissionError(f"rounds[{i}].round", "rounds must be listed in increasing order")
-        rounds.append(
-            {
-                "round": record["round"],
-                "train_loss": record.get("train_loss"),
-                "downlink_bytes": record["downlink_bytes"],
-                "uplink_bytes": record["uplink_bytes"],
-                "clients": record.get("clients", 0),
-            }
-        )
+        row = {
+            "round": record["round"],
+            "train_loss": record.get("train_loss"),
+            "downlink_bytes": record["downlink_bytes"],
+            "uplink_bytes": record["uplink_bytes"],
+            "clients": record.get("clients", 0),
+        }
+        if record.get("heldout_loss") is not None:
+            row["heldout_loss"] = record["heldout_loss"]
+        rounds.append(row)
     summed = sum(r["downlink_bytes"] + r["uplink_bytes"] for r in rounds)
     if rounds and summed != total_bytes:
         raise SubmissionError(

@@ -46,7 +46,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedtune.leaderboard.entry import HIDDEN, REJECTED, TRACKS, Entry
-from fedtune.leaderboard.ranking import ALL_TRACKS, board_rows, pareto_front, rank
+from fedtune.leaderboard.ranking import (
+    ALL_TRACKS,
+    board_rows,
+    bytes_to_target,
+    pareto_front,
+    rank,
+)
 from fedtune.leaderboard.reference import constant_answer_rows
 from fedtune.leaderboard.render import row_record
 from fedtune.leaderboard.store import (
@@ -234,6 +240,12 @@ def create_app(
         page = min(_int_param(request, "page", 1, minimum=1), pages)
         start = (page - 1) * ROWS_PER_PAGE
         front = pareto_front(e for e in shown if e.ranked)
+        target = store.policy().target_heldout_loss
+        costs = (
+            None
+            if target is None
+            else {i: bytes_to_target(r, target) for i, r in store.round_curves().items()}
+        )
         chart = (
             f'<div class="wide-only">{score_vs_cost(shown, front, references)}</div>'
             f'<div class="narrow-only">{score_vs_cost(shown, front, references, compact=True)}</div>'
@@ -249,6 +261,8 @@ def create_app(
             pages=pages,
             first_row=start + 1,
             total_rows=len(rows),
+            target=target,
+            costs=costs,
         )
         return HTMLResponse(html)
 
@@ -257,7 +271,8 @@ def create_app(
         if found is None:
             return HTMLResponse(not_found_page("No such entry."), status_code=404)
         item, position = found
-        return HTMLResponse(entry_page(item, position, references))
+        target = store.policy().target_heldout_loss
+        return HTMLResponse(entry_page(item, position, references, target))
 
     def api_list(request: Request) -> Response:
         track, model = view(request)

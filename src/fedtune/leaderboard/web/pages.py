@@ -12,7 +12,7 @@ from typing import Any
 from fedtune.evaluation.metrics import percent
 from fedtune.evaluation.subjects import CATEGORY_SUBJECTS, SCORED_CATEGORIES
 from fedtune.leaderboard.entry import SUBMITTED, TRACK_TITLES, TRACKS, Entry, board_date
-from fedtune.leaderboard.ranking import ALL_TRACKS, BoardRow
+from fedtune.leaderboard.ranking import ALL_TRACKS, BoardRow, bytes_to_target, round_curve
 from fedtune.leaderboard.reference import ReferenceRow, scored_gold_distribution
 from fedtune.leaderboard.web.charts import css_name, esc, letter_bars, line_chart, status_classes
 from fedtune.units import MIB, format_gb
@@ -78,9 +78,12 @@ def board_page(
     pages: int = 1,
     first_row: int = 1,
     total_rows: int = 0,
+    target: float | None = None,
+    costs: dict[int, int | None] | None = None,
 ) -> str:
     """The home page: filters, the Average-vs-cost chart and the sortable ranked table (one page
-    of rows; the pager links the others)."""
+    of rows; the pager links the others). With a `target` held-out loss (the board's policy), a
+    last column gives each entry's bytes to reach it (`costs`: entry id → Cost-to-Target)."""
     body = [
         '<section class="intro"><h1>Federated LLM fine-tuning leaderboard</h1>'
         "<p>Ranked by Average (two decimals), then lower communication, then earlier date. "
@@ -94,7 +97,7 @@ def board_page(
         _filters(track, base_model, models),
         f'<section class="chart-box">{chart}</section>',
         f'<p class="count" id="row-count">{shown_entries} entries</p>',
-        _table(rows),
+        _table(rows, target, costs or {}),
         _pager(track, base_model, page, pages, first_row, len(rows), total_rows),
     ]
     return layout("fedtune leaderboard", "".join(body))
@@ -141,13 +144,20 @@ def _filters(track: str, base_model: str | None, models: Sequence[str]) -> str:
     return "".join(out)
 
 
-def _table(rows: Sequence[BoardRow]) -> str:
+def _table(rows: Sequence[BoardRow], target: float | None, costs: dict[int, int | None]) -> str:
     head = "".join(
         f'<th data-key="{key}" data-type="{kind}" aria-sort="none">'
         f'<button type="button" class="sort">{esc(title)}</button></th>'
         for key, title, kind in _COLUMNS
     )
-    body = "".join(_row(row) for row in rows)
+    if target is not None:
+        # Fewer bytes is better: the first click sorts it up, entries without a curve last.
+        head += (
+            '<th data-key="target" data-type="num" data-first="ascending" aria-sort="none" '
+            f'title="bytes sent until the held-out loss reached {target:g} (self-reported curves)">'
+            f'<button type="button" class="sort">To loss ≤ {target:g}</button></th>'
+        )
+    body = "".join(_row(row, target, costs) for row in rows)
     return (
         '<div class="table-wrap"><table id="board" class="board">'
         f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
@@ -165,9 +175,19 @@ def _clipped(text: str) -> str:
     return f'<span class="clip" title="{esc(text)}">{esc(text)}</span>'
 
 
-def _row(row: BoardRow) -> str:
+def _target_cell(target: float | None, cost: int | None) -> str:
+    if target is None:
+        return ""
+    if cost is None:
+        return _cell("", "—", "num")
+    return _cell(cost, esc(format_gb(cost)), "num")
+
+
+def _row(
+    row: BoardRow, target: float | None = None, costs: dict[int, int | None] | None = None
+) -> str:
     if row.entry is None:
-        return _reference_row(row)
+        return _reference_row(row, target)
     e = row.entry
     status = (
         ""
@@ -199,6 +219,7 @@ def _row(row: BoardRow) -> str:
             f"{esc(TRACK_TITLES.get(e.track, e.track))}</span>",
         ),
     ]
+    cells.append(_target_cell(target, (costs or {}).get(e.id or 0)))
     kind = "ranked" if e.ranked else "unranked"
     return (
         f'<tr class="entry {css_name(e.track)} {kind}" data-id="{e.id}" '
@@ -207,7 +228,7 @@ def _row(row: BoardRow) -> str:
     )
 
 
-def _reference_row(row: BoardRow) -> str:
+def _reference_row(row: BoardRow, target: float | None = None) -> str:
     r = row.reference
     assert r is not None
     cells = [
@@ -223,6 +244,7 @@ def _reference_row(row: BoardRow) -> str:
         _cell(r.humanities, f"{r.humanities:.2f}", "num"),
         _cell("", ""),
         _cell("reference", '<span class="track reference">reference</span>'),
+        _target_cell(target, None),
     ]
     return f'<tr class="reference" data-ref="{esc(r.letter)}">{"".join(cells)}</tr>'
 
@@ -336,7 +358,12 @@ def _verification(entry: Entry) -> str:
     return f'<section id="verification"><h2>Verification</h2>{_dl(lines)}{table}</section>'
 
 
-def entry_page(entry: Entry, rank: int | None, references: Sequence[ReferenceRow]) -> str:
+def entry_page(
+    entry: Entry,
+    rank: int | None,
+    references: Sequence[ReferenceRow],
+    target: float | None = None,
+) -> str:
     """An entry: scores by category and subject, answer letters, round plots, config, provenance."""
     d = entry.details
     evaluation = d.get("evaluation", {})
@@ -397,7 +424,7 @@ def entry_page(entry: Entry, rank: int | None, references: Sequence[ReferenceRow
         _scores(entry),
         _subjects(evaluation.get("subjects") or {}),
         _letters(evaluation.get("answer_distribution") or {}),
-        _rounds(d.get("rounds") or []),
+        _rounds(d.get("rounds") or [], target),
         _key_values("Setup", d.get("setup") or {}, "setup"),
         _key_values("Configuration", d.get("config") or {}, "config"),
         _key_values("Provenance", d.get("provenance") or {}, "provenance"),
@@ -485,16 +512,40 @@ def _letters(distribution: dict[str, int]) -> str:
     return f"<section>{title}{note}{charts}</section>"
 
 
-def _rounds(rounds: list[dict[str, Any]]) -> str:
+def _cost_to_target(rounds: list[dict[str, Any]], target: float | None) -> str:
+    """The entry's Cost-to-Target, said in a sentence (nothing without a curve)."""
+    curve = round_curve(rounds)
+    if not curve:
+        return ""
+    best = min(curve, key=lambda p: p.loss)
+    text = (
+        f"Held-out loss (self-reported) from {curve[0].loss:.4f} after round {curve[0].round} to "
+        f"{curve[-1].loss:.4f} after round {curve[-1].round}; lowest {best.loss:.4f}."
+    )
+    if target is not None:
+        cost = bytes_to_target(rounds, target)
+        reached = next((p.round for p in curve if p.loss <= target), None)
+        text += (
+            f" <strong>Bytes to held-out loss ≤ {target:g}: "
+            + (f"{format_gb(cost)} ({cost:,} bytes, round {reached})" if cost is not None
+               else "not reached")
+            + "</strong>."
+        )  # fmt: skip
+    return f'<p class="cost-to-target">{text}</p>'
+
+
+def _rounds(rounds: list[dict[str, Any]], target: float | None = None) -> str:
     title = "<h2>Training rounds</h2>"
     if not rounds:
         return f'<section>{title}<p class="empty">No per-round data for this entry.</p></section>'
+    title += _cost_to_target(rounds, target)
     xs = [float(r["round"]) for r in rounds]
     comm_series = [
         ("downlink MiB", [r["downlink_bytes"] / MIB for r in rounds]),
         ("uplink MiB", [r["uplink_bytes"] / MIB for r in rounds]),
     ]
     losses = [r.get("train_loss") for r in rounds]
+    heldout = [r.get("heldout_loss") for r in rounds]
     charts = []
     # Each chart twice: the wide one, and a compact one whose text stays readable on a phone
     # (the stylesheet shows one of them).
@@ -514,10 +565,13 @@ def _rounds(rounds: list[dict[str, Any]]) -> str:
             )
         )
         if any(v is not None for v in losses):
+            series = [("train loss", losses)]
+            if any(v is not None for v in heldout):
+                series.append(("held-out loss", heldout))
             charts.append(
                 line_chart(
                     xs,
-                    [("train loss", losses)],
+                    series,
                     chart_id=f"loss-chart{suffix}",
                     title="Training loss per round",
                     x_label="round",

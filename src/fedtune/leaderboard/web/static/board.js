@@ -17,9 +17,11 @@
     const headers = Array.from(table.tHead.rows[0].cells);
     const index = headers.indexOf(header);
     const type = header.getAttribute("data-type");
-    // First click: numbers high-to-low except Rank (and text A-Z); then alternate.
+    // First click: numbers high-to-low except Rank and columns marked data-first="ascending"
+    // (and text A-Z); then alternate.
     const current = header.getAttribute("aria-sort");
-    const firstDescending = type === "num" && header.getAttribute("data-key") !== "rank";
+    const firstDescending = type === "num" && header.getAttribute("data-key") !== "rank" &&
+      header.getAttribute("data-first") !== "ascending";
     let descending;
     if (current === "none") descending = firstDescending;
     else descending = current === "ascending";
