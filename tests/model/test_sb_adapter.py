@@ -24,6 +24,12 @@ from fedtune.model.variants import sb
 pytestmark = pytest.mark.unit
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own FEDTUNE_CACHE: the r×r factors one test computed are not another's."""
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def setup(smollm2_tokenizer, tiny_llama):
     """(config, init examples, pad id, the tiny-model builder of tests/conftest.py)."""
@@ -88,6 +94,7 @@ def test_gradient_and_svd_run_on_one_thread_whatever_the_callers_count(setup, mo
         return real_svd(*args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "svd", recording_svd)
+    monkeypatch.setattr(sb, "_read_cache", lambda key, ranks: None)  # computed both times
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -103,6 +110,39 @@ def test_gradient_and_svd_run_on_one_thread_whatever_the_callers_count(setup, mo
         torch.set_num_threads(before)
     travelling = travelling_keys("sb", state)
     assert frozen_digest(again, travelling) == frozen_digest(state, travelling)
+
+
+def test_the_factors_are_cached_and_read_back_bit_for_bit(setup, tmp_path, monkeypatch):
+    config, examples, pad, build = setup
+    computed = []
+    real = sb.init_gradients
+    monkeypatch.setattr(sb, "init_gradients", lambda *a, **k: computed.append(1) or real(*a, **k))
+    first = adapter_state(prepared(setup))
+    files = list((tmp_path / "cache" / sb.CACHE_DIR).glob("*.safetensors"))
+    assert len(computed) == 1 and len(files) == 1
+    again = adapter_state(prepared(setup))
+    assert len(computed) == 1  # read, not computed
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    # The adapter's own seeded start does not enter the first gradient (LoRA's B starts at 0):
+    # another seed reads the same factors.
+    prepare_adapter(build(), config.lora, config.train.seed + 1, examples, pad)
+    assert len(computed) == 1
+    # Another rank, other examples: other factors, computed.
+    other_rank = build_config({"model.lora.variant": "sb", "model.lora.peft-lora-r": 4})
+    prepare_adapter(build(), other_rank.lora, config.train.seed, examples, pad)
+    prepare_adapter(build(), config.lora, config.train.seed, examples[:2], pad)
+    assert len(computed) == 3
+    # A damaged file is computed again (and replaced), with the same bits.
+    files[0].write_bytes(b"not a safetensors file")
+    damaged = adapter_state(prepared(setup))
+    assert len(computed) == 4 and all(torch.equal(first[k], damaged[k]) for k in first)
+    assert files[0].stat().st_size > 100
+    # A cache that cannot be written (its folder is a file) is passed by.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    monkeypatch.setenv("FEDTUNE_CACHE", str(blocked / "cache"))
+    passed_by = adapter_state(prepared(setup))
+    assert len(computed) == 5 and all(torch.equal(first[k], passed_by[k]) for k in first)
 
 
 def test_averaging_r_is_exactly_averaging_the_updates(setup):

@@ -16,6 +16,14 @@ In the model, B·R is a small module in place of PEFT's lora_B (`SBUp`: a buffer
 parameter `core` = R); the adapter's tensors are `lora_A.weight` (A), `lora_B.basis` (B) and
 `lora_B.core` (R). Saved adapters are merged to plain PEFT LoRA — lora_A = A, lora_B = B·R, same
 r and α — which `fedtune eval`, `leaderboard submit` and PEFT load as any LoRA adapter.
+
+The first gradient on one thread is the r×r adapter's one cost that LoRA does not pay (~22 s on the
+embedded model on a 2-core CPU, per process: the server and every worker or node). Its result is
+kept in FEDTUNE_CACHE/sb-factors/, under a digest of everything that decides its bits — the base
+model's weights, the examples' tokens, each module's rank, the torch build and the machine — so
+a later process on the same machine and software reads A and B instead (bit for bit what it would
+compute). A cache that cannot be read or written is passed by: the factors are computed as before.
+On a GPU the gradient is quick and the cache is not used.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ if TYPE_CHECKING:
 
 CORE = ".lora_B.core"
 BASIS = ".lora_B.basis"
+CACHE_DIR = "sb-factors"
+CACHE_FORMAT = "fedtune r×r factors 1"
 
 
 def _module_class() -> Any:
@@ -112,28 +122,118 @@ def init_gradients(model: Any, examples: list[Any], pad_id: int) -> dict[str, to
     return gradients
 
 
-def install(model: Any, gradients: Mapping[str, torch.Tensor]) -> None:
-    """Set A and B from each gradient's truncated SVD, R = 0; freeze A."""
-    import torch
+def _lora_layers(model: Any) -> dict[str, Any]:
     from peft.tuners.lora.layer import LoraLayer
 
-    sb_up = _module_class()
-    module: Any
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        adapter = model.active_adapter
-        lora_a: Any = module.lora_A[adapter]
-        rank = lora_a.weight.shape[0]
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def factors(gradients: Mapping[str, torch.Tensor], ranks: Mapping[str, int], dtype: Any) -> dict:
+    """module name → (A, B): the top `rank` right and left singular vectors of its gradient."""
+    import torch
+
+    out = {}
+    for name, rank in ranks.items():
         with one_thread():
             u, _, vh = torch.linalg.svd(gradients[name], full_matrices=False)
         if u.shape[1] < rank:
             raise ValueError(f"{name}: rank {rank} is above the layer's size {u.shape[1]}")
-        dtype = lora_a.weight.dtype
+        out[name] = (vh[:rank, :].to(dtype).contiguous(), u[:, :rank].to(dtype).contiguous())
+    return out
+
+
+def install(model: Any, found: Mapping[str, tuple[Any, Any]]) -> None:
+    """Set each module's A and B (frozen) from `found` (`factors`), R = 0."""
+    import torch
+
+    sb_up = _module_class()
+    adapter = model.active_adapter
+    for name, module in _lora_layers(model).items():
+        lora_a: Any = module.lora_A[adapter]
+        a_factor, b_factor = found[name]
         with torch.no_grad():
-            lora_a.weight.copy_(vh[:rank, :].to(dtype))
+            lora_a.weight.copy_(a_factor)
         lora_a.weight.requires_grad_(False)
-        module.lora_B[adapter] = sb_up(u[:, :rank].to(dtype).contiguous())
+        module.lora_B[adapter] = sb_up(b_factor.contiguous())
+
+
+def factors_digest(model: Any, examples: list[Any], ranks: Mapping[str, int]) -> str:
+    """The cache key: a digest of everything the factors' bits depend on — the base weights (not
+    the adapter's, which the first gradient does not see: LoRA's B starts at 0), the examples'
+    tokens and masks, each module's rank and dtype, the torch build and the machine."""
+    import hashlib
+    import platform
+
+    import torch
+
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{platform.machine()}\n".encode())
+    digest.update(torch.__config__.show().encode())
+    digest.update(f"torch {torch.__version__}\n".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+    for example in examples:
+        digest.update(repr((example.input_ids, example.label_mask)).encode())
+    digest.update(repr(sorted(ranks.items())).encode())
+    return digest.hexdigest()
+
+
+def _cache_file(key: str) -> Any:
+    from fedtune.model.loading import cache_root
+
+    return cache_root() / CACHE_DIR / f"{key}.safetensors"
+
+
+def _read_cache(key: str, ranks: Mapping[str, int]) -> dict | None:
+    """The cached factors of `key`, or None (none, or not readable as what was stored)."""
+    from safetensors.torch import load_file
+
+    path = _cache_file(key)
+    try:
+        stored = load_file(str(path))
+        return {name: (stored[f"{name}.A"], stored[f"{name}.B"]) for name in ranks}
+    except Exception:  # noqa: BLE001 — missing, partial or foreign: computed again
+        return None
+
+
+def _write_cache(key: str, found: Mapping[str, tuple[Any, Any]]) -> None:
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        os.close(handle)
+        tensors = {f"{n}.{k}": t for n, (a, b) in found.items() for k, t in (("A", a), ("B", b))}
+        save_file(tensors, temp)
+        os.replace(temp, path)  # whole or not at all, also beside another process writing it
+    except OSError:
+        return  # a read-only or full cache: the factors were computed, nothing is lost
+
+
+def initialise_factors(model: Any, examples: list[Any], pad_id: int) -> bool:
+    """Set A and B of every module, from the cache when it holds them; True when it did."""
+    adapter = model.active_adapter
+    layers = _lora_layers(model)
+    ranks = {name: int(m.lora_A[adapter].weight.shape[0]) for name, m in layers.items()}
+    dtype = next(iter(layers.values())).lora_A[adapter].weight.dtype
+    # On a GPU the first gradient takes a second or two, less than hashing the weights would.
+    cached = next(model.parameters()).device.type == "cpu"
+    key = factors_digest(model, examples, ranks) if cached else ""
+    found = _read_cache(key, ranks) if cached else None
+    if found is not None:
+        install(model, found)
+        return True
+    found = factors(init_gradients(model, examples, pad_id), ranks, dtype)
+    install(model, found)
+    if cached:
+        _write_cache(key, found)
+    return False
 
 
 def peft_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,7 +274,7 @@ class SbVariant(AdapterVariant):
     def initialise(self, model: PeftModel, examples: list[Any], pad_id: int) -> None:
         if not examples:
             raise ValueError("the sb variant needs examples for its first gradient")
-        install(model, init_gradients(model, examples, pad_id))
+        initialise_factors(model, examples, pad_id)
 
     def freeze(self, model: PeftModel) -> None:
         freeze_a_factors(model)
