@@ -90,6 +90,13 @@ CONFIGS: dict[str, list[str]] = {
         "compress.uplink=delta,int2,zstd",
         *EF,
     ],  # fmt: skip
+    # Low-rank updates of R: each R's delta as rank-8 factors (32+32)·8 = 512 values, not 1,024.
+    "sb32-lr8-int4-ef": [
+        *SB32,
+        "compress.downlink=int8,zstd",
+        "compress.uplink=delta,low-rank=8,int4,zstd",
+        *EF,
+    ],  # fmt: skip
     # Lower rank, fewest bytes: r = 16 at 2 bits.
     "sb16-int2-ef": [
         "model.lora.variant=sb",

@@ -423,7 +423,7 @@ class CompressConfig(Section):
         "compress.downlink",
         "fp32",
         "Codec of the server → client adapter: fp32 (as sent today), fp16, bf16, int8, int4, int2, "
-        "optionally with top-k=F and zstd, comma-separated (e.g. 'int8,zstd').",
+        "optionally with top-k=F or low-rank=K and zstd, comma-separated (e.g. 'int8,zstd').",
     )
     uplink: str = setting(
         "compress.uplink",

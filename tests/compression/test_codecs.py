@@ -106,6 +106,27 @@ def test_int2_is_ternary_packed_four_a_byte_and_unbiased_with_stochastic_roundin
     assert abs(float(back.mean()) - 0.3) < 0.02
 
 
+def test_low_rank_sends_each_matrix_as_its_best_rank_k_factors():
+    rng = np.random.default_rng(4)
+    exact = (rng.standard_normal((40, 3)) @ rng.standard_normal((3, 30))).astype(np.float32)
+    full = rng.standard_normal((32, 32)).astype(np.float32)
+    tensors = {"rank3": exact, "full": full, "vector": rng.standard_normal(50).astype(np.float32),
+               "thin": rng.standard_normal((2, 64)).astype(np.float32)}  # fmt: skip
+    spec, blob, back = round_trip("low-rank=3", tensors)
+    # (m + n)·k fp32 values for the two matrices it makes smaller; the rest dense.
+    assert len(blob) == 8 + 4 * ((40 + 30) * 3 + (32 + 32) * 3 + 50 + 2 * 64)
+    np.testing.assert_allclose(back["rank3"], exact, atol=1e-5)  # rank 3: nothing lost
+    assert np.array_equal(back["vector"], tensors["vector"])
+    assert np.array_equal(back["thin"], tensors["thin"])  # rank 2 < 3: sent as it is
+    # A full-rank matrix: the error is exactly what its discarded singular values hold.
+    singular = np.linalg.svd(full.astype(np.float64), compute_uv=False)
+    lost = np.linalg.norm(back["full"].astype(np.float64) - full)
+    assert lost == pytest.approx(np.sqrt((singular[3:] ** 2).sum()), rel=1e-5)
+    # With a value format the factors are quantized; sizes as serialized.
+    _, blob8, _ = round_trip("low-rank=3,int8", {"full": full}, block_size=64)
+    assert len(blob8) == 8 + sum(n + 2 * math.ceil(n / 64) for n in (32 * 3, 3 * 32))
+
+
 def test_top_k_keeps_exactly_the_largest_entries():
     tensors = adapter()
     _, _, back = round_trip("top-k=0.1,fp32", tensors)
@@ -156,20 +177,22 @@ def test_quantized_and_sparse_payloads_are_much_smaller_than_fp32():
     assert len(encode_payload(tensors, parse_spec("top-k=0.05,int8,zstd"))) < fp32 / 20
 
 
-def test_error_feedback_carries_exactly_the_residual():
-    codec = MessageCodec(parse_spec("delta,top-k=0.1,int4", error_feedback=True))
+@pytest.mark.parametrize("lossy", ["top-k=0.1,int4", "low-rank=2,int4"])
+def test_error_feedback_carries_exactly_the_residual(lossy):
+    codec = MessageCodec(parse_spec(f"delta,{lossy}", error_feedback=True))
     reference = adapter(0)
     first, second = adapter(1), adapter(2)
     record, residual = codec.encode(first, reference=reference)
     sent = codec.decode(record, layout(first), reference=reference)
+    decoded = decode_payload(bytes(record["fedtune.codec"].data), codec.spec, shapes(first))
     for key in first:
         delta = first[key] - reference[key]
-        # what was lost this round, bit for bit
-        assert np.array_equal(residual[key], delta - (sent[key].numpy() - reference[key]))
+        # what was lost this round, bit for bit: the delta less what the payload carries
+        assert np.array_equal(residual[key], delta - decoded[key])
     record2, residual2 = codec.encode(second, reference=reference, residual=residual)
     # The second message is the codec applied to (update + residual), nothing else.
     carried = {k: (second[k] - reference[k]) + residual[k] for k in second}
-    plain = MessageCodec(parse_spec("top-k=0.1,int4"))
+    plain = MessageCodec(parse_spec(lossy))
     expected, _ = plain.encode(carried)
     assert record2["fedtune.codec"].data == expected["fedtune.codec"].data
     # Nothing is lost over the two rounds but the last residual.
@@ -229,6 +252,9 @@ def test_bad_payloads_are_refused():
         ("gzip", {}, "unknown stage"),
         ("delta,int8", {"direction": "downlink"}, "uplink-only"),
         ("fp32", {"error_feedback": True}, "needs a lossy codec"),
+        ("low-rank=0", {}, "needs a rank >= 1"),
+        ("low-rank=x", {}, "needs a rank >= 1"),
+        ("top-k=0.1,low-rank=2", {}, "do not combine"),
     ],
 )
 def test_bad_specs_are_refused(text, kwargs, message):
@@ -237,6 +263,7 @@ def test_bad_specs_are_refused(text, kwargs, message):
 
 
 def test_spec_text_round_trips():
+    assert parse_spec("delta,low-rank=4,int2").describe() == "delta,low-rank=4,int2 (blocks of 64)"
     spec = parse_spec(" delta , top-k=0.05 , int4 , zstd ", stochastic=True)
     assert spec.describe() == "delta,top-k=0.05,int4,zstd=3 (blocks of 64, stochastic)"
     assert parse_spec("delta,top-k=0.05,int4,zstd=3", stochastic=True) == spec
@@ -245,8 +272,10 @@ def test_spec_text_round_trips():
 
 
 @pytest.mark.parametrize(
-    "text", ["fp32", "int8", "delta,int8,zstd", "delta,top-k=0.05,int4,zstd", "fp16,zstd"]
-)
+    "text",
+    ["fp32", "int8", "delta,int8,zstd", "delta,top-k=0.05,int4,zstd", "fp16,zstd",
+     "delta,low-rank=2,int8,zstd"],
+)  # fmt: skip
 def test_the_budget_never_undercounts_a_first_reply(text):
     """Before any reply, the byte budget estimates one from the global adapter; a real reply
     (any values, here random) must not be larger than that estimate."""

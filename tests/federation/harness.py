@@ -47,12 +47,12 @@ SETUPS: dict[str, tuple[str, ...]] = {
         "dp.noise-multiplier=0.5",
         "compress.uplink=delta,int8",
     ),
-    # The r×r adapter (only R travels) with 2-bit codecs: a quarter of each R's delta, ternary,
-    # stochastically rounded, error feedback; int2 down.
+    # The r×r adapter (only R travels) with 2-bit codecs: each R's delta as rank-2 factors,
+    # ternary, stochastically rounded, error feedback; int2 down.
     "sb-int2-ef": (
         "model.lora.variant=sb",
         "compress.downlink=int2",
-        "compress.uplink=delta,top-k=0.25,int2,zstd",
+        "compress.uplink=delta,low-rank=2,int2,zstd",
         "compress.error-feedback=true",
         "compress.stochastic-rounding=true",
     ),

@@ -157,8 +157,8 @@ def test_a_compressed_run_pays_for_what_it_serializes(reference_run):
 
 
 def test_the_r_by_r_adapter_at_two_bits_pays_for_what_it_serializes(reference_run):
-    """Only R travels: int2 down (ternary, four codes a byte, an fp16 scale per 64), a quarter of
-    each R's delta up (uint16 indices, int2 values, zstd); the ledger holds those bytes exactly."""
+    """Only R travels: int2 down (ternary, four codes a byte, an fp16 scale per 64), each R's delta
+    up as rank-2 factors (int2, zstd); the ledger holds those bytes exactly."""
     import math
 
     import numpy as np
@@ -172,7 +172,7 @@ def test_the_r_by_r_adapter_at_two_bits_pays_for_what_it_serializes(reference_ru
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["codecs"] == {
         "downlink": "int2 (blocks of 64, stochastic)",
-        "uplink": "delta,top-k=0.25,int2,zstd=3 (blocks of 64, stochastic) + error feedback",
+        "uplink": "delta,low-rank=2,int2,zstd=3 (blocks of 64, stochastic) + error feedback",
     }
     snapshot = load_file(str(run_dir / "checkpoints" / "round-00002" / "adapter_model.safetensors"))
     ranks = [v.shape[0] for k, v in snapshot.items() if k.endswith("lora_A.weight")]
@@ -183,8 +183,8 @@ def test_the_r_by_r_adapter_at_two_bits_pays_for_what_it_serializes(reference_ru
     )
     assert summary["message_payload_bytes"] == array_record_bytes(fp32_r)
     down = 8 + sum(math.ceil(n / 4) + 2 * math.ceil(n / 64) for n in cores)
-    kept = [math.ceil(0.25 * n) for n in cores]
-    up = 8 + sum(2 * k + math.ceil(k / 4) + 2 * math.ceil(k / 64) for k in kept)
+    factor_values = [2 * r for r in ranks]  # r×2 and 2×r, each its own scales
+    up = 8 + sum(2 * (math.ceil(n / 4) + 2 * math.ceil(n / 64)) for n in factor_values)
     ledger = read_jsonl(run_dir / "ledger.jsonl")
     assert {e["downlink_bytes"] for e in ledger} == {down}
     assert all(0 < e["uplink_bytes"] <= zstd_bound(up) for e in ledger)

@@ -6,6 +6,9 @@ A codec is a chain of small stages, written as a spec string such as `delta,top-
   server adds it back to the global it sent. A lossy downlink therefore never biases the update.
 - `top-k=F`: per tensor, keep the ⌈F·n⌉ entries of largest magnitude; their indices travel
   (uint16 when the tensor has at most 65,536 entries, else uint32), the rest are zero.
+- `low-rank=K`: per matrix (2-D tensor) of m×n with K < min(m, n), its best rank-K approximation
+  (truncated SVD) as two factors, U·S (m×K) then Vᵀ (K×n), in the value format: (m + n)·K values
+  instead of m·n; the receiver multiplies them back. Other tensors go dense. Not with top-k.
 - one value format for the dense tensor or the kept values: `fp32` (lossless, the default),
   `fp16`, `bf16` (round to nearest even), `int8`, `int4` or `int2`: symmetric block quantization
   with one fp16 scale per `compress.block-size` values (scale = the block's largest magnitude / 127,
@@ -58,6 +61,7 @@ class CodecSpec:
 
     delta: bool = False
     top_k: float = 0.0  # fraction kept per tensor; 0 = dense
+    low_rank: int = 0  # rank of each matrix's factors; 0 = dense
     values: str = "fp32"
     zstd: int = 0  # level; 0 = off
     block_size: int = 64
@@ -67,17 +71,19 @@ class CodecSpec:
     @property
     def identity(self) -> bool:
         """Sends the fp32 adapter as it is (the board's plain ArrayRecord, no codec payload)."""
-        return not (self.delta or self.top_k or self.values != "fp32" or self.zstd)
+        return not (self.delta or self.top_k or self.low_rank or self.values != "fp32" or self.zstd)
 
     @property
     def lossy(self) -> bool:
-        return bool(self.top_k) or self.values != "fp32"
+        return bool(self.top_k) or bool(self.low_rank) or self.values != "fp32"
 
     def describe(self) -> str:
         """The canonical spec string (what parse_spec reads back)."""
         parts = ["delta"] if self.delta else []
         if self.top_k:
             parts.append(f"top-k={self.top_k:g}")
+        if self.low_rank:
+            parts.append(f"low-rank={self.low_rank}")
         parts.append(self.values)
         if self.zstd:
             parts.append(f"zstd={self.zstd}")
@@ -125,6 +131,10 @@ def parse_spec(
             if not 0 < fraction < 1:
                 raise CodecError(f"{text!r}: top-k fraction must be in (0, 1), got {fraction}")
             spec = replace(spec, top_k=fraction)
+        elif name == "low-rank":
+            if not value.isdigit() or int(value) < 1:
+                raise CodecError(f"{text!r}: low-rank needs a rank >= 1, e.g. low-rank=4")
+            spec = replace(spec, low_rank=int(value))
         elif name == "zstd":
             level = int(value) if value.lstrip("-").isdigit() else (3 if not value else None)
             if level is None or not 1 <= level <= 22:
@@ -132,18 +142,22 @@ def parse_spec(
             spec = replace(spec, zstd=level)
         else:
             raise CodecError(
-                f"{text!r}: unknown stage {raw!r} (stages: delta, top-k=F, "
+                f"{text!r}: unknown stage {raw!r} (stages: delta, top-k=F, low-rank=K, "
                 f"{'/'.join(VALUE_FORMATS)}, zstd[=L])"
             )
     if block_size < 1:
         raise CodecError(f"block size must be >= 1, got {block_size}")
+    if spec.top_k and spec.low_rank:
+        raise CodecError(f"{text!r}: top-k and low-rank do not combine (one or the other)")
     if direction == "downlink" and spec.delta:
         raise CodecError(f"{text!r}: delta is uplink-only (a node may have missed earlier globals)")
     if error_feedback:
         if direction != "uplink":
             raise CodecError("error feedback is uplink-only")
         if not spec.lossy:
-            raise CodecError(f"{text!r}: error feedback needs a lossy codec (top-k or < fp32)")
+            raise CodecError(
+                f"{text!r}: error feedback needs a lossy codec (top-k, low-rank or < fp32)"
+            )
         spec = replace(spec, error_feedback=True)
     return spec
 
@@ -251,6 +265,17 @@ def layout_crc(layout: Mapping[str, tuple[int, ...]]) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
+def _factored(shape: tuple[int, ...], spec: CodecSpec) -> bool:
+    """Whether `low-rank` sends this tensor as two factors (a matrix it makes smaller)."""
+    return bool(spec.low_rank) and len(shape) == 2 and spec.low_rank < min(shape)
+
+
+def _low_rank_factors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """U·S (m×rank) and Vᵀ (rank×n) of the matrix's truncated SVD (computed in float64)."""
+    u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+    return (u[:, :rank] * s[:rank]).astype(np.float32), vt[:rank, :].astype(np.float32)
+
+
 def _kept(size: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * size))
 
@@ -267,6 +292,11 @@ def encode_payload(
     parts = [MAGIC, struct.pack("<BxI", FORMAT_VERSION, layout_crc(layout))]
     for values in tensors.values():
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        if _factored(values.shape, spec):
+            left, right = _low_rank_factors(np.asarray(values, dtype=np.float32), spec.low_rank)
+            parts.append(_encode_values(left.reshape(-1), spec, rng))
+            parts.append(_encode_values(right.reshape(-1), spec, rng))
+            continue
         if spec.top_k:
             k = _kept(flat.size, spec.top_k)
             index = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
@@ -310,6 +340,19 @@ def decode_payload(
     offset = 8
     for key, shape in layout.items():
         size = math.prod(shape)
+        if _factored(shape, spec):
+            rows, cols = shape
+            factors = []
+            for count in (rows * spec.low_rank, spec.low_rank * cols):
+                length = _value_bytes(count, spec)
+                if offset + length > len(blob):
+                    raise CodecError(f"payload is truncated at {key}")
+                factors.append(_decode_values(blob[offset : offset + length], count, spec))
+                offset += length
+            left = factors[0].reshape(rows, spec.low_rank)
+            right = factors[1].reshape(spec.low_rank, cols)
+            out[key] = (left @ right).astype(np.float32)
+            continue
         count = size
         index = None
         if spec.top_k:
