@@ -1,0 +1,71 @@
+"""bench/comm_grid.py's bookkeeping on run directories written here: the sweep's choice, the best
+reference, each configuration's Cost-to-Target against it and the ratio over the seeds."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import comm_grid as grid  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def fake_run(out: Path, name: str, heldout: list[float], per_round: int) -> None:
+    """A finished run: held-out loss before training and after each round, bytes per round."""
+    run = out / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {}, "digest": "x"}))
+    rows = [
+        {"round": r, "train_loss": 2.0, "heldout_loss": heldout[r],
+         "downlink_bytes": per_round // 2, "uplink_bytes": per_round // 2}
+        for r in range(1, len(heldout))
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"server_eval": {"0": {"heldout_loss": heldout[0]}}, "seconds": 1.0,
+               "codecs": {"downlink": "fp32", "uplink": "fp32"}}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "status.json").write_text(json.dumps({"state": "completed"}))
+
+
+def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_the_best_reference(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(grid, "PARTITIONS", {"iid": []})
+    monkeypatch.setattr(grid, "SEEDS", (1, 2))
+    monkeypatch.setattr(grid, "LEARNING_RATES", (1e-3, 2e-3))
+    monkeypatch.setattr(grid, "REFERENCES", ("lora-r8", "lora-r32"))
+    configs = ["lora-r8", "lora-r32", "sb32-int8"]
+    # Sweep (seed 1, iid): r8 best at 2e-3, r32 at 1e-3, sb at 2e-3.
+    sweep = {("lora-r8", 1e-3): 2.6, ("lora-r8", 2e-3): 2.5, ("lora-r32", 1e-3): 2.4,
+             ("lora-r32", 2e-3): 2.45, ("sb32-int8", 1e-3): 2.7, ("sb32-int8", 2e-3): 2.35}  # fmt: skip
+    for (config, rate), final in sweep.items():
+        fake_run(tmp_path, grid.run_name(config, "iid", 1, rate), [3.0, 2.8, final], 1000)
+    chosen = grid.chosen_rates(tmp_path, configs)
+    assert {c: v["rate"] for c, v in chosen.items()} == {
+        "lora-r8": 2e-3, "lora-r32": 1e-3, "sb32-int8": 2e-3
+    }  # fmt: skip
+    assert chosen["lora-r8"]["sweep"] == {"lr0.001": 2.6, "lr0.002": 2.5}
+    # Both seeds at the chosen rates: r32 (4,000 bytes a round) ends lower than r8 on average,
+    # so it is the reference; sb (20 bytes a round) reaches r32's final loss of seed 1 (2.4) in
+    # round 2 — 40 bytes against r32's 8,000, 200× fewer — and never reaches seed 2's (2.42).
+    fake_run(tmp_path, grid.run_name("lora-r8", "iid", 2, 2e-3), [3.0, 2.8, 2.5], 1000)
+    (tmp_path / grid.run_name("lora-r32", "iid", 1, 1e-3)).rename(tmp_path / "old")
+    fake_run(tmp_path, grid.run_name("lora-r32", "iid", 1, 1e-3), [3.0, 2.7, 2.4], 4000)
+    fake_run(tmp_path, grid.run_name("lora-r32", "iid", 2, 1e-3), [3.0, 2.7, 2.42], 4000)
+    fake_run(tmp_path, grid.run_name("sb32-int8", "iid", 2, 2e-3), [3.0, 2.9, 2.5], 20)
+    (tmp_path / grid.run_name("sb32-int8", "iid", 1, 2e-3)).rename(tmp_path / "old-sb")
+    fake_run(tmp_path, grid.run_name("sb32-int8", "iid", 1, 2e-3), [3.0, 2.6, 2.35], 20)
+    report = grid.summarise(tmp_path, chosen)["iid"]
+    assert report["best_reference"] == "lora-r32"
+    r32, sb = report["configs"]["lora-r32"], report["configs"]["sb32-int8"]
+    assert r32["reached"] == 2 and r32["fewer_bytes_mean"] == 1.0  # itself: at its last round
+    assert sb["seeds"] == 2 and sb["reached"] == 1
+    assert sb["runs"][1]["cost_to_target"] == 40  # round 2 of seed 1 reached 2.4
+    assert sb["runs"][2]["cost_to_target"] is None  # seed 2 ended at 2.5 > 2.42
+    assert sb["fewer_bytes_mean"] == pytest.approx(8000 / 40)
+    assert sb["final_heldout_mean"] == pytest.approx((2.35 + 2.5) / 2)
