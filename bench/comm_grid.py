@@ -173,6 +173,19 @@ def describe_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def sweep_state(out: Path, configs: list[str]) -> dict[str, dict[str, float | None]]:
+    """Each configuration's sweep so far: rate → final held-out loss (None: not run yet)."""
+    state = {}
+    for config in configs:
+        row: dict[str, float | None] = {}
+        for rate in LEARNING_RATES:
+            run_dir = out / run_name(config, "iid", SEEDS[0], rate)
+            done = (run_dir / SUMMARY_FILE).exists()
+            row[rate_name(rate)] = read_curves(run_dir).final_heldout if done else None
+        state[config] = row
+    return state
+
+
 def chosen_rates(out: Path, configs: list[str]) -> dict[str, dict[str, Any]]:
     """Each configuration's sweep (final held-out loss by rate, first seed, iid) and the rate
     with the lowest one; configurations whose sweep is incomplete are left out."""
@@ -306,6 +319,13 @@ def draw(report: dict[str, Any], path: Path) -> None:
 
 
 def print_table(report: dict[str, Any]) -> None:
+    rates = [rate_name(r) for r in LEARNING_RATES]
+    print(f"sweep (seed {SEEDS[0]}, iid): final held-out loss by train.learning-rate-max")
+    print(f"{'config':<20}" + "".join(f"{r:>10}" for r in rates) + f"{'chosen':>10}")
+    for config, row in report["sweep"].items():
+        cells = "".join(f"{row[r]:>10.4f}" if row[r] is not None else f"{'–':>10}" for r in rates)
+        pick = report["chosen"].get(config)
+        print(f"{config:<20}{cells}{rate_name(pick['rate']) if pick else '–':>10}")
     for partition, view in report["partitions"].items():
         print(f"\n{partition}: best reference {view.get('best_reference')}")
         print(f"{'config':<20}{'seeds':>6}{'reached':>8}{'total bytes':>14}{'final held-out':>18}"
@@ -367,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "learning_rates": list(LEARNING_RATES),
         "configs_settings": CONFIGS,
         "references": list(REFERENCES),
+        "sweep": sweep_state(args.out, list(CONFIGS)),
         "chosen": chosen,
         "partitions": summarise(args.out, chosen),
         "mmlu_loglik_1000": mmlu,
