@@ -155,7 +155,11 @@ def ensure_run(out: Path, name: str, sets: list[str], budget: Budget) -> Path | 
         for item in [*sets, f"run.output-dir={out}", f"run.name={name}"]:
             command += ["--set", item]
     print(f"[{name}] training …", flush=True)
-    seconds = run_logged(command, out / f"{name}.log")
+    try:
+        seconds = run_logged(command, out / f"{name}.log")
+    except SystemExit as failed:  # one failed run does not stop the grid; the next call retries it
+        print(f"[{name}] failed: {failed}", flush=True)
+        return None
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
     return run_dir
 
