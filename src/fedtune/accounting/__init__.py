@@ -10,7 +10,8 @@ Public API:
   - record_payload_bytes: payload bytes and array count over a message's records
   - record_wire_bytes: size of a RecordDict as Flower serializes it for the wire
 - targets: Cost-to-Target and Quality-under-Budget over a run's held-out loss by bytes
-  - CurvePoint, curve: the evaluated rounds as (round, cumulative bytes, held-out loss)
+  - CurvePoint: one evaluated round as (round, cumulative bytes, held-out loss)
+  - curve: a run's evaluated rounds as CurvePoints, in round order
   - cost_to_target: bytes by the first round at or below a target loss
   - quality_under_budget: the lowest loss within a byte budget
   - fewer_bytes: a reference's total bytes over a cost-to-target
