@@ -39,15 +39,15 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     monkeypatch.setattr(grid, "SEEDS", (1, 2))
     monkeypatch.setattr(grid, "LEARNING_RATES", (1e-3, 2e-3))
     monkeypatch.setattr(grid, "REFERENCES", ("lora-r8", "lora-r32"))
-    configs = ["lora-r8", "lora-r32", "sb32-int8"]
+    configs = ["lora-r8", "lora-r32", "sb32-int4-ef"]
     # Sweep (seed 1, iid): r8 best at 2e-3, r32 at 1e-3, sb at 2e-3.
     sweep = {("lora-r8", 1e-3): 2.6, ("lora-r8", 2e-3): 2.5, ("lora-r32", 1e-3): 2.4,
-             ("lora-r32", 2e-3): 2.45, ("sb32-int8", 1e-3): 2.7, ("sb32-int8", 2e-3): 2.35}  # fmt: skip
+             ("lora-r32", 2e-3): 2.45, ("sb32-int4-ef", 1e-3): 2.7, ("sb32-int4-ef", 2e-3): 2.35}  # fmt: skip
     for (config, rate), final in sweep.items():
         fake_run(tmp_path, grid.run_name(config, "iid", 1, rate), [3.0, 2.8, final], 1000)
     chosen = grid.chosen_rates(tmp_path, configs)
     assert {c: v["rate"] for c, v in chosen.items()} == {
-        "lora-r8": 2e-3, "lora-r32": 1e-3, "sb32-int8": 2e-3
+        "lora-r8": 2e-3, "lora-r32": 1e-3, "sb32-int4-ef": 2e-3
     }  # fmt: skip
     assert chosen["lora-r8"]["sweep"] == {"lr0.001": 2.6, "lr0.002": 2.5}
     # Both seeds at the chosen rates: r32 (4,000 bytes a round) ends lower than r8 on average,
@@ -57,12 +57,12 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     (tmp_path / grid.run_name("lora-r32", "iid", 1, 1e-3)).rename(tmp_path / "old")
     fake_run(tmp_path, grid.run_name("lora-r32", "iid", 1, 1e-3), [3.0, 2.7, 2.4], 4000)
     fake_run(tmp_path, grid.run_name("lora-r32", "iid", 2, 1e-3), [3.0, 2.7, 2.42], 4000)
-    fake_run(tmp_path, grid.run_name("sb32-int8", "iid", 2, 2e-3), [3.0, 2.9, 2.5], 20)
-    (tmp_path / grid.run_name("sb32-int8", "iid", 1, 2e-3)).rename(tmp_path / "old-sb")
-    fake_run(tmp_path, grid.run_name("sb32-int8", "iid", 1, 2e-3), [3.0, 2.6, 2.35], 20)
+    fake_run(tmp_path, grid.run_name("sb32-int4-ef", "iid", 2, 2e-3), [3.0, 2.9, 2.5], 20)
+    (tmp_path / grid.run_name("sb32-int4-ef", "iid", 1, 2e-3)).rename(tmp_path / "old-sb")
+    fake_run(tmp_path, grid.run_name("sb32-int4-ef", "iid", 1, 2e-3), [3.0, 2.6, 2.35], 20)
     report = grid.summarise(tmp_path, chosen)["iid"]
     assert report["best_reference"] == "lora-r32"
-    r32, sb = report["configs"]["lora-r32"], report["configs"]["sb32-int8"]
+    r32, sb = report["configs"]["lora-r32"], report["configs"]["sb32-int4-ef"]
     assert r32["reached"] == 2 and r32["fewer_bytes_mean"] == 1.0  # itself: at its last round
     assert sb["seeds"] == 2 and sb["reached"] == 1
     assert sb["runs"][1]["cost_to_target"] == 40  # round 2 of seed 1 reached 2.4

@@ -90,6 +90,40 @@ def test_held_for_review_until_an_operator_approves(store):
                        "approve"]  # fmt: skip
 
 
+def test_a_verification_every_worker_loses_stalls_until_an_operator_requeues_it(store, capsys):
+    from .lb_submissions import admit, honest_answers, make_submission
+
+    store.set_policy("max-attempts", "2", actor="ana")
+    checked = validate_submission_checked(make_submission("Crashy", generations=True))
+    entry_id = admit(store, checked, reproduce=False)
+
+    def lose_lease() -> None:  # the worker died: its lease runs out without a word from it
+        with sqlite3.connect(store.path) as db:
+            db.execute("UPDATE verifications SET lease_expires = 0 WHERE entry_id = ?", (entry_id,))
+
+    for attempt in (1, 2):
+        job = store.claim_verification(f"w{attempt}")
+        assert job["entry_id"] == entry_id and job["attempt"] == attempt
+        assert store.verification(entry_id)["state"] == "running"
+        lose_lease()
+    assert store.claim_verification("w3") is None  # not handed out a third time
+    assert store.verification(entry_id)["state"] == "stalled"
+    assert [(q["entry_id"], q["state"], q["attempts"]) for q in store.queue()] == [
+        (entry_id, "stalled", 2)
+    ]
+    assert store.get(entry_id).status == "pending" and not store.get(entry_id).ranked
+    assert main(["leaderboard", "queue", "--data-dir", str(store.path.parent)]) == 0
+    printed = capsys.readouterr().out
+    assert f"entry {entry_id} Crashy: stalled, attempt 2" in printed
+    assert f"stalled (every worker that took them lost them): {entry_id};" in printed
+    # The operator's requeue gives it one more try, and an honest worker finishes it.
+    store.requeue(entry_id, actor="ana", reason="verifier fixed")
+    job = store.claim_verification("w4")
+    assert job["attempt"] == 3
+    store.finish_verification(entry_id, job["lease"], honest_answers(store, job), {})
+    assert store.get(entry_id).status == "reproduced" and store.queue() == []
+
+
 def validate_submission_checked(payload):
     from fedtune.leaderboard.validation import check_submission
 

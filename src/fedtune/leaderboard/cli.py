@@ -605,6 +605,12 @@ def _queue(args: argparse.Namespace) -> int:
             f"{progress.get('done', 0)}/{progress.get('total', '?')} questions{left}"
         )
     print(f"{len(waiting)} verification(s) waiting")
+    stalled = [str(item["entry_id"]) for item in waiting if item["state"] == "stalled"]
+    if stalled:
+        print(
+            f"stalled (every worker that took them lost them): {', '.join(stalled)}; "
+            "`fedtune leaderboard requeue ID --reason …` gives one more try"
+        )
     return 0
 
 

@@ -16,6 +16,10 @@ Defaults, and why:
   differed from the verifier's (greedy outputs can differ in the last bits of a logit).
 - `lease-s` 900: how long a claimed verification stays with its worker without a sign of life;
   a worker reports progress at least every third of it, so only a dead or cut-off worker loses it.
+- `max-attempts` 3: how many workers may take a verification and lose it (die, or stop reporting
+  until the lease runs out) before it stops being handed out: an adapter that crashes every
+  verifier would otherwise be retaken forever. It then waits, `stalled`, for an operator's
+  `requeue` (which gives it one more try).
 - `ceiling-margin` 5.0: an entry more than 5 points above the best published Average (69.25)
   waits for an operator even when reproduced; `ceiling.<track>` sets a track's ceiling outright.
 - `max-adapter-mib` 512: an 8B model's LoRA r = 32 on q, v in fp32 is ~80 MiB; all seven linear
@@ -53,6 +57,9 @@ class Policy(BaseModel):
     )
     lease_s: int = Field(
         900, ge=5, le=86400, description="seconds a claimed verification stays with its worker"
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="workers that may lose a verification before it stalls"
     )
     ceiling_margin: float = Field(
         5.0, ge=0.0, le=100.0, description="points above the best published Average held for review"

@@ -753,8 +753,10 @@ class Store:
 
     def claim_verification(self, worker: str) -> dict[str, Any] | None:
         """Hand the oldest waiting verification to `worker`: one that is queued, or whose
-        worker's lease expired (that worker died or was cut off), on a base model still on the
-        list (one taken off it waits until it is back). None when there is none.
+        worker's lease expired (that worker died or was cut off) fewer than the policy's
+        `max-attempts` times — one lost that often is `stalled` until an operator requeues it —
+        on a base model still on the list (one taken off it waits until it is back). None when
+        there is none.
 
         Returns:
             The job: entry id, lease (quote it when reporting), the protocol and shots, the base
@@ -762,18 +764,19 @@ class Store:
         """
         now = time.time()
         with self.write() as db:
+            policy = _policy(db)
             row = db.execute(
                 "SELECT v.entry_id, v.sample, v.attempts FROM verifications v "
                 "JOIN entries e ON e.id = v.entry_id WHERE e.status = ? AND "
                 "e.base_model IN (SELECT name FROM base_models) AND "
-                "(v.state = 'queued' OR (v.state = 'running' AND v.lease_expires < ?)) "
+                "(v.state = 'queued' OR "
+                "(v.state = 'running' AND v.lease_expires < ? AND v.attempts < ?)) "
                 "ORDER BY v.entry_id LIMIT 1",
-                (PENDING, now),
+                (PENDING, now, policy.max_attempts),
             ).fetchone()
             if row is None:
                 return None
             entry_id, sample, attempts = int(row[0]), json.loads(row[1]), int(row[2]) + 1
-            policy = _policy(db)
             lease = secrets.token_hex(16)
             db.execute(
                 "UPDATE verifications SET state = 'running', lease = ?, lease_expires = ?, "
@@ -889,24 +892,29 @@ class Store:
                 "FROM verifications WHERE entry_id = ?",
                 (entry_id,),
             ).fetchone()
+            max_attempts = _policy(db).max_attempts
         if row is None:
             return None
         state, attempts, worker, progress, expires, created, finished = row
+        state = _shown_state(state, attempts, expires, max_attempts)
         return {"state": state, "attempts": attempts, "worker": worker,
                 "progress": json.loads(progress) if progress else None,
                 "lease_expires": expires, "created_at": created, "finished_at": finished}  # fmt: skip
 
     def queue(self) -> list[dict[str, Any]]:
-        """The verifications not done yet, oldest first: entry, team, state, attempts, worker,
-        progress and when its lease runs out (operators' view)."""
+        """The verifications not done yet, oldest first: entry, team, state (`queued`,
+        `running` or `stalled`), attempts, worker, progress and when its lease runs out
+        (operators' view)."""
         with self.connect() as db:
             rows = db.execute(
                 "SELECT v.entry_id, e.team, v.state, v.attempts, v.worker, v.progress, "
                 "v.lease_expires FROM verifications v JOIN entries e ON e.id = v.entry_id "
                 "WHERE v.state != 'done' ORDER BY v.entry_id"
             ).fetchall()
+            max_attempts = _policy(db).max_attempts
         return [
-            {"entry_id": r[0], "team": r[1], "state": r[2], "attempts": r[3], "worker": r[4],
+            {"entry_id": r[0], "team": r[1], "state": _shown_state(r[2], r[3], r[6], max_attempts),
+             "attempts": r[3], "worker": r[4],
              "progress": json.loads(r[5]) if r[5] else None, "lease_expires": r[6]}
             for r in rows
         ]  # fmt: skip
@@ -1091,6 +1099,13 @@ def _chunks(source: str | Path | bytes, size: int = 1 << 20) -> Iterator[bytes]:
 
 def _settings(db: sqlite3.Connection) -> dict[str, Any]:
     return {str(k): json.loads(v) for k, v in db.execute("SELECT key, value FROM settings")}
+
+
+def _shown_state(state: str, attempts: int, expires: float | None, max_attempts: int) -> str:
+    """A verification's state as operators see it: `stalled` is one whose last worker lost it
+    (its lease ran out) after `max_attempts` tries — no worker gets it until it is requeued."""
+    lost = state == "running" and expires is not None and expires < time.time()
+    return "stalled" if lost and attempts >= max_attempts else state
 
 
 def _policy(db: sqlite3.Connection) -> Policy:
