@@ -563,7 +563,8 @@ def _verify(args: argparse.Namespace) -> int:
         return 130
     except Exception as exc:  # the entry stays pending: its lease runs out, another worker takes it
         return _fail(f"verify: {exc}")
-    print(f"verified {done} entr{'y' if done == 1 else 'ies'}")
+    loads = f"{worker.loads} base model load{'' if worker.loads == 1 else 's'}"
+    print(f"verified {done} entr{'y' if done == 1 else 'ies'} ({loads})")
     return 0
 
 

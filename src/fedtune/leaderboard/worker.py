@@ -13,6 +13,12 @@ worker that crashes or is killed loses nothing: its lease runs out and the next 
 entry again; a worker whose lease was lost stops that job and posts nothing. An adapter that does
 not load on its base model fails the entry (with PEFT's reason); any other error (the base model
 cannot be loaded here, out of memory) leaves the entry pending for another worker.
+
+The base model stays loaded between jobs on the same base model and dtype: each job's adapter is
+taken off again with PEFT's `unload()` (no merge: the base weights are never written), which gives
+back the very modules and tensors loaded, so a job's answers are those of a fresh load. A job that
+ends any other way (an adapter PEFT refused half-way, an error) drops the model; the next loads it
+anew.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class Worker:
         self.dtype = dtype
         self.show_progress = show_progress
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.loads = 0  # base models loaded from disk (the rest were reused)
+        self._base: tuple[tuple[str, str], Any, Any] | None = None  # (location, dtype), model, tok
 
     # --- the loop
 
@@ -113,6 +121,7 @@ class Worker:
         beat = _Heartbeat(self, entry_id, lease, len(job["questions"]), job["lease_s"])
         beat.start()
         started = time.perf_counter()
+        model = None
         try:
             adapter_dir = self.fetch_adapter(job["adapter"])
             try:
@@ -120,11 +129,15 @@ class Worker:
             except AdapterError as exc:
                 return self.post(job, {"error": f"the adapter does not load: {exc}"}, started)
             answers = self.answer(job, model, tokenizer, beat)
+            self.release(job, model, tokenizer)
+            model = None
         except LeaseLostError:
             self.log(f"verify: entry {entry_id}: lease lost to another worker; nothing posted")
             return None
         finally:
             beat.stop()
+            if model is not None:  # the job ended early: the adapter may still be on it
+                self._base = None
         return self.post(job, {"answers": answers}, started)
 
     def post(
@@ -181,20 +194,42 @@ class Worker:
         return folder
 
     def load(self, job: Mapping[str, Any], adapter_dir: Path) -> tuple[Any, Any]:
-        """Base model + adapter, strictly (every tensor must fit)."""
+        """Base model + adapter, strictly (every tensor must fit); the base model is the one
+        the previous job left (`release`) when it is the same location and dtype."""
         from fedtune.evaluation.adapters import AdapterSource, apply_adapter
         from fedtune.model.loading import load_model, load_tokenizer, resolve_model
 
+        key = self._base_key(job)
+        cached, self._base = self._base, None  # held by this job until it gives it back
+        if cached is not None and cached[0] == key:
+            model, tokenizer = cached[1], cached[2]
+        else:
+            del cached  # the other model goes before this one loads
+            source = resolve_model(key[0])
+            tokenizer = load_tokenizer(source)
+            model = load_model(source, dtype=self.dtype)
+            self.loads += 1
+        adapter = AdapterSource(adapter_dir, None, None, job["adapter"]["sha256"])
+        wrapped = apply_adapter(model, adapter)
+        wrapped.eval()
+        return wrapped, tokenizer
+
+    def _base_key(self, job: Mapping[str, Any]) -> tuple[str, str]:
         location = self.models.get(job["base_model"]) or job["model_location"]
         if not location:
             raise RuntimeError(f"no location for the base model {job['base_model']!r}")
-        source = resolve_model(str(location))
-        tokenizer = load_tokenizer(source)
-        model = load_model(source, dtype=self.dtype)
-        adapter = AdapterSource(adapter_dir, None, None, job["adapter"]["sha256"])
-        model = apply_adapter(model, adapter)
-        model.eval()
-        return model, tokenizer
+        return str(location), self.dtype
+
+    def release(self, job: Mapping[str, Any], model: Any, tokenizer: Any) -> None:
+        """Take the job's adapter off (PEFT's `unload`, no merge) and keep the base model for
+        the next job; if anything of the adapter is left, drop it instead."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        base = model.unload()
+        if any(isinstance(module, BaseTunerLayer) for module in base.modules()):
+            self.log("verify: the adapter did not come off the base model; it is reloaded next")
+            return
+        self._base = (self._base_key(job), base, tokenizer)
 
     def answer(
         self, job: Mapping[str, Any], model: Any, tokenizer: Any, beat: _Heartbeat
