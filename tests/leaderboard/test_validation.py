@@ -75,6 +75,8 @@ REFUSALS = [
     ("long team", _with("team", "x" * 101), "team", "at most 100"),
     ("control char", _with("team", "bad\x1b[31mname"), "team", "control character"),
     ("bidi override", _with("team", "abc\u202edcb"), "team", "control character"),
+    ("line separator", _with("team", "two\u2028lines"), "team", "line break U+2028"),
+    ("paragraph separator", _with("team", "two\u2029parts"), "team", "line break U+2029"),
     ("variation selector", _with("team", "Team\ufe0f"), "team", "invisible character U+FE0F"),
     ("zero-width joiner", _with("team", "\U0001f468\u200d\U0001f4bb"), "team", "U+200D"),
     ("braille blank", _with("base_model", "Qwen\u2800"), "base_model", "U+2800"),

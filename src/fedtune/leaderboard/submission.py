@@ -26,9 +26,10 @@ errors into the field and the reason a refusal names.
 
 `scores` and `evaluation` (with its `subjects` and `protocol`) are required unless the submission
 carries `generations` or `predictions` for the board to re-score: that rule spans keys, and is
-`validation`'s. Text is stripped of surrounding blanks and may not hold control characters or
-characters that show as nothing (`fedtune.leaderboard.invisible`); integers are at most SQLite's
-2^63 − 1; numbers are finite and within a float's range.
+`validation`'s. Text is stripped of surrounding blanks and may not hold control characters, line or
+paragraph separators (U+2028, U+2029) or characters that show as nothing
+(`fedtune.leaderboard.invisible`); integers are at most SQLite's 2^63 − 1; numbers are finite and
+within a float's range.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def _printable(text: str, at: str = "") -> str:
         # Control and bidi-override characters garble terminals and can disguise a name.
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
             raise _refused(f"contains the control character {describe(ch)}", at)
+        # U+2028/U+2029 break a line wherever text is shown or logged, as a newline would.
+        if unicodedata.category(ch) in ("Zl", "Zp"):
+            raise _refused(f"contains the line break {describe(ch)}", at)
     # Characters drawn as nothing (variation selectors, Hangul fillers, the braille blank, …)
     # would let "ZeroOne.AI" plus one of them pass for ZeroOne.AI.
     hidden = first_invisible(text)
