@@ -10,8 +10,10 @@ Configurations (`CONFIGS`): the references — fp32 FedAvg LoRA at r = 8 and at 
 capacity to the r×r adapter at r = 32) — and the methods, each an adapter variant and codecs of
 fedtune's registries. Stages, each resumable (a finished run is read, an interrupted one resumed):
 
-1. `sweep`: every configuration at each learning rate of `LEARNING_RATES` on the first seed, iid;
-   the rate with the lowest final held-out loss is chosen, by this script, and recorded.
+1. `sweep`: every configuration at each learning rate of `LEARNING_RATES` on the first seed, iid
+   — and, while the best lies at an edge of the rates swept, at half the lowest or twice the
+   highest (`MAX_EXTENSIONS` more at most); the rate with the lowest final held-out loss is
+   chosen, by this script, and recorded.
 2. `grid`: every configuration at its chosen rate, on both partitionings and every seed.
 3. `mmlu`: 1,000 MMLU questions (log-likelihood, 0-shot) for each configuration's first-seed iid
    run: a guard that the bytes saved did not cost accuracy (within one standard error).
@@ -70,6 +72,7 @@ PARTITIONS: dict[str, list[str]] = {
 }
 SEEDS = (1, 2, 3)
 LEARNING_RATES = (1e-3, 2e-3, 4e-3)  # train.learning-rate-max; the minimum is a tenth of it
+MAX_EXTENSIONS = 2  # rates added beyond an edge of the sweep while the best lies there
 
 SB32 = ["model.lora.variant=sb", "model.lora.peft-lora-r=32", "model.lora.peft-lora-alpha=64"]
 EF = ["compress.error-feedback=true", "compress.stochastic-rounding=true"]
@@ -177,32 +180,61 @@ def describe_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _final_loss(out: Path, config: str, rate: float) -> float | None:
+    """The sweep run's final held-out loss (first seed, iid), None while it has not finished."""
+    run_dir = out / run_name(config, "iid", SEEDS[0], rate)
+    return read_curves(run_dir).final_heldout if (run_dir / SUMMARY_FILE).exists() else None
+
+
+def sweep_plan(out: Path, config: str) -> tuple[dict[float, float | None], float | None]:
+    """A configuration's sweep: the rates it takes so far (rate → final held-out loss, None
+    while not run) and the next rate to run (None: the sweep is complete).
+
+    `LEARNING_RATES` first; while the best of them lies at an edge of the rates swept, one more
+    rate beyond that edge (half the lowest, or twice the highest), at most `MAX_EXTENSIONS`
+    times — so a rate is chosen inside the sweep wherever the extensions allow it.
+    """
+    losses = {rate: _final_loss(out, config, rate) for rate in LEARNING_RATES}
+    for _ in range(MAX_EXTENSIONS + 1):
+        missing = [rate for rate, loss in losses.items() if loss is None]
+        if missing:
+            return losses, missing[0]
+        if len(losses) == len(LEARNING_RATES) + MAX_EXTENSIONS:
+            break
+        best = min(losses, key=lambda r: losses[r])  # type: ignore[arg-type, return-value]
+        if best == min(losses):
+            beyond = best / 2
+        elif best == max(losses):
+            beyond = best * 2
+        else:
+            break
+        losses[beyond] = _final_loss(out, config, beyond)
+    missing = [rate for rate, loss in losses.items() if loss is None]
+    return losses, (missing[0] if missing else None)
+
+
 def sweep_state(out: Path, configs: list[str]) -> dict[str, dict[str, float | None]]:
     """Each configuration's sweep so far: rate → final held-out loss (None: not run yet)."""
-    state = {}
-    for config in configs:
-        row: dict[str, float | None] = {}
-        for rate in LEARNING_RATES:
-            run_dir = out / run_name(config, "iid", SEEDS[0], rate)
-            done = (run_dir / SUMMARY_FILE).exists()
-            row[rate_name(rate)] = read_curves(run_dir).final_heldout if done else None
-        state[config] = row
-    return state
+    return {
+        config: {rate_name(r): loss for r, loss in sorted(sweep_plan(out, config)[0].items())}
+        for config in configs
+    }
 
 
 def chosen_rates(out: Path, configs: list[str]) -> dict[str, dict[str, Any]]:
     """Each configuration's sweep (final held-out loss by rate, first seed, iid) and the rate
-    with the lowest one; configurations whose sweep is incomplete are left out."""
+    with the lowest one; configurations whose sweep is incomplete are left out. `edge`: the
+    chosen rate is still the lowest or highest swept (the extensions ran out)."""
     chosen = {}
     for config in configs:
-        losses = {}
-        for rate in LEARNING_RATES:
-            run_dir = out / run_name(config, "iid", SEEDS[0], rate)
-            if (run_dir / SUMMARY_FILE).exists():
-                losses[rate] = read_curves(run_dir).final_heldout
-        if len(losses) == len(LEARNING_RATES) and all(v is not None for v in losses.values()):
-            best = min(losses, key=lambda r: losses[r])
-            chosen[config] = {"rate": best, "sweep": {rate_name(r): v for r, v in losses.items()}}
+        losses, missing = sweep_plan(out, config)
+        if missing is None:
+            best = min(losses, key=lambda r: losses[r])  # type: ignore[arg-type, return-value]
+            chosen[config] = {
+                "rate": best,
+                "sweep": {rate_name(r): v for r, v in sorted(losses.items())},
+                "edge": best in (min(losses), max(losses)),
+            }
     return chosen
 
 
@@ -323,13 +355,18 @@ def draw(report: dict[str, Any], path: Path) -> None:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    rates = [rate_name(r) for r in LEARNING_RATES]
+    swept = sorted({float(r.removeprefix("lr")) for row in report["sweep"].values() for r in row})
+    rates = [rate_name(r) for r in swept]
     print(f"sweep (seed {SEEDS[0]}, iid): final held-out loss by train.learning-rate-max")
-    print(f"{'config':<20}" + "".join(f"{r:>10}" for r in rates) + f"{'chosen':>10}")
+    print(f"{'config':<20}" + "".join(f"{r:>10}" for r in rates) + f"{'chosen':>12}")
     for config, row in report["sweep"].items():
-        cells = "".join(f"{row[r]:>10.4f}" if row[r] is not None else f"{'–':>10}" for r in rates)
+        cells = "".join(
+            f"{row[r]:>10.4f}" if row.get(r) is not None else f"{'–' if r in row else '':>10}"
+            for r in rates
+        )
         pick = report["chosen"].get(config)
-        print(f"{config:<20}{cells}{rate_name(pick['rate']) if pick else '–':>10}")
+        chosen = f"{rate_name(pick['rate'])}{' (edge)' if pick['edge'] else ''}" if pick else "–"
+        print(f"{config:<20}{cells}{chosen:>12}")
     for partition, view in report["partitions"].items():
         print(f"\n{partition}: best reference {view.get('best_reference')}")
         print(f"{'config':<20}{'seeds':>6}{'reached':>8}{'total bytes':>14}{'final held-out':>18}"
@@ -369,9 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.max_minutes)
     if args.stage in ("all", "sweep"):
         for config in configs:
-            for rate in LEARNING_RATES:
+            while (rate := sweep_plan(args.out, config)[1]) is not None:
                 name = run_name(config, "iid", SEEDS[0], rate)
-                ensure_run(args.out, name, settings(config, "iid", SEEDS[0], rate), budget)
+                if (
+                    ensure_run(args.out, name, settings(config, "iid", SEEDS[0], rate), budget)
+                    is None
+                ):
+                    break  # out of time, or the run failed (the next call retries it)
     chosen = chosen_rates(args.out, list(CONFIGS))
     if args.stage in ("all", "grid"):
         for seed in SEEDS:  # a seed at a time: a slice of the grid covers every configuration

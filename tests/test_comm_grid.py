@@ -38,6 +38,7 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     monkeypatch.setattr(grid, "PARTITIONS", {"iid": []})
     monkeypatch.setattr(grid, "SEEDS", (1, 2))
     monkeypatch.setattr(grid, "LEARNING_RATES", (1e-3, 2e-3))
+    monkeypatch.setattr(grid, "MAX_EXTENSIONS", 0)
     monkeypatch.setattr(grid, "REFERENCES", ("lora-r8", "lora-r32"))
     configs = ["lora-r8", "lora-r32", "sb32-int4-ef"]
     # Sweep (seed 1, iid): r8 best at 2e-3, r32 at 1e-3, sb at 2e-3.
@@ -69,3 +70,37 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     assert sb["runs"][2]["cost_to_target"] is None  # seed 2 ended at 2.5 > 2.42
     assert sb["fewer_bytes_mean"] == pytest.approx(8000 / 40)
     assert sb["final_heldout_mean"] == pytest.approx((2.35 + 2.5) / 2)
+
+
+def test_the_sweep_goes_beyond_an_edge_while_the_best_lies_there(tmp_path, monkeypatch):
+    monkeypatch.setattr(grid, "SEEDS", (1,))
+    monkeypatch.setattr(grid, "LEARNING_RATES", (1e-3, 2e-3, 4e-3))
+    monkeypatch.setattr(grid, "MAX_EXTENSIONS", 2)
+
+    def finish(rate: float, final: float) -> None:
+        fake_run(tmp_path, grid.run_name("c", "iid", 1, rate), [3.0, final], 10)
+
+    assert grid.sweep_plan(tmp_path, "c") == ({1e-3: None, 2e-3: None, 4e-3: None}, 1e-3)
+    finish(1e-3, 2.50)
+    finish(2e-3, 2.55)
+    assert grid.sweep_plan(tmp_path, "c")[1] == 4e-3
+    finish(4e-3, 2.60)
+    # Best at the lowest rate: half of it next; still best there: half again; then no more.
+    assert grid.sweep_plan(tmp_path, "c")[1] == 5e-4
+    assert grid.chosen_rates(tmp_path, ["c"]) == {}  # not chosen while the sweep goes on
+    finish(5e-4, 2.45)
+    assert grid.sweep_plan(tmp_path, "c")[1] == 2.5e-4
+    finish(2.5e-4, 2.44)
+    losses, following = grid.sweep_plan(tmp_path, "c")
+    assert following is None and len(losses) == 5
+    chosen = grid.chosen_rates(tmp_path, ["c"])["c"]
+    assert chosen["rate"] == 2.5e-4 and chosen["edge"] is True
+    assert list(chosen["sweep"]) == ["lr0.00025", "lr0.0005", "lr0.001", "lr0.002", "lr0.004"]
+    # Inside the rates: chosen with no extension.
+    other = {1e-3: 2.6, 2e-3: 2.5, 4e-3: 2.7}
+    for rate, final in other.items():
+        fake_run(tmp_path, grid.run_name("d", "iid", 1, rate), [3.0, final], 10)
+    assert grid.sweep_plan(tmp_path, "d") == (other, None)
+    assert grid.chosen_rates(tmp_path, ["d"])["d"] == {
+        "rate": 2e-3, "sweep": {"lr0.001": 2.6, "lr0.002": 2.5, "lr0.004": 2.7}, "edge": False
+    }  # fmt: skip
