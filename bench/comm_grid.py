@@ -282,13 +282,15 @@ def summarise(out: Path, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     ratios.append(run["fewer_bytes"])
             ratio_mean, ratio_std = mean_std([r for r in ratios if math.isfinite(r)])
             final_mean, final_std = mean_std(finals)
+            cost_mean, cost_std = mean_std([float(c) for c in costs])
             rows[config] = {
                 "seeds": len(by_seed),
                 "reached": len(costs),
                 "total_bytes_mean": statistics.fmean(r["total_bytes"] for r in by_seed.values()),
                 "final_heldout_mean": final_mean,
                 "final_heldout_std": final_std,
-                "cost_to_target_mean": statistics.fmean(costs) if costs else None,
+                "cost_to_target_mean": cost_mean,
+                "cost_to_target_std": cost_std,
                 "fewer_bytes_mean": ratio_mean,
                 "fewer_bytes_std": ratio_std,
                 "quality_under_half_percent_budget_mean": statistics.fmean(budgeted)
@@ -355,35 +357,46 @@ def draw(report: dict[str, Any], path: Path) -> None:
 
 
 def print_table(report: dict[str, Any]) -> None:
+    """The sweep and each partitioning's results as Markdown tables (docs/benchmarks.md)."""
     swept = sorted({float(r.removeprefix("lr")) for row in report["sweep"].values() for r in row})
     rates = [rate_name(r) for r in swept]
-    print(f"sweep (seed {SEEDS[0]}, iid): final held-out loss by train.learning-rate-max")
-    print(f"{'config':<20}" + "".join(f"{r:>10}" for r in rates) + f"{'chosen':>12}")
+    print(f"Sweep (seed {SEEDS[0]}, iid): final held-out loss by `train.learning-rate-max`\n")
+    print("| configuration | " + " | ".join(rates) + " | chosen |")
+    print("|---|" + "---:|" * len(rates) + "---|")
     for config, row in report["sweep"].items():
-        cells = "".join(
-            f"{row[r]:>10.4f}" if row.get(r) is not None else f"{'–' if r in row else '':>10}"
-            for r in rates
-        )
+        cells = [
+            f"{row[r]:.4f}" if row.get(r) is not None else ("…" if r in row else "") for r in rates
+        ]
         pick = report["chosen"].get(config)
-        chosen = f"{rate_name(pick['rate'])}{' (edge)' if pick['edge'] else ''}" if pick else "–"
-        print(f"{config:<20}{cells}{chosen:>12}")
+        chosen = f"{rate_name(pick['rate'])}{' (edge)' if pick['edge'] else ''}" if pick else "…"
+        print(f"| {config} | " + " | ".join(cells) + f" | {chosen} |")
     for partition, view in report["partitions"].items():
-        print(f"\n{partition}: best reference {view.get('best_reference')}")
-        print(f"{'config':<20}{'seeds':>6}{'reached':>8}{'total bytes':>14}{'final held-out':>18}"
-              f"{'× fewer (mean ± std)':>24}")  # fmt: skip
+        best = view.get("best_reference")
+        print(f"\n{partition}: target = the final held-out loss of the best reference ({best}) "
+              "in each seed\n")  # fmt: skip
+        print("| configuration | seeds | reached | bytes to target (mean ± std) "
+              "| × fewer (mean ± std) | final held-out (mean ± std) | total bytes (mean) "
+              "| held-out within 0.5 % of the reference's bytes |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for config, row in (view.get("configs") or {}).items():
             if "final_heldout_mean" not in row:
                 continue
+            cost = (
+                f"{row['cost_to_target_mean']:,.0f} ± {row['cost_to_target_std']:,.0f}"
+                if row["cost_to_target_mean"] is not None
+                else "not reached"
+            )
             fewer = (
                 f"{row['fewer_bytes_mean']:,.0f} ± {row['fewer_bytes_std']:,.0f}"
                 if row["fewer_bytes_mean"] is not None
-                else "not reached"
+                else "–"
             )
+            budget = row["quality_under_half_percent_budget_mean"]
             print(
-                f"{config:<20}{row['seeds']:>6}{row['reached']:>8}"
-                f"{row['total_bytes_mean']:>14,.0f}"
-                f"{row['final_heldout_mean']:>11.4f} ± {row['final_heldout_std']:.4f}"
-                f"{fewer:>24}"
+                f"| {config} | {row['seeds']} | {row['reached']} | {cost} | {fewer} "
+                f"| {row['final_heldout_mean']:.4f} ± {row['final_heldout_std']:.4f} "
+                f"| {row['total_bytes_mean']:,.0f} "
+                f"| {f'{budget:.4f}' if budget is not None else '–'} |"
             )
 
 

@@ -33,7 +33,7 @@ def fake_run(out: Path, name: str, heldout: list[float], per_round: int) -> None
 
 
 def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_the_best_reference(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(grid, "PARTITIONS", {"iid": []})
     monkeypatch.setattr(grid, "SEEDS", (1, 2))
@@ -70,6 +70,13 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     assert sb["runs"][2]["cost_to_target"] is None  # seed 2 ended at 2.5 > 2.42
     assert sb["fewer_bytes_mean"] == pytest.approx(8000 / 40)
     assert sb["final_heldout_mean"] == pytest.approx((2.35 + 2.5) / 2)
+    assert sb["cost_to_target_mean"] == 40 and sb["cost_to_target_std"] == 0.0
+    # The docs' table: one row per configuration, the unreached seeds counted.
+    grid.print_table({"sweep": grid.sweep_state(tmp_path, configs), "chosen": chosen,
+                      "partitions": {"iid": report}})  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| lora-r8 | 2.6000 | 2.5000 | lr0.002 (edge) |" in printed
+    assert "| sb32-int4-ef | 2 | 1 | 40 ± 0 | 200 ± 0 | 2.4250 ± 0.1061 | 40 | 2.4250 |" in printed
 
 
 def test_the_sweep_goes_beyond_an_edge_while_the_best_lies_there(tmp_path, monkeypatch):
