@@ -256,8 +256,11 @@ def summarise(out: Path, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 if (run_dir / SUMMARY_FILE).exists():
                     runs.setdefault(config, {})[seed] = describe_run(run_dir)
         complete_refs = [r for r in REFERENCES if len(runs.get(r, {})) == len(SEEDS)]
-        if not complete_refs:
-            partitions[partition] = {"configs": runs, "best_reference": None}
+        if not complete_refs:  # no target yet: the runs alone (the plot draws their curves)
+            partitions[partition] = {
+                "best_reference": None,
+                "configs": {c: {"seeds": len(s), "runs": s} for c, s in runs.items()},
+            }
             continue
         best = min(
             complete_refs,
@@ -331,6 +334,21 @@ def run_mmlu(out: Path, chosen: dict[str, dict[str, Any]], budget: Budget) -> di
     return scores
 
 
+def mmlu_guard(scores: dict[str, dict[str, Any]], reference: str | None) -> dict[str, Any]:
+    """Each configuration's MMLU average with `within_one_se`: not below the best reference's by
+    more than its own standard error (None until the reference is known and scored)."""
+    base = scores.get(reference) if reference else None
+    return {
+        config: {
+            **score,
+            "within_one_se": None
+            if base is None
+            else score["average"] >= base["average"] - score["stderr"],
+        }
+        for config, score in scores.items()
+    }
+
+
 def draw(report: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -370,6 +388,13 @@ def print_table(report: dict[str, Any]) -> None:
         pick = report["chosen"].get(config)
         chosen = f"{rate_name(pick['rate'])}{' (edge)' if pick['edge'] else ''}" if pick else "…"
         print(f"| {config} | " + " | ".join(cells) + f" | {chosen} |")
+    if report.get("mmlu_loglik_1000"):
+        print("\nMMLU log-likelihood, 1,000 questions, 0-shot (first seed, iid)\n")
+        print("| configuration | average % | stderr | within one stderr of the reference |")
+        print("|---|---:|---:|---|")
+        for config, score in report["mmlu_loglik_1000"].items():
+            guard = {True: "yes", False: "**no**", None: "–"}[score["within_one_se"]]
+            print(f"| {config} | {score['average']:.2f} | {score['stderr']:.2f} | {guard} |")
     for partition, view in report["partitions"].items():
         best = view.get("best_reference")
         print(f"\n{partition}: target = the final held-out loss of the best reference ({best}) "
@@ -436,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                         name = run_name(config, partition, seed, rate)
                         ensure_run(args.out, name, settings(config, partition, seed, rate), budget)
     mmlu = run_mmlu(args.out, chosen, budget if args.stage in ("all", "mmlu") else Budget(1e-9))
+    partitions = summarise(args.out, chosen)
     report = {
         "benchmark": "comm_grid",
         "machine": f"{os.cpu_count()} CPU cores",
@@ -447,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         "references": list(REFERENCES),
         "sweep": sweep_state(args.out, list(CONFIGS)),
         "chosen": chosen,
-        "partitions": summarise(args.out, chosen),
-        "mmlu_loglik_1000": mmlu,
+        "partitions": partitions,
+        "mmlu_loglik_1000": mmlu_guard(mmlu, partitions["iid"].get("best_reference")),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
@@ -47,6 +48,12 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     for (config, rate), final in sweep.items():
         fake_run(tmp_path, grid.run_name(config, "iid", 1, rate), [3.0, 2.8, final], 1000)
     chosen = grid.chosen_rates(tmp_path, configs)
+    # Before the references have every seed: no target, the runs alone, and a plot of them.
+    early = grid.summarise(tmp_path, chosen)
+    assert early["iid"]["best_reference"] is None
+    assert early["iid"]["configs"]["lora-r8"] == {"seeds": 1, "runs": {1: ANY}}
+    grid.draw({"partitions": early}, tmp_path / "early.png")
+    assert (tmp_path / "early.png").stat().st_size > 0
     assert {c: v["rate"] for c, v in chosen.items()} == {
         "lora-r8": 2e-3, "lora-r32": 1e-3, "sb32-int4-ef": 2e-3
     }  # fmt: skip
@@ -111,3 +118,11 @@ def test_the_sweep_goes_beyond_an_edge_while_the_best_lies_there(tmp_path, monke
     assert grid.chosen_rates(tmp_path, ["d"])["d"] == {
         "rate": 2e-3, "sweep": {"lr0.001": 2.6, "lr0.002": 2.5, "lr0.004": 2.7}, "edge": False
     }  # fmt: skip
+
+
+def test_the_mmlu_guard_holds_a_method_within_its_stderr_of_the_reference():
+    scores = {"lora-r32": {"average": 25.0, "stderr": 1.4}, "sb": {"average": 23.7, "stderr": 1.3},
+              "worse": {"average": 23.6, "stderr": 1.3}}  # fmt: skip
+    guard = grid.mmlu_guard(scores, "lora-r32")
+    assert [guard[c]["within_one_se"] for c in scores] == [True, True, False]
+    assert grid.mmlu_guard(scores, None)["sb"]["within_one_se"] is None
