@@ -121,7 +121,6 @@ class Worker:
         beat = _Heartbeat(self, entry_id, lease, len(job["questions"]), job["lease_s"])
         beat.start()
         started = time.perf_counter()
-        model = None
         try:
             adapter_dir = self.fetch_adapter(job["adapter"])
             try:
@@ -130,14 +129,11 @@ class Worker:
                 return self.post(job, {"error": f"the adapter does not load: {exc}"}, started)
             answers = self.answer(job, model, tokenizer, beat)
             self.release(job, model, tokenizer)
-            model = None
         except LeaseLostError:
             self.log(f"verify: entry {entry_id}: lease lost to another worker; nothing posted")
             return None
         finally:
             beat.stop()
-            if model is not None:  # the job ended early: the adapter may still be on it
-                self._base = None
         return self.post(job, {"answers": answers}, started)
 
     def post(
@@ -200,7 +196,8 @@ class Worker:
         from fedtune.model.loading import load_model, load_tokenizer, resolve_model
 
         key = self._base_key(job)
-        cached, self._base = self._base, None  # held by this job until it gives it back
+        # Held by this job until `release` gives it back: a job that ends any other way drops it.
+        cached, self._base = self._base, None
         if cached is not None and cached[0] == key:
             model, tokenizer = cached[1], cached[2]
         else:
