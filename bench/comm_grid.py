@@ -15,8 +15,8 @@ fedtune's registries. Stages, each resumable (a finished run is read, an interru
    highest (`MAX_EXTENSIONS` more at most); the rate with the lowest final held-out loss is
    chosen, by this script, and recorded.
 2. `grid`: every configuration at its chosen rate, on both partitionings and every seed.
-3. `mmlu`: 1,000 MMLU questions (log-likelihood, 0-shot) for each configuration's first-seed iid
-   run: a guard that the bytes saved did not cost accuracy (within one standard error).
+3. `mmlu`: 1,000 MMLU questions (log-likelihood, 0-shot) for each configuration's iid run of the
+   first seed whose adapter is at hand: a guard that the bytes saved did not cost accuracy (within one standard error).
 4. `report` (always last): per partitioning, the best reference is the one with the lower mean
    final held-out loss; each seed's target is that reference's final held-out loss in that seed;
    each configuration's Cost-to-Target (`fedtune.accounting.targets`) against it and the ratio
@@ -26,7 +26,10 @@ fedtune's registries. Stages, each resumable (a finished run is read, an interru
     .venv/bin/python bench/comm_grid.py --stage sweep --max-minutes 60   # a slice, then stop
     .venv/bin/python bench/comm_grid.py --stage report       # JSON, PNG and table from what ran
 
-Writes bench/results/comm_grid.json and comm_grid.png; runs live under --out.
+Writes bench/results/comm_grid.json and comm_grid.png. Runs live under --out (large, local);
+every finished run is also written to the record, bench/results/comm_grid_runs.json (its final
+held-out loss, curve, bytes, seconds and MMLU score), and the stages read the record first — so
+the results outlive the run directories and the grid goes on where it stopped on another machine.
 """
 
 from __future__ import annotations
@@ -143,14 +146,45 @@ class Budget:
         return time.monotonic() < self.deadline
 
 
-def ensure_run(out: Path, name: str, sets: list[str], budget: Budget) -> Path | None:
-    """The finished run directory `name`: trained now (or resumed) if it is not yet; None when
-    the time budget ran out first."""
-    run_dir = out / name
-    if (run_dir / SUMMARY_FILE).exists():
-        return run_dir
+class Runs:
+    """The grid's runs: their directories under `out` and the record of the finished ones
+    (`record`: run name → `describe_run`, plus its MMLU score once scored), read first."""
+
+    def __init__(self, out: Path, record: Path) -> None:
+        self.out, self.record = out, record
+        self.entries: dict[str, dict[str, Any]] = (
+            json.loads(record.read_text()) if record.exists() else {}
+        )
+
+    def finished(self, name: str) -> dict[str, Any] | None:
+        """The finished run `name` as recorded (recorded now if only its directory says so);
+        None while it has not finished."""
+        if name not in self.entries:
+            if not (self.out / name / SUMMARY_FILE).exists():
+                return None
+            self.entries[name] = describe_run(self.out / name)
+            self.save()
+        return self.entries[name]
+
+    def add(self, name: str, **values: Any) -> None:
+        self.entries[name] = {**self.entries[name], **values}
+        self.save()
+
+    def save(self) -> None:
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.record.with_suffix(".partial")
+        partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
+        partial.replace(self.record)
+
+
+def ensure_run(runs: Runs, name: str, sets: list[str], budget: Budget) -> dict[str, Any] | None:
+    """The finished run `name`: trained now (or resumed) if it is not yet; None when the time
+    budget ran out first or the run failed."""
+    if (done := runs.finished(name)) is not None:
+        return done
     if not budget.left():
         return None
+    out, run_dir = runs.out, runs.out / name
     command = [sys.executable, "-m", "fedtune.cli", "run"]
     if run_dir.exists():  # an interrupted run continues where it stopped
         command += ["--resume", str(run_dir)]
@@ -164,7 +198,7 @@ def ensure_run(out: Path, name: str, sets: list[str], budget: Budget) -> Path | 
         print(f"[{name}] failed: {failed}", flush=True)
         return None
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
-    return run_dir
+    return runs.finished(name)
 
 
 def describe_run(run_dir: Path) -> dict[str, Any]:
@@ -180,13 +214,13 @@ def describe_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _final_loss(out: Path, config: str, rate: float) -> float | None:
+def _final_loss(runs: Runs, config: str, rate: float) -> float | None:
     """The sweep run's final held-out loss (first seed, iid), None while it has not finished."""
-    run_dir = out / run_name(config, "iid", SEEDS[0], rate)
-    return read_curves(run_dir).final_heldout if (run_dir / SUMMARY_FILE).exists() else None
+    done = runs.finished(run_name(config, "iid", SEEDS[0], rate))
+    return None if done is None else float(done["final_heldout_loss"])
 
 
-def sweep_plan(out: Path, config: str) -> tuple[dict[float, float | None], float | None]:
+def sweep_plan(runs: Runs, config: str) -> tuple[dict[float, float | None], float | None]:
     """A configuration's sweep: the rates it takes so far (rate → final held-out loss, None
     while not run) and the next rate to run (None: the sweep is complete).
 
@@ -194,7 +228,7 @@ def sweep_plan(out: Path, config: str) -> tuple[dict[float, float | None], float
     rate beyond that edge (half the lowest, or twice the highest), at most `MAX_EXTENSIONS`
     times — so a rate is chosen inside the sweep wherever the extensions allow it.
     """
-    losses = {rate: _final_loss(out, config, rate) for rate in LEARNING_RATES}
+    losses = {rate: _final_loss(runs, config, rate) for rate in LEARNING_RATES}
     for _ in range(MAX_EXTENSIONS + 1):
         missing = [rate for rate, loss in losses.items() if loss is None]
         if missing:
@@ -208,26 +242,26 @@ def sweep_plan(out: Path, config: str) -> tuple[dict[float, float | None], float
             beyond = best * 2
         else:
             break
-        losses[beyond] = _final_loss(out, config, beyond)
+        losses[beyond] = _final_loss(runs, config, beyond)
     missing = [rate for rate, loss in losses.items() if loss is None]
     return losses, (missing[0] if missing else None)
 
 
-def sweep_state(out: Path, configs: list[str]) -> dict[str, dict[str, float | None]]:
+def sweep_state(runs: Runs, configs: list[str]) -> dict[str, dict[str, float | None]]:
     """Each configuration's sweep so far: rate → final held-out loss (None: not run yet)."""
     return {
-        config: {rate_name(r): loss for r, loss in sorted(sweep_plan(out, config)[0].items())}
+        config: {rate_name(r): loss for r, loss in sorted(sweep_plan(runs, config)[0].items())}
         for config in configs
     }
 
 
-def chosen_rates(out: Path, configs: list[str]) -> dict[str, dict[str, Any]]:
+def chosen_rates(runs: Runs, configs: list[str]) -> dict[str, dict[str, Any]]:
     """Each configuration's sweep (final held-out loss by rate, first seed, iid) and the rate
     with the lowest one; configurations whose sweep is incomplete are left out. `edge`: the
     chosen rate is still the lowest or highest swept (the extensions ran out)."""
     chosen = {}
     for config in configs:
-        losses, missing = sweep_plan(out, config)
+        losses, missing = sweep_plan(runs, config)
         if missing is None:
             best = min(losses, key=lambda r: losses[r])  # type: ignore[arg-type, return-value]
             chosen[config] = {
@@ -244,33 +278,33 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(out: Path, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The report: per partitioning and configuration, the runs at the chosen rate and their
     Cost-to-Target against the best reference of the same seed."""
     partitions: dict[str, Any] = {}
     for partition in PARTITIONS:
-        runs: dict[str, dict[int, dict[str, Any]]] = {}
+        found: dict[str, dict[int, dict[str, Any]]] = {}
         for config, pick in chosen.items():
             for seed in SEEDS:
-                run_dir = out / run_name(config, partition, seed, pick["rate"])
-                if (run_dir / SUMMARY_FILE).exists():
-                    runs.setdefault(config, {})[seed] = describe_run(run_dir)
-        complete_refs = [r for r in REFERENCES if len(runs.get(r, {})) == len(SEEDS)]
+                done = runs.finished(run_name(config, partition, seed, pick["rate"]))
+                if done is not None:  # a copy: the report adds its costs to it
+                    found.setdefault(config, {})[seed] = dict(done)
+        complete_refs = [r for r in REFERENCES if len(found.get(r, {})) == len(SEEDS)]
         if not complete_refs:  # no target yet: the runs alone (the plot draws their curves)
             partitions[partition] = {
                 "best_reference": None,
-                "configs": {c: {"seeds": len(s), "runs": s} for c, s in runs.items()},
+                "configs": {c: {"seeds": len(s), "runs": s} for c, s in found.items()},
             }
             continue
         best = min(
             complete_refs,
-            key=lambda r: statistics.fmean(runs[r][s]["final_heldout_loss"] for s in SEEDS),
+            key=lambda r: statistics.fmean(found[r][s]["final_heldout_loss"] for s in SEEDS),
         )
         rows = {}
-        for config, by_seed in runs.items():
+        for config, by_seed in found.items():
             costs, ratios, finals, budgeted = [], [], [], []
             for seed, run in by_seed.items():
-                reference = runs[best][seed]
+                reference = found[best][seed]
                 points = [_point(p) for p in run["curve"]]
                 cost = cost_to_target(points, reference["final_heldout_loss"])
                 run["cost_to_target"] = cost
@@ -311,27 +345,37 @@ def _point(values: list[Any]) -> Any:
     return CurvePoint(int(values[0]), int(values[1]), float(values[2]))
 
 
-def run_mmlu(out: Path, chosen: dict[str, dict[str, Any]], budget: Budget) -> dict[str, Any]:
+def run_mmlu(runs: Runs, chosen: dict[str, dict[str, Any]], budget: Budget) -> dict[str, Any]:
+    """Each configuration's MMLU guard score: 1,000 questions on its iid run of the first seed whose
+    adapter is at hand (recorded with the run; the seed is reported)."""
     scores = {}
     for config, pick in chosen.items():
-        run_dir = out / run_name(config, "iid", SEEDS[0], pick["rate"])
-        if not (run_dir / SUMMARY_FILE).exists():
-            continue
-        found = sorted((run_dir / "eval").glob("mmlu_loglik_0shot_*.json"))
-        if not found and budget.left():
-            command = [sys.executable, "-m", "fedtune.cli", "eval", "--adapter", str(run_dir),
-                       "--protocol", "loglik", "--sample", "1000", "--no-progress"]  # fmt: skip
-            print(f"[{run_dir.name}] MMLU (1,000 questions, log-likelihood) …", flush=True)
-            run_logged(command, out / f"{run_dir.name}.mmlu.log")
-            found = sorted((run_dir / "eval").glob("mmlu_loglik_0shot_*.json"))
-        if found:
-            result = json.loads(found[-1].read_text())
-            scores[config] = {
-                "average": round(100 * result["average"], 2),
-                "stderr": round(100 * result["average_stderr"], 2),
-                "questions": result["n_questions"],
-            }
+        names = {seed: run_name(config, "iid", seed, pick["rate"]) for seed in SEEDS}
+        scored = [n for n in names.values() if "mmlu_loglik_1000" in (runs.finished(n) or {})]
+        if not scored and budget.left():
+            at_hand = [s for s, n in names.items() if (runs.out / n / SUMMARY_FILE).exists()]
+            if at_hand:
+                scored = [_score_mmlu(runs, names[at_hand[0]], at_hand[0])]
+        if scored:
+            scores[config] = runs.entries[scored[0]]["mmlu_loglik_1000"]
     return scores
+
+
+def _score_mmlu(runs: Runs, name: str, seed: int) -> str:
+    run_dir = runs.out / name
+    command = [sys.executable, "-m", "fedtune.cli", "eval", "--adapter", str(run_dir),
+               "--protocol", "loglik", "--sample", "1000", "--no-progress"]  # fmt: skip
+    print(f"[{name}] MMLU (1,000 questions, log-likelihood) …", flush=True)
+    run_logged(command, runs.out / f"{name}.mmlu.log")
+    result = json.loads(sorted((run_dir / "eval").glob("mmlu_loglik_0shot_*.json"))[-1].read_text())
+    runs.finished(name)
+    runs.add(name, mmlu_loglik_1000={
+        "average": round(100 * result["average"], 2),
+        "stderr": round(100 * result["average_stderr"], 2),
+        "questions": result["n_questions"],
+        "seed": seed,
+    })  # fmt: skip
+    return name
 
 
 def mmlu_guard(scores: dict[str, dict[str, Any]], reference: str | None) -> dict[str, Any]:
@@ -389,12 +433,13 @@ def print_table(report: dict[str, Any]) -> None:
         chosen = f"{rate_name(pick['rate'])}{' (edge)' if pick['edge'] else ''}" if pick else "…"
         print(f"| {config} | " + " | ".join(cells) + f" | {chosen} |")
     if report.get("mmlu_loglik_1000"):
-        print("\nMMLU log-likelihood, 1,000 questions, 0-shot (first seed, iid)\n")
-        print("| configuration | average % | stderr | within one stderr of the reference |")
-        print("|---|---:|---:|---|")
+        print("\nMMLU log-likelihood, 1,000 questions, 0-shot (iid)\n")
+        print("| configuration | seed | average % | stderr | within one stderr of the reference |")
+        print("|---|---:|---:|---:|---|")
         for config, score in report["mmlu_loglik_1000"].items():
             guard = {True: "yes", False: "**no**", None: "–"}[score["within_one_se"]]
-            print(f"| {config} | {score['average']:.2f} | {score['stderr']:.2f} | {guard} |")
+            print(f"| {config} | {score.get('seed', '')} | {score['average']:.2f} "
+                  f"| {score['stderr']:.2f} | {guard} |")  # fmt: skip
     for partition, view in report["partitions"].items():
         best = view.get("best_reference")
         print(f"\n{partition}: target = the final held-out loss of the best reference ({best}) "
@@ -435,23 +480,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="start no run after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-comm-grid")
     parser.add_argument("--json", type=Path, default=RESULTS / "comm_grid.json")
+    parser.add_argument("--record", type=Path, default=RESULTS / "comm_grid_runs.json",
+                        help="the finished runs' record, read before the run directories")  # fmt: skip
     args = parser.parse_args(argv)
     configs = args.only.split(",") if args.only else list(CONFIGS)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {unknown[0]!r} (known: {', '.join(CONFIGS)})")
     args.out.mkdir(parents=True, exist_ok=True)
+    runs = Runs(args.out, args.record)
     budget = Budget(args.max_minutes)
     if args.stage in ("all", "sweep"):
         for config in configs:
-            while (rate := sweep_plan(args.out, config)[1]) is not None:
+            while (rate := sweep_plan(runs, config)[1]) is not None:
                 name = run_name(config, "iid", SEEDS[0], rate)
-                if (
-                    ensure_run(args.out, name, settings(config, "iid", SEEDS[0], rate), budget)
-                    is None
-                ):
+                if ensure_run(runs, name, settings(config, "iid", SEEDS[0], rate), budget) is None:
                     break  # out of time, or the run failed (the next call retries it)
-    chosen = chosen_rates(args.out, list(CONFIGS))
+    chosen = chosen_rates(runs, list(CONFIGS))
     if args.stage in ("all", "grid"):
         for seed in SEEDS:  # a seed at a time: a slice of the grid covers every configuration
             for partition in PARTITIONS:
@@ -459,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
                     if config in chosen:
                         rate = chosen[config]["rate"]
                         name = run_name(config, partition, seed, rate)
-                        ensure_run(args.out, name, settings(config, partition, seed, rate), budget)
-    mmlu = run_mmlu(args.out, chosen, budget if args.stage in ("all", "mmlu") else Budget(1e-9))
-    partitions = summarise(args.out, chosen)
+                        ensure_run(runs, name, settings(config, partition, seed, rate), budget)
+    mmlu = run_mmlu(runs, chosen, budget if args.stage in ("all", "mmlu") else Budget(1e-9))
+    partitions = summarise(runs, chosen)
     report = {
         "benchmark": "comm_grid",
         "machine": f"{os.cpu_count()} CPU cores",
@@ -471,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "learning_rates": list(LEARNING_RATES),
         "configs_settings": CONFIGS,
         "references": list(REFERENCES),
-        "sweep": sweep_state(args.out, list(CONFIGS)),
+        "sweep": sweep_state(runs, list(CONFIGS)),
         "chosen": chosen,
         "partitions": partitions,
         "mmlu_loglik_1000": mmlu_guard(mmlu, partitions["iid"].get("best_reference")),

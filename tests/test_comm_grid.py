@@ -4,6 +4,7 @@ reference, each configuration's Cost-to-Target against it and the ratio over the
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from unittest.mock import ANY
@@ -47,9 +48,10 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
              ("lora-r32", 2e-3): 2.45, ("sb32-int4-ef", 1e-3): 2.7, ("sb32-int4-ef", 2e-3): 2.35}  # fmt: skip
     for (config, rate), final in sweep.items():
         fake_run(tmp_path, grid.run_name(config, "iid", 1, rate), [3.0, 2.8, final], 1000)
-    chosen = grid.chosen_rates(tmp_path, configs)
+    runs = grid.Runs(tmp_path, tmp_path / "record.json")
+    chosen = grid.chosen_rates(runs, configs)
     # Before the references have every seed: no target, the runs alone, and a plot of them.
-    early = grid.summarise(tmp_path, chosen)
+    early = grid.summarise(runs, chosen)
     assert early["iid"]["best_reference"] is None
     assert early["iid"]["configs"]["lora-r8"] == {"seeds": 1, "runs": {1: ANY}}
     grid.draw({"partitions": early}, tmp_path / "early.png")
@@ -68,7 +70,8 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     fake_run(tmp_path, grid.run_name("sb32-int4-ef", "iid", 2, 2e-3), [3.0, 2.9, 2.5], 20)
     (tmp_path / grid.run_name("sb32-int4-ef", "iid", 1, 2e-3)).rename(tmp_path / "old-sb")
     fake_run(tmp_path, grid.run_name("sb32-int4-ef", "iid", 1, 2e-3), [3.0, 2.6, 2.35], 20)
-    report = grid.summarise(tmp_path, chosen)["iid"]
+    runs = grid.Runs(tmp_path, tmp_path / "rewritten.json")  # the runs above were rewritten
+    report = grid.summarise(runs, chosen)["iid"]
     assert report["best_reference"] == "lora-r32"
     r32, sb = report["configs"]["lora-r32"], report["configs"]["sb32-int4-ef"]
     assert r32["reached"] == 2 and r32["fewer_bytes_mean"] == 1.0  # itself: at its last round
@@ -79,11 +82,20 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     assert sb["final_heldout_mean"] == pytest.approx((2.35 + 2.5) / 2)
     assert sb["cost_to_target_mean"] == 40 and sb["cost_to_target_std"] == 0.0
     # The docs' table: one row per configuration, the unreached seeds counted.
-    grid.print_table({"sweep": grid.sweep_state(tmp_path, configs), "chosen": chosen,
+    grid.print_table({"sweep": grid.sweep_state(runs, configs), "chosen": chosen,
                       "partitions": {"iid": report}})  # fmt: skip
     printed = capsys.readouterr().out
     assert "| lora-r8 | 2.6000 | 2.5000 | lr0.002 (edge) |" in printed
     assert "| sb32-int4-ef | 2 | 1 | 40 ± 0 | 200 ± 0 | 2.4250 ± 0.1061 | 40 | 2.4250 |" in printed
+    # The record outlives the run directories: without them, the same choice and the same report.
+    for run_dir in [p for p in tmp_path.iterdir() if p.is_dir()]:
+        shutil.rmtree(run_dir)
+    recorded = grid.Runs(tmp_path, tmp_path / "rewritten.json")
+    assert grid.chosen_rates(recorded, configs) == chosen
+    assert grid.summarise(recorded, chosen)["iid"] == report
+    assert grid.Runs(tmp_path, tmp_path / "none.json").finished(
+        grid.run_name("lora-r8", "iid", 2, 2e-3)
+    ) is None  # fmt: skip
 
 
 def test_the_sweep_goes_beyond_an_edge_while_the_best_lies_there(tmp_path, monkeypatch):
@@ -91,31 +103,33 @@ def test_the_sweep_goes_beyond_an_edge_while_the_best_lies_there(tmp_path, monke
     monkeypatch.setattr(grid, "LEARNING_RATES", (1e-3, 2e-3, 4e-3))
     monkeypatch.setattr(grid, "MAX_EXTENSIONS", 2)
 
+    runs = grid.Runs(tmp_path, tmp_path / "record.json")
+
     def finish(rate: float, final: float) -> None:
         fake_run(tmp_path, grid.run_name("c", "iid", 1, rate), [3.0, final], 10)
 
-    assert grid.sweep_plan(tmp_path, "c") == ({1e-3: None, 2e-3: None, 4e-3: None}, 1e-3)
+    assert grid.sweep_plan(runs, "c") == ({1e-3: None, 2e-3: None, 4e-3: None}, 1e-3)
     finish(1e-3, 2.50)
     finish(2e-3, 2.55)
-    assert grid.sweep_plan(tmp_path, "c")[1] == 4e-3
+    assert grid.sweep_plan(runs, "c")[1] == 4e-3
     finish(4e-3, 2.60)
     # Best at the lowest rate: half of it next; still best there: half again; then no more.
-    assert grid.sweep_plan(tmp_path, "c")[1] == 5e-4
-    assert grid.chosen_rates(tmp_path, ["c"]) == {}  # not chosen while the sweep goes on
+    assert grid.sweep_plan(runs, "c")[1] == 5e-4
+    assert grid.chosen_rates(runs, ["c"]) == {}  # not chosen while the sweep goes on
     finish(5e-4, 2.45)
-    assert grid.sweep_plan(tmp_path, "c")[1] == 2.5e-4
+    assert grid.sweep_plan(runs, "c")[1] == 2.5e-4
     finish(2.5e-4, 2.44)
-    losses, following = grid.sweep_plan(tmp_path, "c")
+    losses, following = grid.sweep_plan(runs, "c")
     assert following is None and len(losses) == 5
-    chosen = grid.chosen_rates(tmp_path, ["c"])["c"]
+    chosen = grid.chosen_rates(runs, ["c"])["c"]
     assert chosen["rate"] == 2.5e-4 and chosen["edge"] is True
     assert list(chosen["sweep"]) == ["lr0.00025", "lr0.0005", "lr0.001", "lr0.002", "lr0.004"]
     # Inside the rates: chosen with no extension.
     other = {1e-3: 2.6, 2e-3: 2.5, 4e-3: 2.7}
     for rate, final in other.items():
         fake_run(tmp_path, grid.run_name("d", "iid", 1, rate), [3.0, final], 10)
-    assert grid.sweep_plan(tmp_path, "d") == (other, None)
-    assert grid.chosen_rates(tmp_path, ["d"])["d"] == {
+    assert grid.sweep_plan(runs, "d") == (other, None)
+    assert grid.chosen_rates(runs, ["d"])["d"] == {
         "rate": 2e-3, "sweep": {"lr0.001": 2.6, "lr0.002": 2.5, "lr0.004": 2.7}, "edge": False
     }  # fmt: skip
 
@@ -126,3 +140,19 @@ def test_the_mmlu_guard_holds_a_method_within_its_stderr_of_the_reference():
     guard = grid.mmlu_guard(scores, "lora-r32")
     assert [guard[c]["within_one_se"] for c in scores] == [True, True, False]
     assert grid.mmlu_guard(scores, None)["sb"]["within_one_se"] is None
+
+
+def test_the_mmlu_guard_reads_a_recorded_score_of_any_seed_without_evaluating(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(grid, "SEEDS", (1, 2))
+    record = tmp_path / "record.json"
+    score = {"average": 25.1, "stderr": 1.37, "questions": 1000, "seed": 2}
+    name = grid.run_name("lora-r8", "iid", 2, 1e-3)
+    record.write_text(json.dumps({name: {"run": name, "final_heldout_loss": 2.6,
+                                         "mmlu_loglik_1000": score}}))  # fmt: skip
+    runs = grid.Runs(tmp_path, record)
+    chosen = {"lora-r8": {"rate": 1e-3}, "sb": {"rate": 1e-3}}
+    # Seed 1 has neither a score nor an adapter, seed 2 a recorded score: that one, nothing run;
+    # "sb" has neither anywhere: left out.
+    assert grid.run_mmlu(runs, chosen, grid.Budget(60)) == {"lora-r8": score}
