@@ -302,7 +302,7 @@ def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
         )
         rows = {}
         for config, by_seed in found.items():
-            costs, ratios, finals, budgeted = [], [], [], []
+            costs, ratios, finals, gaps, budgeted = [], [], [], [], []
             for seed, run in by_seed.items():
                 reference = found[best][seed]
                 points = [_point(p) for p in run["curve"]]
@@ -313,12 +313,14 @@ def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     points, reference["total_bytes"] // 200
                 )
                 finals.append(run["final_heldout_loss"])
+                gaps.append(run["final_heldout_loss"] - reference["final_heldout_loss"])
                 budgeted.append(run["quality_under_budget"])
                 if cost is not None:
                     costs.append(cost)
                     ratios.append(run["fewer_bytes"])
             ratio_mean, ratio_std = mean_std([r for r in ratios if math.isfinite(r)])
             final_mean, final_std = mean_std(finals)
+            gap_mean, gap_std = mean_std(gaps)
             cost_mean, cost_std = mean_std([float(c) for c in costs])
             rows[config] = {
                 "seeds": len(by_seed),
@@ -326,6 +328,8 @@ def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "total_bytes_mean": statistics.fmean(r["total_bytes"] for r in by_seed.values()),
                 "final_heldout_mean": final_mean,
                 "final_heldout_std": final_std,
+                "above_target_mean": gap_mean,  # final − the seed's target; ≤ 0: reached
+                "above_target_std": gap_std,
                 "cost_to_target_mean": cost_mean,
                 "cost_to_target_std": cost_std,
                 "fewer_bytes_mean": ratio_mean,
@@ -445,9 +449,9 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"\n{partition}: target = the final held-out loss of the best reference ({best}) "
               "in each seed\n")  # fmt: skip
         print("| configuration | seeds | reached | bytes to target (mean ± std) "
-              "| × fewer (mean ± std) | final held-out (mean ± std) | total bytes (mean) "
-              "| held-out within 0.5 % of the reference's bytes |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+              "| × fewer (mean ± std) | final held-out (mean ± std) | final − target (mean ± std) "
+              "| total bytes (mean) | held-out within 0.5 % of the reference's bytes |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for config, row in (view.get("configs") or {}).items():
             if "final_heldout_mean" not in row:
                 continue
@@ -465,6 +469,7 @@ def print_table(report: dict[str, Any]) -> None:
             print(
                 f"| {config} | {row['seeds']} | {row['reached']} | {cost} | {fewer} "
                 f"| {row['final_heldout_mean']:.4f} ± {row['final_heldout_std']:.4f} "
+                f"| {row['above_target_mean']:+.4f} ± {row['above_target_std']:.4f} "
                 f"| {row['total_bytes_mean']:,.0f} "
                 f"| {f'{budget:.4f}' if budget is not None else '–'} |"
             )

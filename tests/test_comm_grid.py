@@ -86,7 +86,11 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
                       "partitions": {"iid": report}})  # fmt: skip
     printed = capsys.readouterr().out
     assert "| lora-r8 | 2.6000 | 2.5000 | lr0.002 (edge) |" in printed
-    assert "| sb32-int4-ef | 2 | 1 | 40 ± 0 | 200 ± 0 | 2.4250 ± 0.1061 | 40 | 2.4250 |" in printed
+    assert sb["above_target_mean"] == pytest.approx(((2.35 - 2.4) + (2.5 - 2.42)) / 2)
+    assert (
+        "| sb32-int4-ef | 2 | 1 | 40 ± 0 | 200 ± 0 | 2.4250 ± 0.1061 | +0.0150 ± 0.0919 | 40 "
+        "| 2.4250 |" in printed
+    )
     # The record outlives the run directories: without them, the same choice and the same report.
     for run_dir in [p for p in tmp_path.iterdir() if p.is_dir()]:
         shutil.rmtree(run_dir)
