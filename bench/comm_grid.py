@@ -171,6 +171,11 @@ class Runs:
         self.save()
 
     def save(self) -> None:
+        """Write the record, merged into what is on disk (another process, e.g. a report beside
+        a running grid, may have recorded runs or scores since this one read it)."""
+        on_disk = json.loads(self.record.read_text()) if self.record.exists() else {}
+        for name, entry in on_disk.items():
+            self.entries[name] = {**entry, **self.entries.get(name, {})}
         self.record.parent.mkdir(parents=True, exist_ok=True)
         partial = self.record.with_suffix(".partial")
         partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
@@ -294,6 +299,7 @@ def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
             partitions[partition] = {
                 "best_reference": None,
                 "configs": {c: {"seeds": len(s), "runs": s} for c, s in found.items()},
+                "mixed_machines": mixed_machines(found),
             }
             continue
         best = min(
@@ -339,8 +345,28 @@ def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 else None,
                 "runs": by_seed,
             }
-        partitions[partition] = {"best_reference": best, "configs": rows}
+        partitions[partition] = {
+            "best_reference": best,
+            "configs": rows,
+            "mixed_machines": mixed_machines(found),
+        }
     return partitions
+
+
+def mixed_machines(found: dict[str, dict[int, dict[str, Any]]]) -> dict[int, list[float]]:
+    """The seeds whose runs did not all start from the same held-out loss, with the losses seen.
+
+    Runs of one seed hold out the same rows and start from the same base model, so on one machine
+    and software stack they start from the same loss bit for bit; another machine's float paths
+    give other bits (measured: ~1e-5 apart). A seed listed here compares runs made on different
+    machines — fair in the mean, but not bit for bit.
+    """
+    starts: dict[int, set[float]] = {}
+    for by_seed in found.values():
+        for seed, run in by_seed.items():
+            if run.get("curve"):
+                starts.setdefault(seed, set()).add(run["curve"][0][2])
+    return {seed: sorted(losses) for seed, losses in sorted(starts.items()) if len(losses) > 1}
 
 
 def _point(values: list[Any]) -> Any:
@@ -473,6 +499,9 @@ def print_table(report: dict[str, Any]) -> None:
                 f"| {row['total_bytes_mean']:,.0f} "
                 f"| {f'{budget:.4f}' if budget is not None else '–'} |"
             )
+        for seed, starts in (view.get("mixed_machines") or {}).items():
+            print(f"\nSeed {seed}: runs from different machines (held-out loss before training: "
+                  f"{', '.join(f'{v:.9f}' for v in starts)}).")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,22 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
         "| sb32-int4-ef | 2 | 1 | 40 ± 0 | 200 ± 0 | 2.4250 ± 0.1061 | +0.0150 ± 0.0919 | 40 "
         "| 2.4250 |" in printed
     )
+    # Every run starts from 3.0 here: one machine's bits. A seed whose runs start elsewhere was run
+    # on another machine, and the report says so.
+    assert report["mixed_machines"] == {}
+    fake_run(tmp_path, grid.run_name("lora-r8", "iid", 3, 2e-3), [3.0, 2.8, 2.5], 1000)
+    fake_run(tmp_path, grid.run_name("lora-r32", "iid", 3, 1e-3), [3.00001, 2.7, 2.4], 4000)
+    with monkeypatch.context() as patch:
+        patch.setattr(grid, "SEEDS", (1, 2, 3))
+        third = grid.summarise(grid.Runs(tmp_path, tmp_path / "third.json"), chosen)["iid"]
+    assert third["mixed_machines"] == {3: [3.0, 3.00001]}
+    grid.print_table({"sweep": {}, "chosen": {}, "partitions": {"iid": third}})
+    assert "Seed 3: runs from different machines" in capsys.readouterr().out
+    for name in (
+        grid.run_name("lora-r8", "iid", 3, 2e-3),
+        grid.run_name("lora-r32", "iid", 3, 1e-3),
+    ):
+        shutil.rmtree(tmp_path / name)
     # The record outlives the run directories: without them, the same choice and the same report.
     for run_dir in [p for p in tmp_path.iterdir() if p.is_dir()]:
         shutil.rmtree(run_dir)
@@ -160,3 +176,11 @@ def test_the_mmlu_guard_reads_a_recorded_score_of_any_seed_without_evaluating(
     # Seed 1 has neither a score nor an adapter, seed 2 a recorded score: that one, nothing run;
     # "sb" has neither anywhere: left out.
     assert grid.run_mmlu(runs, chosen, grid.Budget(60)) == {"lora-r8": score}
+    # Another process's record since: merged on the next write, nothing of either lost.
+    other = grid.Runs(tmp_path, record)
+    fake_run(tmp_path, grid.run_name("sb", "iid", 1, 1e-3), [3.0, 2.9], 10)
+    assert other.finished(grid.run_name("sb", "iid", 1, 1e-3)) is not None
+    runs.add(name, seconds=1.0)
+    merged = json.loads(record.read_text())
+    assert set(merged) == {name, grid.run_name("sb", "iid", 1, 1e-3)}
+    assert merged[name]["mmlu_loglik_1000"] == score and merged[name]["seconds"] == 1.0
