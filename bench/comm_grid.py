@@ -17,8 +17,9 @@ fedtune's registries. Stages, each resumable (a finished run is read, an interru
 2. `grid`: every configuration at its chosen rate, on both partitionings and every seed.
 3. `mmlu`: 1,000 MMLU questions (log-likelihood, 0-shot) for each configuration's iid run of the
    first seed whose adapter is at hand: a guard that the bytes saved did not cost accuracy (within one standard error).
-4. `report` (always last): per partitioning, the best reference is the one with the lower mean
-   final held-out loss; each seed's target is that reference's final held-out loss in that seed;
+4. `report` (always last): per partitioning, over the seeds every reference has run (all three
+   once the grid is complete), the best reference is the one with the lower mean final held-out
+   loss; each seed's target is that reference's final held-out loss in that seed;
    each configuration's Cost-to-Target (`fedtune.accounting.targets`) against it and the ratio
    reference total bytes / cost, mean ± std over the seeds that reached it (and how many did).
 
@@ -285,7 +286,9 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The report: per partitioning and configuration, the runs at the chosen rate and their
-    Cost-to-Target against the best reference of the same seed."""
+    Cost-to-Target against the best reference of the same seed — over the seeds that every
+    reference has run (`seeds`; all of them once the grid is complete); the best reference is the
+    one with the lower mean final held-out loss over those seeds."""
     partitions: dict[str, Any] = {}
     for partition in PARTITIONS:
         found: dict[str, dict[int, dict[str, Any]]] = {}
@@ -294,20 +297,25 @@ def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 done = runs.finished(run_name(config, partition, seed, pick["rate"]))
                 if done is not None:  # a copy: the report adds its costs to it
                     found.setdefault(config, {})[seed] = dict(done)
-        complete_refs = [r for r in REFERENCES if len(found.get(r, {})) == len(SEEDS)]
-        if not complete_refs:  # no target yet: the runs alone (the plot draws their curves)
+        # The seeds every reference has run (all of them once the grid is complete).
+        ready = [seed for seed in SEEDS if all(seed in found.get(r, {}) for r in REFERENCES)]
+        if not ready:  # no target yet: the runs alone (the plot draws their curves)
             partitions[partition] = {
                 "best_reference": None,
+                "seeds": [],
                 "configs": {c: {"seeds": len(s), "runs": s} for c, s in found.items()},
                 "mixed_machines": mixed_machines(found),
             }
             continue
         best = min(
-            complete_refs,
-            key=lambda r: statistics.fmean(found[r][s]["final_heldout_loss"] for s in SEEDS),
+            REFERENCES,
+            key=lambda r: statistics.fmean(found[r][s]["final_heldout_loss"] for s in ready),
         )
         rows = {}
-        for config, by_seed in found.items():
+        for config, every_seed in found.items():
+            by_seed = {seed: run for seed, run in every_seed.items() if seed in ready}
+            if not by_seed:
+                continue
             costs, ratios, finals, gaps, budgeted = [], [], [], [], []
             for seed, run in by_seed.items():
                 reference = found[best][seed]
@@ -347,6 +355,7 @@ def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
             }
         partitions[partition] = {
             "best_reference": best,
+            "seeds": ready,
             "configs": rows,
             "mixed_machines": mixed_machines(found),
         }
@@ -472,8 +481,9 @@ def print_table(report: dict[str, Any]) -> None:
                   f"| {score['stderr']:.2f} | {guard} |")  # fmt: skip
     for partition, view in report["partitions"].items():
         best = view.get("best_reference")
+        seeds = ", ".join(str(s) for s in view.get("seeds") or []) or "none yet"
         print(f"\n{partition}: target = the final held-out loss of the best reference ({best}) "
-              "in each seed\n")  # fmt: skip
+              f"in each seed; seeds {seeds}\n")  # fmt: skip
         print("| configuration | seeds | reached | bytes to target (mean ± std) "
               "| × fewer (mean ± std) | final held-out (mean ± std) | final − target (mean ± std) "
               "| total bytes (mean) | held-out within 0.5 % of the reference's bytes |")  # fmt: skip

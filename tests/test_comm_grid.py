@@ -50,12 +50,17 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
         fake_run(tmp_path, grid.run_name(config, "iid", 1, rate), [3.0, 2.8, final], 1000)
     runs = grid.Runs(tmp_path, tmp_path / "record.json")
     chosen = grid.chosen_rates(runs, configs)
-    # Before the references have every seed: no target, the runs alone, and a plot of them.
-    early = grid.summarise(runs, chosen)
-    assert early["iid"]["best_reference"] is None
+    # Before a seed that every reference has run: no target, the runs alone, and a plot of them.
+    early = grid.summarise(runs, {c: chosen[c] for c in ("lora-r8", "sb32-int4-ef")})
+    assert early["iid"]["best_reference"] is None and early["iid"]["seeds"] == []
     assert early["iid"]["configs"]["lora-r8"] == {"seeds": 1, "runs": {1: ANY}}
     grid.draw({"partitions": early}, tmp_path / "early.png")
     assert (tmp_path / "early.png").stat().st_size > 0
+    # Seed 1 alone so far (the sweep): compared on it; seed 2 of r8 alone is not compared yet.
+    fake_run(tmp_path, grid.run_name("lora-r8", "iid", 2, 2e-3), [3.0, 2.8, 2.5], 1000)
+    partial = grid.summarise(runs, chosen)["iid"]
+    assert partial["seeds"] == [1] and partial["best_reference"] == "lora-r32"  # 2.4 < 2.5
+    assert partial["configs"]["lora-r8"]["seeds"] == 1
     assert {c: v["rate"] for c, v in chosen.items()} == {
         "lora-r8": 2e-3, "lora-r32": 1e-3, "sb32-int4-ef": 2e-3
     }  # fmt: skip
@@ -63,7 +68,6 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     # Both seeds at the chosen rates: r32 (4,000 bytes a round) ends lower than r8 on average,
     # so it is the reference; sb (20 bytes a round) reaches r32's final loss of seed 1 (2.4) in
     # round 2 — 40 bytes against r32's 8,000, 200× fewer — and never reaches seed 2's (2.42).
-    fake_run(tmp_path, grid.run_name("lora-r8", "iid", 2, 2e-3), [3.0, 2.8, 2.5], 1000)
     (tmp_path / grid.run_name("lora-r32", "iid", 1, 1e-3)).rename(tmp_path / "old")
     fake_run(tmp_path, grid.run_name("lora-r32", "iid", 1, 1e-3), [3.0, 2.7, 2.4], 4000)
     fake_run(tmp_path, grid.run_name("lora-r32", "iid", 2, 1e-3), [3.0, 2.7, 2.42], 4000)
@@ -72,7 +76,7 @@ def test_the_sweep_picks_the_lowest_final_loss_and_the_report_counts_bytes_to_th
     fake_run(tmp_path, grid.run_name("sb32-int4-ef", "iid", 1, 2e-3), [3.0, 2.6, 2.35], 20)
     runs = grid.Runs(tmp_path, tmp_path / "rewritten.json")  # the runs above were rewritten
     report = grid.summarise(runs, chosen)["iid"]
-    assert report["best_reference"] == "lora-r32"
+    assert report["best_reference"] == "lora-r32" and report["seeds"] == [1, 2]
     r32, sb = report["configs"]["lora-r32"], report["configs"]["sb32-int4-ef"]
     assert r32["reached"] == 2 and r32["fewer_bytes_mean"] == 1.0  # itself: at its last round
     assert sb["seeds"] == 2 and sb["reached"] == 1
