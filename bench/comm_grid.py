@@ -157,13 +157,16 @@ class Runs:
             json.loads(record.read_text()) if record.exists() else {}
         )
 
-    def finished(self, name: str) -> dict[str, Any] | None:
+    def finished(self, name: str, *, curve: bool = False) -> dict[str, Any] | None:
         """The finished run `name` as recorded (recorded now if only its directory says so);
-        None while it has not finished."""
-        if name not in self.entries:
+        None while it has not finished. `curve`: only a run recorded with its per-round curve
+        counts (the grid's comparisons need it; a sweep result carried from an earlier report
+        holds its final loss alone, which is all the sweep reads)."""
+        entry = self.entries.get(name)
+        if entry is None or (curve and "curve" not in entry):
             if not (self.out / name / SUMMARY_FILE).exists():
                 return None
-            self.entries[name] = describe_run(self.out / name)
+            self.entries[name] = {**(entry or {}), **describe_run(self.out / name)}
             self.save()
         return self.entries[name]
 
@@ -183,10 +186,12 @@ class Runs:
         partial.replace(self.record)
 
 
-def ensure_run(runs: Runs, name: str, sets: list[str], budget: Budget) -> dict[str, Any] | None:
-    """The finished run `name`: trained now (or resumed) if it is not yet; None when the time
-    budget ran out first or the run failed."""
-    if (done := runs.finished(name)) is not None:
+def ensure_run(
+    runs: Runs, name: str, sets: list[str], budget: Budget, *, curve: bool = False
+) -> dict[str, Any] | None:
+    """The finished run `name`: trained now (or resumed) if it is not yet (`curve`: nor recorded
+    with its curve); None when the time budget ran out first or the run failed."""
+    if (done := runs.finished(name, curve=curve)) is not None:
         return done
     if not budget.left():
         return None
@@ -204,7 +209,7 @@ def ensure_run(runs: Runs, name: str, sets: list[str], budget: Budget) -> dict[s
         print(f"[{name}] failed: {failed}", flush=True)
         return None
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
-    return runs.finished(name)
+    return runs.finished(name, curve=curve)
 
 
 def describe_run(run_dir: Path) -> dict[str, Any]:
@@ -294,7 +299,7 @@ def summarise(runs: Runs, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
         found: dict[str, dict[int, dict[str, Any]]] = {}
         for config, pick in chosen.items():
             for seed in SEEDS:
-                done = runs.finished(run_name(config, partition, seed, pick["rate"]))
+                done = runs.finished(run_name(config, partition, seed, pick["rate"]), curve=True)
                 if done is not None:  # a copy: the report adds its costs to it
                     found.setdefault(config, {})[seed] = dict(done)
         # The seeds every reference has run (all of them once the grid is complete).
@@ -548,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
                     if config in chosen:
                         rate = chosen[config]["rate"]
                         name = run_name(config, partition, seed, rate)
-                        ensure_run(runs, name, settings(config, partition, seed, rate), budget)
+                        sets = settings(config, partition, seed, rate)
+                        ensure_run(runs, name, sets, budget, curve=True)
     mmlu = run_mmlu(runs, chosen, budget if args.stage in ("all", "mmlu") else Budget(1e-9))
     partitions = summarise(runs, chosen)
     report = {

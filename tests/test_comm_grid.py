@@ -188,3 +188,31 @@ def test_the_mmlu_guard_reads_a_recorded_score_of_any_seed_without_evaluating(
     merged = json.loads(record.read_text())
     assert set(merged) == {name, grid.run_name("sb", "iid", 1, 1e-3)}
     assert merged[name]["mmlu_loglik_1000"] == score and merged[name]["seconds"] == 1.0
+
+
+def test_a_sweep_result_recorded_without_its_curve_serves_the_sweep_and_the_grid_runs_it_again(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(grid, "PARTITIONS", {"iid": []})
+    monkeypatch.setattr(grid, "SEEDS", (1,))
+    monkeypatch.setattr(grid, "LEARNING_RATES", (1e-3,))
+    monkeypatch.setattr(grid, "MAX_EXTENSIONS", 0)
+    monkeypatch.setattr(grid, "REFERENCES", ("ref",))
+    record = tmp_path / "record.json"
+    name = grid.run_name("c", "iid", 1, 1e-3)  # carried from an earlier report: its final loss
+    record.write_text(json.dumps({name: {"run": name, "final_heldout_loss": 2.5}}))
+    fake_run(tmp_path, grid.run_name("ref", "iid", 1, 1e-3), [3.0, 2.6], 100)
+    runs = grid.Runs(tmp_path, record)
+    chosen = grid.chosen_rates(runs, ["ref", "c"])
+    assert chosen["c"]["sweep"] == {"lr0.001": 2.5}  # the sweep reads the final loss alone
+    # The grid cannot compare it (no curve, no bytes): left out, not a KeyError; not finished
+    # for the grid, which therefore trains it again …
+    assert set(grid.summarise(runs, chosen)["iid"]["configs"]) == {"ref"}
+    assert runs.finished(name, curve=True) is None
+    assert runs.finished(name) == {"run": name, "final_heldout_loss": 2.5}
+    # … and once that run has finished, its curve and bytes join the record.
+    fake_run(tmp_path, name, [3.0, 2.55], 10)
+    rerun = runs.finished(name, curve=True)
+    assert rerun["final_heldout_loss"] == 2.55 and rerun["total_bytes"] == 10
+    assert grid.summarise(runs, chosen)["iid"]["configs"]["c"]["reached"] == 1
+    assert json.loads(record.read_text())[name]["curve"] == rerun["curve"]
